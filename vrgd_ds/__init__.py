@@ -1,0 +1,38 @@
+"""vrgd_ds: VRGD optimizers (arXiv 2309.13681) for plain PyTorch and DeepSpeed.
+
+``from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars``. Importing the package also registers
+the optimizer types with DeepSpeed (``"optimizer": {"type": "VRLamb", ...}``) when DeepSpeed
+is installed; see :mod:`vrgd_ds.deepspeed_glue`.
+"""
+from .adam import VRAdam, VRAdamW
+from .gsnr import gsnr_from_moments, normalize_and_clip, update_gsnr_momentum
+from .lamb import VRLamb
+from .lars import VRLars
+from .optimizer import VROptimizer
+from .segments import SegmentLayout
+from .sgd import VRSGD
+
+__version__ = "0.1.0"
+
+OPTIMIZERS = {"vrsgd": VRSGD, "vradam": VRAdam, "vradamw": VRAdamW, "vrlamb": VRLamb, "vrlars": VRLars}
+
+
+def find_vr_optimizer(obj):
+    """The :class:`VROptimizer` inside ``obj`` (a DeepSpeed engine, a wrapper, or itself), or None."""
+    seen = set()
+    while obj is not None and id(obj) not in seen:
+        if isinstance(obj, VROptimizer):
+            return obj
+        seen.add(id(obj))
+        nxt = None
+        for attr in ("basic_optimizer", "optimizer"):
+            cand = getattr(obj, attr, None)
+            if cand is not None and id(cand) not in seen:
+                nxt = cand
+                break
+        obj = nxt
+    return None
+
+
+__all__ = ["VRSGD", "VRAdam", "VRAdamW", "VRLamb", "VRLars", "VROptimizer", "SegmentLayout", "OPTIMIZERS",
+           "find_vr_optimizer", "gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]

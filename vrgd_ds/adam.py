@@ -1,0 +1,67 @@
+"""VR-Adam(W): VRGD in front of torch.optim.Adam / AdamW."""
+from __future__ import annotations
+
+import torch
+
+from .optimizer import VROptimizer, _check_range
+from .update_rules import adam_update
+
+__all__ = ["VRAdam", "VRAdamW"]
+
+
+class VRAdam(VROptimizer):
+    r"""Adam/AdamW with GSNR-scaled gradients (VRGD, arXiv 2309.13681, sec. 4.2).
+
+    .. math::
+        \begin{aligned}
+        g' &= \hat p \odot G,\quad p_t = \beta_3 p_{t-1} + (1-\beta_3) r_t,\ \hat p_t = p_t/(1-\beta_3^t) \\
+        \text{AdamW: } \theta &\leftarrow \theta(1-\mathrm{lr}\,\lambda);\quad \text{Adam: } g' \leftarrow g' + \lambda\theta \\
+        m &= \beta_1 m + (1-\beta_1) g',\quad v = \beta_2 v + (1-\beta_2) g'^2 \\
+        \theta &\leftarrow \theta - \mathrm{lr}\, \hat m / (\sqrt{\hat v} + \epsilon)
+        \end{aligned}
+
+    Args:
+        params: parameters, parameter groups, or named parameters.
+        lr (float): learning rate (default: 1e-3).
+        betas (tuple): β1, β2 in [0, 1) (default: (0.9, 0.999)).
+        eps (float): ε added to √v̂ (default: 1e-8).
+        weight_decay (float): λ (default: 0).
+        decoupled_weight_decay (bool): AdamW when True, Adam's L2 when False (default: True).
+        gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled_weight_decay: bool = True, *, gamma: float = 0.1, gsnr_beta: float | None = 0.9,
+                 gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        decoupled_weight_decay=decoupled_weight_decay, gamma=gamma, gsnr_beta=gsnr_beta,
+                        gsnr_eps=gsnr_eps)
+        super().__init__(params, defaults, vr=vr, **kwargs)
+
+    def _validate_group(self, group):
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; expected (beta1, beta2).")
+        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, high_open=True)
+        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, high_open=True)
+        _check_range("epsilon value", group["eps"], 0.0, float("inf"))
+        _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+
+    def _init_state(self, p, state, group):
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _base_update(self, p, grad, state, group, layout):
+        beta1, beta2 = group["betas"]
+        adam_update(p, grad, state, state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"])
+
+
+class VRAdamW(VRAdam):
+    """:class:`VRAdam` with ``decoupled_weight_decay=True`` and AdamW's default weight decay 1e-2."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 **kwargs):
+        kwargs.pop("decoupled_weight_decay", None)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, **kwargs)

@@ -1,0 +1,127 @@
+"""Plain-PyTorch gradient-moment collection: every backward's gradient is one GSNR sample.
+
+A tensor hook per parameter sees the gradient of each backward pass *as autograd produced it*
+(before it is accumulated into ``.grad``, before clipping or loss-scale unscaling) and adds
+g and g² into one flat fp32 buffer. At ``step()`` the buffer (and the sample count) is summed
+across the process group, if there is one, in a single all-reduce: k = Σ over ranks of the
+micro-batches each rank ran.
+
+Memory: 2·N fp32 (Σg and Σg² for the N elements of the optimizer's parameters), allocated at
+the first backward. Σg is collected here rather than read back from ``.grad`` so that r never
+depends on what user code does to ``.grad`` after backward.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .gsnr import gsnr_from_moments
+
+__all__ = ["GradientMomentCollector", "k_too_small_message"]
+
+
+def k_too_small_message(k: int) -> str:
+    return (
+        f"VRGD needs at least 2 gradient samples per optimizer step to estimate the gradient "
+        f"variance, got k={k}. Use gradient accumulation >= 2 (run backward on >= 2 micro-batches "
+        f"before step()) or >= 2 data-parallel ranks, or pass vr=False for the plain base optimizer."
+    )
+
+
+class GradientMomentCollector:
+    """Σg, Σg² and the sample count k for a list of parameters, via tensor hooks.
+
+    Args:
+        params: the parameters to watch (those of the optimizer).
+        process_group: sum moments and counts over this group at :meth:`finalize`. ``None``:
+            the default group if ``torch.distributed`` is initialized with > 1 rank, else none.
+    """
+
+    # The moments are complete after finalize(), so a non-finite check is the same on every rank.
+    checks_finite_locally = True
+
+    def __init__(self, params: Iterable[Tensor], process_group=None):
+        self.params = [p for p in params if p.requires_grad]
+        self.process_group = process_group
+        self._offsets = {}
+        offset = 0
+        for p in self.params:
+            self._offsets[id(p)] = (offset, p.numel())
+            offset += p.numel()
+        self.numel = offset
+        self._buffer: Tensor | None = None  # [Σg | Σg² | k]
+        self._samples_per_param = [0] * len(self.params)
+        self._finalized_k: int | None = None
+        self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+
+    def _make_hook(self, index: int):
+        p = self.params[index]
+
+        def hook(grad: Tensor) -> None:
+            if self._finalized_k is not None:
+                self.reset()
+            buf = self._ensure_buffer(grad.device)
+            offset, numel = self._offsets[id(p)]
+            g = grad.detach().reshape(-1).float()
+            buf[offset : offset + numel].add_(g)
+            buf[self.numel + offset : self.numel + offset + numel].addcmul_(g, g)
+            self._samples_per_param[index] += 1
+
+        return hook
+
+    def _ensure_buffer(self, device) -> Tensor:
+        if self._buffer is None:
+            self._buffer = torch.zeros(2 * self.numel + 1, dtype=torch.float32, device=device)
+        return self._buffer
+
+    def _group(self):
+        if not dist.is_available() or not dist.is_initialized():
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def finalize(self) -> int:
+        """Complete the moments across ranks (once per step); returns k."""
+        if self._finalized_k is not None:
+            return self._finalized_k
+        device = self.params[0].device if self.params else torch.device("cpu")
+        buf = self._ensure_buffer(device)
+        # A parameter unused in some micro-batches counts zeros for them: k is the number of
+        # backward passes, i.e. the most samples any parameter saw.
+        buf[-1] = float(max(self._samples_per_param, default=0))
+        group = self._group()
+        if group is not None:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        self._finalized_k = int(round(buf[-1].item()))
+        return self._finalized_k
+
+    def all_finite(self) -> bool:
+        return self._buffer is None or bool(torch.isfinite(self._buffer).all())
+
+    def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
+        """Element-wise r for parameter ``p`` (flat fp32), after :meth:`finalize`."""
+        offset, numel = self._offsets[id(p)]
+        buf = self._buffer
+        return gsnr_from_moments(
+            buf[offset : offset + numel], buf[self.numel + offset : self.numel + offset + numel], self._finalized_k, eps
+        )
+
+    def reset(self) -> None:
+        """Forget this step's samples (after step(), zero_grad(), or a skipped step)."""
+        if self._buffer is not None:
+            self._buffer.zero_()
+        self._samples_per_param = [0] * len(self.params)
+        self._finalized_k = None
+
+    def remove(self) -> None:
+        """Remove the hooks and free the buffer (the DeepSpeed glue takes over collection)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._buffer = None
+
+    def buffer_bytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()

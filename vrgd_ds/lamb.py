@@ -1,0 +1,76 @@
+"""VR-LAMB: VRGD in front of LAMB, with the trust ratio per parameter tensor (also under ZeRO)."""
+from __future__ import annotations
+
+import torch
+
+from .optimizer import VROptimizer, _check_range
+from .update_rules import lamb_update
+
+__all__ = ["VRLamb"]
+
+
+class VRLamb(VROptimizer):
+    r"""LAMB (You et al. 2019, arXiv 1904.00962) with GSNR-scaled gradients (VRGD, sec. 4.2).
+
+    .. math::
+        \begin{aligned}
+        g' &= \hat p \odot G \\
+        m &= \beta_1 m + (1-\beta_1) g',\quad v = \beta_2 v + (1-\beta_2) g'^2 \\
+        u &= \hat m / (\sqrt{\hat v} + \epsilon) + \lambda \theta \\
+        \theta &\leftarrow \theta - \mathrm{lr} \cdot \frac{\lVert\theta\rVert}{\lVert u\rVert} \cdot u
+        \quad(\text{ratio } 1 \text{ where a norm is } 0)
+        \end{aligned}
+
+    Norms are over each whole parameter tensor — under ZeRO 1/2 too, where DeepSpeed's own LAMB
+    computes them over flat partitions (DeepSpeed issues #88, #490, #1217).
+
+    Args:
+        params: parameters, parameter groups, or named parameters.
+        lr (float): learning rate (default: 1e-3).
+        betas (tuple): β1, β2 in [0, 1) (default: (0.9, 0.999)).
+        eps (float): ε (default: 1e-6).
+        weight_decay (float): λ, decoupled into u (default: 0.01).
+        bias_correction (bool): use m̂, v̂ (default: True).
+        min_trust_ratio, max_trust_ratio (float or None): clamp of the ratio (default: None;
+            DeepSpeed's FusedLamb uses 0.01 and 10).
+        trust_ratio (bool): per-group switch for the layer-wise ratio (default: True).
+        gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
+                 *, gamma: float = 0.1, gsnr_beta: float | None = 0.9, bias_correction: bool = True,
+                 min_trust_ratio: float | None = None, max_trust_ratio: float | None = None, trust_ratio: bool = True,
+                 gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, trust_ratio=trust_ratio,
+                        gamma=gamma, gsnr_beta=gsnr_beta, gsnr_eps=gsnr_eps)
+        super().__init__(params, defaults, vr=vr, **kwargs)
+
+    def _validate_group(self, group):
+        betas = group["betas"]
+        if len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; expected (beta1, beta2).")
+        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, high_open=True)
+        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, high_open=True)
+        _check_range("epsilon value", group["eps"], 0.0, float("inf"))
+        _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+        lo, hi = group["min_trust_ratio"], group["max_trust_ratio"]
+        if lo is not None:
+            _check_range("min_trust_ratio", lo, 0.0, float("inf"))
+        if hi is not None:
+            _check_range("max_trust_ratio", hi, 0.0, float("inf"), low_open=True)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"Invalid trust ratio clamp: min_trust_ratio={lo} > max_trust_ratio={hi}.")
+
+    def _init_state(self, p, state, group):
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    def _base_update(self, p, grad, state, group, layout):
+        beta1, beta2 = group["betas"]
+        lamb_update(p.view(-1), grad.reshape(-1), {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
+                    state["step"], layout, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+                    trust_ratio=group["trust_ratio"], min_trust_ratio=group["min_trust_ratio"],
+                    max_trust_ratio=group["max_trust_ratio"])

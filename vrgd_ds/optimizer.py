@@ -1,0 +1,310 @@
+"""The VRGD optimizer skeleton shared by VRSGD, VRAdam, VRLamb and VRLars.
+
+One step, per tensor θ the optimizer updates (VRGD.md §1–3):
+
+1. raw GSNR r from the k gradient samples of this step (a *moment source*: the plain-PyTorch
+   hook collector, or the DeepSpeed glue's ZeRO-partitioned moments);
+2. r ← clip(r / mean_θ(r), γ, 1), the mean over the whole parameter tensor (segmented sums
+   completed across ranks for flat ZeRO shards);
+3. optional GSNR momentum p̂ (``gsnr_beta``);
+4. the base optimizer's update with g' = r ⊙ G (subclasses' :meth:`_base_update`).
+
+With ``vr=False`` nothing of 1–3 exists: no hooks, no buffers, no collectives; step 4 alone is
+the base optimizer.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .collect import GradientMomentCollector, k_too_small_message
+from .gsnr import normalize_and_clip, update_gsnr_momentum
+from .segments import SegmentLayout
+
+__all__ = ["VROptimizer"]
+
+_QUANTILES = (0.1, 0.5, 0.9)
+_QUANTILE_SAMPLE = 65536
+
+
+def _check_range(name: str, value, low, high, low_open=False, high_open=False, fix: str = "") -> None:
+    bad = (
+        value is None
+        or not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or math.isnan(value)
+        or (value <= low if low_open else value < low)
+        or (value >= high if high_open else value > high)
+    )
+    if bad:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"Invalid {name}: {value!r}; it must be in {lo}{low}, {high}{hi}.{' ' + fix if fix else ''}")
+
+
+class VROptimizer(Optimizer):
+    """Base class: GSNR scaling (VRGD.md §1–2) in front of a base update rule.
+
+    Common keyword arguments (all optimizers):
+        vr (bool): apply VRGD (default: True). ``False`` is exactly the base optimizer.
+        gamma (float): lower clip of normalized r, 0 < γ ≤ 1 (default: 0.1). γ = 1 gives r ≡ 1.
+        gsnr_beta (float or None): GSNR momentum β3 in [0, 1), ``None`` = off (default depends
+            on the optimizer: 0.9 for VRAdam/VRLamb, None for VRSGD/VRLars).
+        gsnr_eps (float): relative variance floor, > 0 (default: 1e-6).
+        process_group: torch.distributed group over which plain-PyTorch moments are summed
+            (default: the world group when initialized with > 1 rank).
+        stats_interval (int): compute GSNR statistics every N steps, 0 = never (default: 0).
+        weight_decay_exclude_1d (bool): put 1-D parameters (biases, norm weights) in a group
+            with weight_decay 0 (LARS: also no trust ratio) (default: False).
+        param_names (dict): ``{param: name}`` for statistics; named parameters
+            (``model.named_parameters()``) work too.
+    """
+
+    # Overrides applied to 1-D parameters by ``weight_decay_exclude_1d``.
+    _exclude_1d_overrides: dict[str, Any] = {"weight_decay": 0.0}
+
+    def __init__(
+        self,
+        params,
+        defaults: dict,
+        *,
+        vr: bool = True,
+        process_group=None,
+        stats_interval: int = 0,
+        weight_decay_exclude_1d: bool = False,
+        param_names: dict | None = None,
+    ):
+        if not isinstance(vr, bool):
+            raise ValueError(f"Invalid vr: {vr!r}; it must be True or False.")
+        if not isinstance(stats_interval, int) or stats_interval < 0:
+            raise ValueError(f"Invalid stats_interval: {stats_interval!r}; it must be an int >= 0 (0 = off).")
+        groups, names = self._normalize_params(params, weight_decay_exclude_1d)
+        if param_names:
+            names.update({id(p): n for p, n in param_names.items()})
+        super().__init__(groups, defaults)
+        self.vr = vr
+        self.stats_interval = stats_interval
+        self.weight_decay_exclude_1d = weight_decay_exclude_1d
+        self.skipped_steps = 0
+        self._names = names
+        self._layouts: dict[int, SegmentLayout] = {}
+        self._last_stats: dict[str, dict[str, float]] = {}
+        self.moment_source = (
+            GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group) if vr else None
+        )
+
+    # ---- construction -------------------------------------------------------------------
+    def _normalize_params(self, params, exclude_1d: bool):
+        if isinstance(params, Tensor):
+            raise TypeError("params must be an iterable of Tensors or dicts, not a Tensor")
+        params = list(params)
+        if len(params) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        names: dict[int, str] = {}
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        groups = []
+        for group in params:
+            group = dict(group)
+            plist = []
+            for item in ([group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])):
+                if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                    names[id(item[1])] = item[0]
+                    item = item[1]
+                plist.append(item)
+            group.pop("param_names", None)
+            if exclude_1d:
+                multi = [p for p in plist if p.dim() > 1]
+                single = [p for p in plist if p.dim() <= 1]
+                if multi:
+                    groups.append({**group, "params": multi})
+                if single:
+                    groups.append({**group, **self._exclude_1d_overrides, "params": single})
+            else:
+                groups.append({**group, "params": plist})
+        return groups, names
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_range("lr", float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"], 0.0, math.inf)
+        _check_range("gamma", group["gamma"], 0.0, 1.0, low_open=True, fix="Use 0 < gamma <= 1 (gamma=1 disables VRGD).")
+        if group["gsnr_beta"] is not None:
+            _check_range("gsnr_beta", group["gsnr_beta"], 0.0, 1.0, high_open=True, fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.")
+        _check_range("gsnr_eps", group["gsnr_eps"], 0.0, math.inf, low_open=True)
+        self._validate_group(group)
+
+    def _validate_group(self, group: dict) -> None:  # pragma: no cover - overridden
+        pass
+
+    # ---- hooks for the DeepSpeed glue -----------------------------------------------------
+    def layout_of(self, p: Tensor) -> SegmentLayout:
+        layout = self._layouts.get(id(p))
+        if layout is None:
+            layout = SegmentLayout.whole(p.numel(), self._names.get(id(p)))
+            self._layouts[id(p)] = layout
+        return layout
+
+    def set_layout(self, p: Tensor, layout: SegmentLayout) -> None:
+        if layout.numel != p.numel():
+            raise ValueError(f"layout covers {layout.numel} elements, the tensor has {p.numel()}")
+        self._layouts[id(p)] = layout
+
+    def set_moment_source(self, source) -> None:
+        """Replace the plain hook collector (used by the DeepSpeed glue)."""
+        if isinstance(self.moment_source, GradientMomentCollector):
+            self.moment_source.remove()
+        self.moment_source = source
+
+    # ---- zero_grad / state ----------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        if isinstance(self.moment_source, GradientMomentCollector):
+            self.moment_source.reset()
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["vrgd"] = {"skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("vrgd", {})
+        super().load_state_dict(state_dict)
+        self.skipped_steps = extra.get("skipped_steps", 0)
+
+    # ---- statistics ----------------------------------------------------------------------
+    def gsnr_stats(self) -> dict[str, dict[str, float]]:
+        """Per parameter tensor, from the last statistics step (``stats_interval``):
+        ``gsnr_mean`` (mean raw r), ``gsnr_q10/q50/q90`` (raw r quantiles, where the tensor is
+        whole on this rank), ``clip_frac`` (fraction of elements whose normalized r fell below
+        γ), ``scale_mean`` (mean scale applied to the gradient, after momentum)."""
+        return self._last_stats
+
+    def gsnr_summary(self) -> dict[str, float]:
+        """Element-weighted means over all tensors of :meth:`gsnr_stats` (empty if none)."""
+        stats = self._last_stats
+        if not stats:
+            return {}
+        total = sum(s["numel"] for s in stats.values())
+        out = {}
+        for key, outkey in (("gsnr_mean", "gsnr_mean"), ("clip_frac", "gsnr_clip_frac"), ("scale_mean", "gsnr_scale_mean")):
+            out[outkey] = sum(s[key] * s["numel"] for s in stats.values()) / total
+        out["step"] = max(s["step"] for s in stats.values())
+        return out
+
+    def _record_stats(self, layout: SegmentLayout, raw: Tensor, normalized_unclipped_low: Tensor, scale: Tensor, step: int):
+        sums = layout.tensor_sums([raw, normalized_unclipped_low.float(), scale if scale.dim() else scale.expand_as(raw)])
+        numels = layout.tensor_numels.to(sums.device)
+        for t in range(layout.num_tensors):
+            entry = {
+                "numel": float(numels[t]),
+                "step": float(step),
+                "gsnr_mean": float(sums[0, t] / numels[t]),
+                "clip_frac": float(sums[1, t] / numels[t]),
+                "scale_mean": float(sums[2, t] / numels[t]),
+            }
+            if layout.is_whole:
+                flat = raw.reshape(-1)
+                if flat.numel() > _QUANTILE_SAMPLE:
+                    flat = flat[:: flat.numel() // _QUANTILE_SAMPLE + 1]
+                qs = torch.quantile(flat, torch.tensor(_QUANTILES, dtype=flat.dtype, device=flat.device))
+                for q, v in zip(_QUANTILES, qs.tolist()):
+                    entry[f"gsnr_q{int(q * 100)}"] = v
+            self._last_stats[layout.names[t]] = entry
+
+    # ---- the step -------------------------------------------------------------------------
+    def _init_state(self, p: Tensor, state: dict, group: dict) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _base_update(self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _gsnr_scale(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool):
+        """r after normalization, clipping and momentum for tensor ``p``; None = skip the step."""
+        raw = self.moment_source.raw_gsnr(p, group["gsnr_eps"]).view(-1)
+        local = layout.local_sums([raw])
+        if layout.complete is not None:
+            # One collective completes the layer sums and agrees, on every rank, on whether
+            # any rank saw a non-finite gradient or moment.
+            nonfinite = (~torch.isfinite(raw)).sum() + (~torch.isfinite(p.grad)).sum()
+            vec = torch.cat([local.view(-1), nonfinite.float().view(1)])
+            layout.complete(vec)
+            if vec[-1] > 0:
+                return None
+            sums = vec[:-1]
+        else:
+            sums = local.view(-1)
+        layer_mean = sums / layout.tensor_numels.to(sums.device)
+        expanded_mean = layout.expand(layer_mean)
+        scale = normalize_and_clip(raw, expanded_mean, group["gamma"])
+        below_gamma = raw < group["gamma"] * expanded_mean if stats else None
+        if group["gsnr_beta"] is not None:
+            if "gsnr_momentum" not in state:
+                state["gsnr_momentum"] = torch.zeros_like(scale)
+            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"])
+        if stats:
+            self._record_stats(layout, raw, below_gamma, scale, state["step"])
+        return scale.view_as(p)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (VRGD.md §1–3). ``closure`` as in torch.optim."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.vr:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if len(state) == 0:
+                        self._init_state(p, state, group)
+                    state["step"] += 1
+                    self._base_update(p, p.grad, state, group, self.layout_of(p))
+            return loss
+
+        source = self.moment_source
+        k = source.finalize()
+        has_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
+        if not has_grads:
+            source.reset()
+            return loss
+        if k < 2:
+            source.reset()
+            raise RuntimeError(k_too_small_message(k))
+        # Checked before any tensor is touched; the result is the same on every rank because
+        # the moments were just summed across ranks and DDP's .grad is identical everywhere.
+        # (Sources over flat ZeRO shards agree on it inside the layer-mean all-reduce instead.)
+        if source.checks_finite_locally and not (
+            source.all_finite()
+            and all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"] if p.grad is not None)
+        ):
+            self.skipped_steps += 1
+            source.reset()
+            return loss
+
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state, group)
+                layout = self.layout_of(p)
+                state["step"] += 1
+                stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
+                scale = self._gsnr_scale(p, group, layout, state, stats)
+                if scale is None:
+                    state["step"] -= 1
+                    self.skipped_steps += 1
+                    continue
+                self._base_update(p, p.grad * scale, state, group, layout)
+        source.reset()
+        return loss

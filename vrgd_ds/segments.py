@@ -1,0 +1,105 @@
+"""Per-tensor reductions over tensors the optimizer sees, whole or as flat ZeRO shards.
+
+In plain PyTorch (and DeepSpeed ZeRO stage 0) every tensor the optimizer updates *is* one
+parameter tensor. Under ZeRO 1/2 the optimizer updates one flat fp32 partition per param
+group, holding pieces of several parameter tensors (a tensor may straddle two ranks'
+partitions) and padding at the end of the last rank's partition. Per-tensor quantities
+(VRGD's layer mean of r, LAMB/LARS norms) are then segmented sums over the local pieces,
+completed by one all-reduce over the data-parallel group — never sums over a flat shard.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SegmentLayout"]
+
+PADDING = -1
+
+
+class SegmentLayout:
+    """How a flat tensor splits into consecutive pieces of original parameter tensors.
+
+    Args:
+        piece_lengths: lengths of consecutive pieces covering the whole flat tensor.
+        piece_keys: for each piece, the index of the parameter tensor it belongs to
+            (0 .. num_tensors-1, consistent on every rank), or -1 for padding.
+        tensor_numels: J of every parameter tensor (its full size, all ranks together).
+        names: optional name of every parameter tensor (for statistics).
+        complete: ``complete(vector)`` sums a float vector over the ranks that share the
+            tensors, in place (an all-reduce); ``None`` when every tensor is whole locally.
+    """
+
+    def __init__(
+        self,
+        piece_lengths: Sequence[int],
+        piece_keys: Sequence[int],
+        tensor_numels: Sequence[int],
+        names: Sequence[str] | None = None,
+        complete: Callable[[Tensor], None] | None = None,
+    ):
+        if len(piece_lengths) != len(piece_keys):
+            raise ValueError("piece_lengths and piece_keys must have the same length")
+        self.piece_lengths = list(int(n) for n in piece_lengths)
+        self.piece_keys = list(int(k) for k in piece_keys)
+        self.numel = sum(self.piece_lengths)
+        self.num_tensors = len(tensor_numels)
+        self.tensor_numels = torch.tensor(list(tensor_numels), dtype=torch.float32)
+        self.names = list(names) if names is not None else [str(i) for i in range(self.num_tensors)]
+        self.complete = complete
+        self.is_whole = self.piece_keys == [0] and self.num_tensors == 1 and complete is None
+        self._device = None
+
+    @classmethod
+    def whole(cls, numel: int, name: str | None = None) -> "SegmentLayout":
+        """The layout of an ordinary parameter tensor: one piece, complete locally."""
+        return cls([numel], [0], [numel], names=[name] if name is not None else None)
+
+    def _index_tensors(self, device):
+        if self._device != device:
+            self._lengths_t = torch.tensor(self.piece_lengths, dtype=torch.long, device=device)
+            keys = torch.tensor(self.piece_keys, dtype=torch.long, device=device)
+            self._valid = keys >= 0
+            self._keys_t = keys.clamp(min=0)
+            self._device = device
+        return self._lengths_t, self._keys_t, self._valid
+
+    def local_sums(self, values: Sequence[Tensor]) -> Tensor:
+        """Σ over the local elements of each parameter tensor, for each of ``values``.
+
+        Returns a (len(values), num_tensors) fp32 tensor of *partial* sums (this rank's
+        pieces only); pass it (flattened, maybe with extra entries) to :meth:`complete`.
+        """
+        if self.is_whole:
+            return torch.stack([v.float().sum() for v in values]).view(len(values), 1)
+        device = values[0].device
+        lengths, keys, valid = self._index_tensors(device)
+        out = torch.zeros(len(values), self.num_tensors, dtype=torch.float32, device=device)
+        for row, v in zip(out, values):
+            piece_sums = torch.segment_reduce(v.reshape(-1).float(), "sum", lengths=lengths)
+            row.index_add_(0, keys[valid], piece_sums[valid])
+        return out
+
+    def tensor_sums(self, values: Sequence[Tensor]) -> Tensor:
+        """:meth:`local_sums` completed across ranks: (len(values), num_tensors) fp32."""
+        sums = self.local_sums(values)
+        if self.complete is not None:
+            self.complete(sums)
+        return sums
+
+    def expand(self, per_tensor: Tensor) -> Tensor:
+        """Broadcast one value per parameter tensor to every element (padding gets 0).
+
+        For a whole tensor this is the scalar itself (broadcasting does the rest).
+        """
+        if self.is_whole:
+            return per_tensor.reshape(())
+        lengths, keys, valid = self._index_tensors(per_tensor.device)
+        per_piece = torch.where(valid, per_tensor[keys], torch.zeros((), dtype=per_tensor.dtype, device=per_tensor.device))
+        return torch.repeat_interleave(per_piece, lengths, output_size=self.numel)
+
+    def tensor_norms(self, values: Sequence[Tensor]) -> Tensor:
+        """L2 norm of every parameter tensor, for each of ``values`` (one collective)."""
+        return self.tensor_sums([v.float() * v.float() for v in values]).sqrt_()

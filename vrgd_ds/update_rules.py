@@ -1,0 +1,166 @@
+"""The four base update rules (VRGD.md §3) as functions on one tensor the optimizer updates.
+
+``grad`` is the gradient *after* GSNR scaling (g' in VRGD.md). Each rule updates ``param``
+and its state tensors in place. LAMB and LARS need per-parameter-tensor norms: they take a
+:class:`~vrgd_ds.segments.SegmentLayout`, so the same code is correct on a whole tensor and on
+a flat ZeRO shard. SGD and Adam mirror torch.optim's single-tensor kernels operation for
+operation so that ``vr=False`` reproduces them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .segments import SegmentLayout
+
+__all__ = ["sgd_update", "adam_update", "lamb_update", "lars_update"]
+
+
+def sgd_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    *,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    r"""torch.optim.SGD: d = g' + λθ; b = μb + (1−τ)d (b = d at first); d = d + μb or b; θ −= lr·d."""
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = torch.clone(grad).detach()
+            state["momentum_buffer"] = buf
+        else:
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+    param.add_(grad, alpha=-lr)
+
+
+def adam_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+) -> None:
+    r"""torch.optim.Adam / AdamW (``decoupled_weight_decay``), the same operations in the same order.
+
+    AdamW: θ ← θ(1 − lr·λ); Adam: g' ← g' + λθ. Then m = β1 m + (1−β1) g',
+    v = β2 v + (1−β2) g'², θ ← θ − lr · m̂ / (√v̂ + ε).
+    """
+    if weight_decay != 0:
+        if decoupled_weight_decay:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / (bias_correction2**0.5)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _trust_ratio(param_norm: Tensor, update_norm: Tensor, min_ratio, max_ratio) -> Tensor:
+    ratio = torch.where(
+        (param_norm > 0) & (update_norm > 0),
+        param_norm / torch.where(update_norm > 0, update_norm, torch.ones_like(update_norm)),
+        torch.ones_like(param_norm),
+    )
+    if min_ratio is not None or max_ratio is not None:
+        ratio = ratio.clamp(min=min_ratio, max=max_ratio)
+    return ratio
+
+
+def lamb_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    step: int,
+    layout: SegmentLayout,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool,
+    trust_ratio: bool,
+    min_trust_ratio: float | None,
+    max_trust_ratio: float | None,
+) -> None:
+    r"""LAMB (You et al. 2019), trust ratio per parameter tensor.
+
+    m = β1 m + (1−β1) g';  v = β2 v + (1−β2) g'²;  u = m̂/(√v̂ + ε) + λθ;
+    θ ← θ − lr · (‖θ‖/‖u‖) · u, the ratio 1 where either norm is 0, optionally clamped.
+    With ``trust_ratio=False`` the ratio is 1 (an AdamW-like step for excluded tensors).
+    """
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if bias_correction:
+        update = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps))
+    else:
+        update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+    if weight_decay != 0:
+        update.add_(param, alpha=weight_decay)
+    if trust_ratio:
+        norms = layout.tensor_norms([param, update])
+        ratio = _trust_ratio(norms[0], norms[1], min_trust_ratio, max_trust_ratio)
+        update.mul_(layout.expand(ratio))
+    param.add_(update, alpha=-lr)
+
+
+def lars_update(
+    param: Tensor,
+    grad: Tensor,
+    state: dict,
+    layout: SegmentLayout,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    nesterov: bool,
+    trust_ratio: bool,
+) -> None:
+    r"""LARS (You et al. 2017), local LR per parameter tensor.
+
+    d = g' + λθ;  if ‖θ‖>0 and ‖g'‖>0: d ← d · η‖θ‖ / (‖g'‖ + λ‖θ‖ + ε);
+    b = d at first, else μb + d;  θ ← θ − lr·b  (nesterov: θ ← θ − lr(d + μb)).
+    ``trust_ratio=False`` (biases, norms excluded via a param group) skips the local LR.
+    """
+    if trust_ratio:
+        norms = layout.tensor_norms([param, grad])
+        param_norm, grad_norm = norms[0], norms[1]
+        local_lr = torch.where(
+            (param_norm > 0) & (grad_norm > 0),
+            trust_coefficient * param_norm / (grad_norm + weight_decay * param_norm + eps),
+            torch.ones_like(param_norm),
+        )
+    d = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+    if trust_ratio:
+        d.mul_(layout.expand(local_lr))
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = d.clone()
+            state["momentum_buffer"] = buf
+        else:
+            buf.mul_(momentum).add_(d)
+        d = d.add(buf, alpha=momentum) if nesterov else buf
+    param.add_(d, alpha=-lr)
