@@ -1,0 +1,125 @@
+"""Independent, brute-force reference of VRGD.md, written without any vrgd_ds code.
+
+It takes the per-micro-batch gradients explicitly (one tensor per sample), forms mean, variance,
+r, the per-tensor normalization, clipping and GSNR momentum by hand in float64, and applies the
+base update rules by hand. Slow and obvious on purpose.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def reference_gsnr(samples: list[torch.Tensor], gamma: float, eps: float = 1e-6) -> torch.Tensor:
+    """VRGD.md §1–2 for one tensor from its k samples: normalized, clipped r (float64)."""
+    k = len(samples)
+    stack = torch.stack([s.double() for s in samples])
+    mean = stack.sum(0) / k
+    sq = (stack * stack).sum(0) / k
+    var = sq - mean * mean
+    r = torch.zeros_like(mean)
+    for j in range(mean.numel()):
+        sqj = sq.view(-1)[j].item()
+        if sqj == 0:
+            continue
+        r.view(-1)[j] = mean.view(-1)[j].item() ** 2 / max(var.view(-1)[j].item(), eps * sqj)
+    m = r.mean().item()
+    if m == 0:
+        return torch.full_like(r, gamma)
+    return (r / m).clamp(min=gamma, max=1.0)
+
+
+class ReferenceVR:
+    """Brute-force VRGD optimizer over a list of parameters (float64 state, params updated in place)."""
+
+    def __init__(self, params, kind: str, vr: bool = True, gamma: float = 0.1, gsnr_beta=None, gsnr_eps=1e-6, **hp):
+        self.params = list(params)
+        self.kind = kind
+        self.vr = vr
+        self.gamma = gamma
+        self.gsnr_beta = gsnr_beta
+        self.gsnr_eps = gsnr_eps
+        self.hp = hp
+        self.state = [dict(step=0) for _ in self.params]
+
+    def step(self, samples_per_param: list[list[torch.Tensor]], grads: list[torch.Tensor]):
+        """samples_per_param[i]: the k samples of param i; grads[i]: G the base optimizer uses."""
+        for p, samples, G, st in zip(self.params, samples_per_param, grads, self.state):
+            st["step"] += 1
+            t = st["step"]
+            G = G.double()
+            if self.vr:
+                r = reference_gsnr(samples, self.gamma, self.gsnr_eps)
+                if self.gsnr_beta is not None:
+                    b3 = self.gsnr_beta
+                    st["p"] = b3 * st.get("p", torch.zeros_like(r)) + (1 - b3) * r
+                    r = st["p"] / (1 - b3**t)
+                g = r * G
+            else:
+                g = G
+            theta = p.detach().double()
+            new = getattr(self, "_" + self.kind)(theta, g, st, t)
+            with torch.no_grad():
+                p.copy_(new.to(p.dtype))
+
+    def _sgd(self, theta, g, st, t):
+        lr, mu = self.hp["lr"], self.hp.get("momentum", 0.0)
+        damp, wd, nest = self.hp.get("dampening", 0.0), self.hp.get("weight_decay", 0.0), self.hp.get("nesterov", False)
+        d = g + wd * theta
+        if mu != 0:
+            st["b"] = d.clone() if t == 1 else mu * st["b"] + (1 - damp) * d
+            d = d + mu * st["b"] if nest else st["b"]
+        return theta - lr * d
+
+    def _adam(self, theta, g, st, t):
+        lr, (b1, b2) = self.hp.get("lr", 1e-3), self.hp.get("betas", (0.9, 0.999))
+        eps, wd = self.hp.get("eps", 1e-8), self.hp.get("weight_decay", 0.0)
+        if self.hp.get("decoupled_weight_decay", True):
+            theta = theta * (1 - lr * wd)
+        else:
+            g = g + wd * theta
+        st["m"] = b1 * st.get("m", torch.zeros_like(g)) + (1 - b1) * g
+        st["v"] = b2 * st.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+        mh, vh = st["m"] / (1 - b1**t), st["v"] / (1 - b2**t)
+        return theta - lr * mh / (vh.sqrt() + eps)
+
+    def _lamb(self, theta, g, st, t):
+        lr, (b1, b2) = self.hp.get("lr", 1e-3), self.hp.get("betas", (0.9, 0.999))
+        eps, wd = self.hp.get("eps", 1e-6), self.hp.get("weight_decay", 0.01)
+        st["m"] = b1 * st.get("m", torch.zeros_like(g)) + (1 - b1) * g
+        st["v"] = b2 * st.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+        if self.hp.get("bias_correction", True):
+            mh, vh = st["m"] / (1 - b1**t), st["v"] / (1 - b2**t)
+        else:
+            mh, vh = st["m"], st["v"]
+        u = mh / (vh.sqrt() + eps) + wd * theta
+        wn, un = theta.norm().item(), u.norm().item()
+        ratio = wn / un if wn > 0 and un > 0 else 1.0
+        lo, hi = self.hp.get("min_trust_ratio"), self.hp.get("max_trust_ratio")
+        if lo is not None:
+            ratio = max(ratio, lo)
+        if hi is not None:
+            ratio = min(ratio, hi)
+        return theta - lr * ratio * u
+
+    def _lars(self, theta, g, st, t):
+        lr, mu = self.hp["lr"], self.hp.get("momentum", 0.9)
+        wd, eta, eps = self.hp.get("weight_decay", 0.0), self.hp.get("trust_coefficient", 0.001), self.hp.get("eps", 1e-8)
+        d = g + wd * theta
+        wn, gn = theta.norm().item(), g.norm().item()
+        if wn > 0 and gn > 0:
+            d = d * (eta * wn / (gn + wd * wn + eps))
+        st["b"] = d.clone() if t == 1 else mu * st["b"] + d
+        if self.hp.get("nesterov", False):
+            return theta - lr * (d + mu * st["b"])
+        return theta - lr * st["b"]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def max_rel_err(params_a, params_b) -> float:
+    return max(rel_err(a.detach(), b.detach()) for a, b in zip(params_a, params_b))

@@ -1,0 +1,311 @@
+"""The four VR optimizers in one process: brute-force reference, exact fallbacks, invariances,
+bad input, state_dict round trip."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars
+from vrgd_ds.gsnr import gsnr_from_moments, normalize_and_clip
+
+from .models import TinyNet, mb_loss, micro_batches
+from .reference import ReferenceVR, max_rel_err, reference_gsnr
+
+CASES = {
+    "sgd": (VRSGD, "sgd", dict(lr=0.05)),
+    "sgd_momentum_wd": (VRSGD, "sgd", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
+    "sgd_nesterov_beta": (VRSGD, "sgd", dict(lr=0.05, momentum=0.9, nesterov=True, gsnr_beta=0.8)),
+    "adamw": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1)),
+    "adam_l2_nobeta": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False, gsnr_beta=None)),
+    "lamb": (VRLamb, "lamb", dict(lr=1e-2)),
+    "lamb_clamped_nobc": (VRLamb, "lamb", dict(lr=1e-2, bias_correction=False, min_trust_ratio=0.5, max_trust_ratio=2.0, gamma=0.3)),
+    "lars": (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3)),
+    "lars_nesterov_beta": (VRLars, "lars", dict(lr=0.5, nesterov=True, gsnr_beta=0.9, trust_coefficient=0.01)),
+}
+
+
+def _split_vr_kwargs(kind_kwargs):
+    vr_keys = {"gamma", "gsnr_beta", "gsnr_eps", "vr"}
+    return {k: v for k, v in kind_kwargs.items() if k in vr_keys}, {k: v for k, v in kind_kwargs.items() if k not in vr_keys}
+
+
+def _default_beta(cls):
+    return 0.9 if cls in (VRAdam, VRLamb) else None
+
+
+def run_brute_force(cls, kind, kwargs, steps=3, gas=4):
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    opt = cls(model.parameters(), **kwargs)
+    vr_kw, hp = _split_vr_kwargs(kwargs)
+    ref = ReferenceVR(ref_model.parameters(), kind, gamma=vr_kw.get("gamma", 0.1),
+                      gsnr_beta=vr_kw.get("gsnr_beta", _default_beta(cls)), **hp)
+    batches = micro_batches(steps * gas)
+    ref_params = list(ref_model.parameters())
+    for step in range(steps):
+        chunk = batches[step * gas:(step + 1) * gas]
+        samples = [[] for _ in ref_params]
+        for b in chunk:
+            (mb_loss(model, b) / gas).backward()
+            grads = torch.autograd.grad(mb_loss(ref_model, b) / gas, ref_params, allow_unused=True)
+            for i, g in enumerate(grads):
+                samples[i].append(torch.zeros_like(ref_params[i]) if g is None else g)
+        opt.step()
+        opt.zero_grad()
+        # The never-used parameter gets no gradient at all: skipped, as torch.optim skips it.
+        used = [i for i, s in enumerate(samples) if any(x.abs().sum() > 0 for x in s)]
+        ref_sub = ReferenceVR.__new__(ReferenceVR)
+        ref_sub.__dict__.update(ref.__dict__)
+        ref_sub.params = [ref_params[i] for i in used]
+        ref_sub.state = [ref.state[i] for i in used]
+        ref_sub.step([samples[i] for i in used], [sum(samples[i]) for i in used])
+    return model, ref_model
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_brute_force_reference(case):
+    cls, kind, kwargs = CASES[case]
+    model, ref_model = run_brute_force(cls, kind, kwargs)
+    assert max_rel_err(model.parameters(), ref_model.parameters()) <= 1e-6
+    # and the run really moved the parameters
+    assert max_rel_err(model.parameters(), TinyNet().parameters()) > 1e-3
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_base_rules_match_reference_without_vr(case):
+    cls, kind, kwargs = CASES[case]
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("gamma", "gsnr_beta")}
+    model, ref_model = run_brute_force(cls, kind, dict(kwargs, vr=False)) if False else (None, None)
+    model = TinyNet()
+    ref_model = copy.deepcopy(model)
+    opt = cls(model.parameters(), vr=False, **kwargs)
+    ref = ReferenceVR(ref_model.parameters(), kind, vr=False, **kwargs)
+    for step in range(3):
+        for b in micro_batches(2, seed=step):
+            (mb_loss(model, b) / 2).backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        ref.params = [q for p, q in zip(model.parameters(), ref_model.parameters()) if p.grad is not None]
+        ref.state = ref.state[: len(ref.params)]
+        grads = [p.grad.clone() for p in params]
+        opt.step()
+        opt.zero_grad()
+        ref.step([None] * len(grads), grads)
+    assert max_rel_err(model.parameters(), ref_model.parameters()) <= 1e-6
+
+
+TORCH_FALLBACKS = [
+    (VRSGD, torch.optim.SGD, dict(lr=0.1)),
+    (VRSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.2)),
+    (VRSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+    (VRAdam, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    (VRAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False)),
+]
+
+
+@pytest.mark.parametrize("vr_kwargs", [dict(vr=False), dict(gamma=1.0)], ids=["vr_false", "gamma_1"])
+@pytest.mark.parametrize("ours,theirs,kwargs", TORCH_FALLBACKS)
+def test_fallback_matches_torch_optim(ours, theirs, kwargs, vr_kwargs):
+    model = TinyNet()
+    base = copy.deepcopy(model)
+    opt = ours(model.parameters(), **kwargs, **vr_kwargs)
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "decoupled_weight_decay"}
+    ref = theirs(base.parameters(), **torch_kwargs, foreach=False)
+    for step in range(4):
+        for m, o in ((model, opt), (base, ref)):
+            for b in micro_batches(2, seed=10 + step):
+                (mb_loss(m, b) / 2).backward()
+            o.step()
+            o.zero_grad()
+    tol = 0.0 if vr_kwargs.get("vr") is False else 1e-6
+    assert max_rel_err(model.parameters(), base.parameters()) <= tol
+    if vr_kwargs.get("vr") is False:
+        assert opt.moment_source is None
+        assert all(len(p._backward_hooks or {}) == 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls,kind,kwargs", [(VRLamb, "lamb", dict(lr=1e-2)), (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3))])
+def test_gamma_one_equals_plain_lamb_lars(cls, kind, kwargs):
+    a, b = TinyNet(), TinyNet()
+    opt_a = cls(a.parameters(), gamma=1.0, **kwargs)
+    opt_b = cls(b.parameters(), vr=False, **kwargs)
+    for step in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            for batch in micro_batches(3, seed=step):
+                (mb_loss(m, batch) / 3).backward()
+            o.step()
+            o.zero_grad()
+    assert max_rel_err(a.parameters(), b.parameters()) <= 1e-6
+
+
+# eps tiny: the base optimizers' own eps is the only thing that is not scale-invariant.
+@pytest.mark.parametrize("cls,kwargs", [(VRAdam, dict(lr=1e-2, eps=1e-14)), (VRLamb, dict(lr=1e-2, eps=1e-14)),
+                                        (VRLars, dict(lr=0.5, eps=1e-14)), (VRSGD, dict(lr=0.1))])
+def test_loss_scale_invariance(cls, kwargs):
+    """r is invariant to any common scale of the samples; Adam/LAMB/LARS updates too. SGD's
+    update scales with G, so for SGD we unscale .grad as GradScaler.unscale_ would."""
+    results = []
+    for scale in (1.0, 1024.0):
+        m = TinyNet()
+        opt = cls(m.parameters(), **kwargs)
+        for step in range(3):
+            for b in micro_batches(4, seed=step):
+                (mb_loss(m, b) * scale / 4).backward()
+            if cls is VRSGD:
+                for p in m.parameters():
+                    if p.grad is not None:
+                        p.grad.div_(scale)  # what GradScaler.unscale_ does: r must not notice
+            opt.step()
+            opt.zero_grad()
+        results.append(list(m.parameters()))
+    assert max_rel_err(results[1], results[0]) <= 1e-6
+
+
+def test_clipping_changes_update_not_gsnr():
+    """r comes from the samples as backward produced them; clipping .grad scales only G."""
+    kwargs = dict(lr=1.0, momentum=0.0)
+    a, b = TinyNet(), TinyNet()
+    opt_a, opt_b = VRSGD(a.parameters(), **kwargs), VRSGD(b.parameters(), **kwargs)
+    for batch in micro_batches(4):
+        (mb_loss(a, batch) / 4).backward()
+        (mb_loss(b, batch) / 4).backward()
+    before = [p.detach().clone() for p in a.parameters()]
+    total = torch.nn.utils.clip_grad_norm_(a.parameters(), float("inf"))
+    torch.nn.utils.clip_grad_norm_(a.parameters(), 0.5 * float(total))
+    factor = a.fc1.weight.grad.norm() / b.fc1.weight.grad.norm()
+    opt_a.step()
+    opt_b.step()
+    for p0, pa, pb in zip(before, a.parameters(), b.parameters()):
+        if pa.grad is None:
+            continue
+        torch.testing.assert_close(pa - p0, (pb - p0) * factor, rtol=1e-4, atol=1e-7)
+    assert 0.45 < factor < 0.55
+
+
+def test_gsnr_functions_against_reference():
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randn(50, generator=g) + 0.3 for _ in range(6)]
+    samples[0][:5] = 0
+    for s in samples:
+        s[5:8] = 0  # no signal at all
+    s1 = sum(samples)
+    s2 = sum(x * x for x in samples)
+    r = gsnr_from_moments(s1, s2, 6, 1e-6)
+    assert torch.all(r[5:8] == 0)
+    out = normalize_and_clip(r, r.mean(), 0.1)
+    torch.testing.assert_close(out.double(), reference_gsnr(samples, 0.1), rtol=1e-6, atol=1e-7)
+    # identical samples: variance 0, r capped at 1/eps, still finite
+    r_same = gsnr_from_moments(torch.full((3,), 4.0), torch.full((3,), 8.0), 4, 1e-6)
+    assert torch.isfinite(r_same).all() and r_same.max() <= 1e6 * (1 + 1e-5)
+    # no signal anywhere: r = gamma everywhere
+    zero = normalize_and_clip(torch.zeros(4), torch.tensor(0.0), 0.2)
+    assert torch.all(zero == 0.2)
+
+
+def test_k_less_than_two_is_a_clear_error():
+    m = TinyNet()
+    opt = VRLamb(m.parameters())
+    mb_loss(m, micro_batches(1)[0]).backward()
+    with pytest.raises(RuntimeError, match=r"k=1.*gradient accumulation >= 2.*>= 2 data-parallel ranks"):
+        opt.step()
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: VRLamb(p, gamma=0.0), r"Invalid gamma: 0.0; it must be in \(0.0, 1.0\]"),
+    (lambda p: VRLamb(p, gamma=1.5), r"Invalid gamma: 1.5"),
+    (lambda p: VRSGD(p, lr=-0.1), r"Invalid lr: -0.1"),
+    (lambda p: VRAdam(p, eps=-1e-8), r"Invalid epsilon value: -1e-08"),
+    (lambda p: VRAdam(p, betas=(1.0, 0.999)), r"Invalid beta parameter at index 0: 1.0"),
+    (lambda p: VRLamb(p, betas=(0.9, -0.1)), r"Invalid beta parameter at index 1: -0.1"),
+    (lambda p: VRLamb(p, gsnr_beta=1.0), r"Invalid gsnr_beta: 1.0.*or None"),
+    (lambda p: VRLars(p, lr=0.1, trust_coefficient=0.0), r"Invalid trust_coefficient"),
+    (lambda p: VRSGD(p, lr=0.1, nesterov=True), r"Nesterov momentum requires"),
+    (lambda p: VRLamb(p, min_trust_ratio=2.0, max_trust_ratio=1.0), r"min_trust_ratio=2.0 > max_trust_ratio=1.0"),
+    (lambda p: VRLamb([{"params": p[:1]}, {"params": p[1:], "gamma": 0.0}]), r"Invalid gamma: 0.0"),
+])
+def test_bad_hyperparameters(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(list(TinyNet().parameters()))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9))])
+def test_nonfinite_gradient_skips_step(cls, kwargs):
+    m = TinyNet()
+    opt = cls(m.parameters(), **kwargs)
+    for b in micro_batches(2):
+        (mb_loss(m, b) / 2).backward()
+    opt.step()
+    opt.zero_grad()
+    params = [p.detach().clone() for p in m.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    batches = micro_batches(2, seed=5)
+    (mb_loss(m, batches[0]) / 2).backward()
+    (mb_loss(m, batches[1]) * float("nan")).backward()
+    opt.step()
+    assert opt.skipped_steps == 1
+    for p0, p in zip(params, m.parameters()):
+        assert torch.equal(p0, p)
+    after = opt.state_dict()["state"]
+    for key in state:
+        for name, v in state[key].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(after[key][name])), name
+    # accumulators were reset: a clean next step works and updates
+    opt.zero_grad()
+    for b in micro_batches(2, seed=6):
+        (mb_loss(m, b) / 2).backward()
+    opt.step()
+    assert opt.skipped_steps == 1
+    assert any(not torch.equal(p0, p) for p0, p in zip(params, m.parameters()))
+
+
+@pytest.mark.parametrize("cls,kwargs", [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9)),
+                                        (VRLars, dict(lr=0.5, gsnr_beta=0.5))])
+def test_state_dict_round_trip(cls, kwargs):
+    def train(model, opt, seeds):
+        for s in seeds:
+            for b in micro_batches(3, seed=s):
+                (mb_loss(model, b) / 3).backward()
+            opt.step()
+            opt.zero_grad()
+
+    full = TinyNet()
+    opt_full = cls(full.parameters(), **kwargs)
+    train(full, opt_full, range(6))
+
+    part = TinyNet()
+    opt_part = cls(part.parameters(), **kwargs)
+    train(part, opt_part, range(3))
+    saved = copy.deepcopy((part.state_dict(), opt_part.state_dict()))
+    fresh = TinyNet(seed=3)
+    fresh.load_state_dict(saved[0])
+    opt_fresh = cls(fresh.parameters(), **kwargs)
+    opt_fresh.load_state_dict(saved[1])
+    train(fresh, opt_fresh, range(3, 6))
+    for a, b in zip(full.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_weight_decay_exclude_1d_and_named_stats():
+    m = TinyNet()
+    opt = VRLars(m.named_parameters(), lr=0.1, weight_decay=0.1, weight_decay_exclude_1d=True, stats_interval=2)
+    groups = opt.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [g["trust_ratio"] for g in groups] == [True, False]
+    assert all(p.dim() == 1 for p in groups[1]["params"])
+    for step in range(2):
+        for b in micro_batches(4, seed=step):
+            (mb_loss(m, b) / 4).backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            assert opt.gsnr_stats() == {}
+    stats = opt.gsnr_stats()
+    assert set(stats) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "extra.weight", "extra.bias"}
+    for entry in stats.values():
+        assert 0.1 - 1e-6 <= entry["scale_mean"] <= 1.0 and 0 <= entry["clip_frac"] <= 1
+        assert entry["gsnr_q10"] <= entry["gsnr_q50"] <= entry["gsnr_q90"]
+        assert math.isfinite(entry["gsnr_mean"])
+    summary = opt.gsnr_summary()
+    assert summary["step"] == 2 and 0.1 <= summary["gsnr_scale_mean"] <= 1
