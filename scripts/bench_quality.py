@@ -1,0 +1,580 @@
+"""Large-batch quality benchmark: base vs VR optimizers (arXiv 2309.13681, VRGD.md §4).
+
+The paper's sharpest claim is that at large batch the plain optimizers degrade or collapse while
+their VR versions keep accuracy and shrink the generalization gap. This script measures that on
+Fashion-MNIST with a small MLP on CPU, and runs the paper's γ ablation on linear regression.
+
+    # everything that goes into docs/results_quality.md (~40 min on one core)
+    nice -n 10 python scripts/bench_quality.py --runs runs/quality.jsonl \\
+        --report runs/quality_report.md --plot docs/quality_accuracy_vs_batch.png
+    # the LR tuning at batch 256 whose result is LR_256 below
+    python scripts/bench_quality.py --experiment tune
+    # the γ ablation alone (seconds)
+    python scripts/bench_quality.py --experiment gamma
+    # smoke run (< 2 min on 2 cores; CI runs it on a synthetic idx data set)
+    python scripts/bench_quality.py --quick --data DIR
+
+Protocol (every step of every cell, base and VR alike):
+  * a step of batch B is k = 8 micro-batches of B/8, each ``(loss / k).backward()``, then one
+    ``step()``; VR computes the GSNR over those k micro-batch gradients;
+  * equal epochs at every batch size; the data stream is a fresh permutation per epoch, and
+    ``round(epochs * N / B)`` steps are taken, so every cell sees the same number of samples;
+  * LR(B) = LR_256 * sqrt(B / 256), linear warm-up over the first 10% of steps, cosine decay
+    to 0; weight decay on 2-D weights only (``weight_decay_exclude_1d``, which for LARS also
+    drops the trust ratio on biases);
+  * the seed fixes initialization and data order, so base and VR runs with the same seed see
+    identical data;
+  * a run diverges when a micro-batch loss is not finite: it stops there and is evaluated as
+    it stands (non-finite logits count as 0, so the prediction is class 0: 10% on the balanced
+    Fashion-MNIST sets);
+  * train accuracy is measured on the whole training set, after training, in one pass.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import vrgd_ds
+
+DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
+MICRO_BATCHES = 8  # k: gradient samples per step, the paper's minimum
+WARMUP_FRAC = 0.1
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+MISSING_DATA_HELP = """\
+Fashion-MNIST idx files not found in {dir}: missing {missing}.
+Get them one of two ways:
+  * Debian/Ubuntu: `sudo apt-get install dataset-fashion-mnist` puts the four *-ubyte.gz files in
+    /usr/share/datasets/fashion-mnist (this script's default --data);
+  * anywhere: download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz,
+    t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from
+    https://github.com/zalandoresearch/fashion-mnist/tree/master/data/fashion into a folder and pass
+    --data FOLDER (gzipped or not)."""
+
+
+# ---- optimizers ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One row of the benchmark: a VR optimizer class run with vr=False (base) and vr=True."""
+
+    name: str
+    cls: type
+    lr_256: float  # tuned at batch 256 with vr=False: `--experiment tune`, results in the module docstring
+    weight_decay: float
+    tune_grid: tuple[float, ...]
+    kwargs: dict = field(default_factory=dict)
+
+    def build(self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1) -> torch.optim.Optimizer:
+        return self.cls(model.parameters(), lr=lr, weight_decay=self.weight_decay, gamma=gamma, vr=vr,
+                        weight_decay_exclude_1d=True, stats_interval=1 if vr else 0, **self.kwargs)
+
+
+# LR_256: `python scripts/bench_quality.py --experiment tune` (batch 256, k = 8, 8 epochs, seed 0,
+# vr=False, trained on 55k images, best accuracy on the other 5k; the full table is in
+# docs/results_quality.md). VR uses the same LR as its base optimizer: it was not tuned separately.
+OPTIMIZERS = (
+    OptimizerSpec("SGD-momentum", vrgd_ds.VRSGD, lr_256=0.1, weight_decay=5e-4,
+                  tune_grid=(0.01, 0.03, 0.1, 0.3), kwargs={"momentum": 0.9}),
+    OptimizerSpec("AdamW", vrgd_ds.VRAdam, lr_256=1e-3, weight_decay=0.01,
+                  tune_grid=(3e-4, 1e-3, 3e-3, 1e-2), kwargs={"decoupled_weight_decay": True}),
+    OptimizerSpec("LAMB", vrgd_ds.VRLamb, lr_256=1e-2, weight_decay=0.01,
+                  tune_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
+    OptimizerSpec("LARS", vrgd_ds.VRLars, lr_256=3.0, weight_decay=5e-4,
+                  tune_grid=(1.0, 3.0, 10.0, 30.0), kwargs={"momentum": 0.9, "trust_coefficient": 0.001}),
+)
+OPTIMIZER_NAMES = {spec.name: spec for spec in OPTIMIZERS}
+
+
+def scaled_lr(spec: OptimizerSpec, batch: int) -> float:
+    """Square-root scaling from the tuned batch-256 LR."""
+    return spec.lr_256 * math.sqrt(batch / 256)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An idx file (gzipped or not) as an array: magic 0 0 dtype ndim, big-endian dims, data."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped idx file (used by the smoke test's synthetic data)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def find_idx(data_dir: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (data_dir / name).is_file():
+            return data_dir / name
+    return None
+
+
+def load_fashion_mnist(data_dir: Path):
+    """(x_train, y_train, x_test, y_test): flattened float images standardized with the training
+    set's mean and std, int64 labels."""
+    paths = {key: find_idx(data_dir, stem) for key, stem in IDX_FILES.items()}
+    missing = [IDX_FILES[key] + ".gz" for key, p in paths.items() if p is None]
+    if missing:
+        sys.exit(MISSING_DATA_HELP.format(dir=data_dir, missing=", ".join(missing)))
+    arrays = {key: read_idx(p) for key, p in paths.items()}
+    x_train = torch.tensor(arrays["train_images"].reshape(len(arrays["train_images"]), -1), dtype=torch.float32)
+    x_test = torch.tensor(arrays["test_images"].reshape(len(arrays["test_images"]), -1), dtype=torch.float32)
+    mean, std = x_train.mean(), x_train.std()
+    return ((x_train - mean) / std, torch.tensor(arrays["train_labels"], dtype=torch.int64),
+            (x_test - mean) / std, torch.tensor(arrays["test_labels"], dtype=torch.int64))
+
+
+# ---- one training run ---------------------------------------------------------------------------
+def make_mlp(in_features: int, hidden: int, classes: int = 10) -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(hidden, classes),
+    )
+
+
+def lr_factor(step: int, total: int) -> float:
+    """Linear warm-up over the first WARMUP_FRAC of steps, then cosine decay to 0 (step from 0)."""
+    warmup = max(1, math.ceil(WARMUP_FRAC * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
+    correct = 0
+    for i in range(0, len(x), chunk):
+        logits = torch.nan_to_num(model(x[i: i + chunk]), nan=0.0, posinf=0.0, neginf=0.0)
+        correct += int((logits.argmax(1) == y[i: i + chunk]).sum())
+    return 100.0 * correct / len(x)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    optimizer: str
+    vr: bool
+    batch: int
+    lr: float
+    seed: int
+    epochs: float
+    hidden: int
+    gamma: float = 0.1
+    split: str = "test"  # "test": train on train, evaluate on test; "val": hold out 5k of train
+
+    def key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def train_run(cfg: RunConfig, data) -> dict:
+    x_train, y_train, x_eval, y_eval = data
+    spec = OPTIMIZER_NAMES[cfg.optimizer]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = make_mlp(x_train.shape[1], cfg.hidden)
+    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma)
+    n, micro = len(x_train), cfg.batch // MICRO_BATCHES
+    total_steps = max(1, round(cfg.epochs * n / cfg.batch))
+    order = torch.empty(0, dtype=torch.int64)
+    scales, clip_fracs, losses, diverged, steps_done = [], [], [], False, 0
+    t0 = time.perf_counter()
+    for step in range(total_steps):
+        while len(order) < cfg.batch:  # a fresh permutation per epoch, carried across steps
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[: cfg.batch], order[cfg.batch:]
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total_steps)
+        step_loss = 0.0
+        for m in range(MICRO_BATCHES):
+            mb = idx[m * micro: (m + 1) * micro]
+            loss = F.cross_entropy(model(x_train[mb]), y_train[mb])
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            (loss / MICRO_BATCHES).backward()
+            step_loss += float(loss) / MICRO_BATCHES
+        if diverged:
+            break
+        opt.step()
+        opt.zero_grad()
+        steps_done += 1
+        losses.append(step_loss)
+        if cfg.vr:
+            summary = opt.gsnr_summary()
+            scales.append(summary["gsnr_scale_mean"])
+            clip_fracs.append(summary["gsnr_clip_frac"])
+    train_seconds = time.perf_counter() - t0
+    test_acc = accuracy(model, x_eval, y_eval)
+    train_acc = accuracy(model, x_train, y_train)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "test_acc": test_acc,
+        "train_acc": train_acc,
+        "gap": train_acc - test_acc,
+        "final_loss": losses[-1] if losses else float("nan"),
+        "diverged": diverged,
+        "steps": steps_done,
+        "total_steps": total_steps,
+        # mean over steps of the element-weighted mean scale VR applied to the gradient (after
+        # normalization, clipping and, for AdamW/LAMB, GSNR momentum)
+        "r_bar": float(np.mean(scales)) if scales else None,
+        "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else None,
+        "seconds": train_seconds,
+    }
+
+
+class RunCache:
+    """Runs already done, keyed by their config, persisted as JSON lines so a long run resumes."""
+
+    def __init__(self, path: str | None):
+        self.path = Path(path) if path else None
+        self.done: dict[str, dict] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    self.done[RunConfig(**rec["config"]).key()] = rec
+
+    def run(self, cfg: RunConfig, data, log) -> dict:
+        key = cfg.key()
+        if key not in self.done:
+            rec = train_run(cfg, data)
+            self.done[key] = rec
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            r_bar = f" r̄={rec['r_bar']:.3f}" if rec["r_bar"] is not None else ""
+            log(f"  {cfg.optimizer:12s} vr={int(cfg.vr)} B={cfg.batch:5d} lr={cfg.lr:.4g} seed={cfg.seed} "
+                f"test={rec['test_acc']:.2f} train={rec['train_acc']:.2f}{r_bar}"
+                f"{' DIVERGED' if rec['diverged'] else ''} ({rec['seconds']:.1f}s)")
+        return self.done[key]
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+def mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def div_note(runs: list[dict]) -> str:
+    n_div = sum(r["diverged"] for r in runs)
+    return f" ({n_div}/{len(runs)} div)" if n_div else ""
+
+
+# ---- experiments --------------------------------------------------------------------------------
+@dataclass
+class Settings:
+    batches: tuple[int, ...]
+    seeds_small: int  # seeds for batches < LARGE_BATCH_FROM
+    seeds_large: int
+    large_from: int
+    epochs: float
+    hidden: int
+    lr_mults: tuple[float, ...]
+    lr_seeds: int
+    train_subset: int | None
+    test_subset: int | None
+    gamma_seeds: int
+    gamma_epochs: tuple[int, ...]
+
+
+FULL = Settings(batches=(256, 1024, 2048, 4096, 8192, 16384), seeds_small=3, seeds_large=3, large_from=4096,
+                epochs=8, hidden=128, lr_mults=(1, 4, 16, 64), lr_seeds=2, train_subset=None, test_subset=None,
+                gamma_seeds=5, gamma_epochs=(2, 10, 50))
+QUICK = Settings(batches=(64, 256), seeds_small=2, seeds_large=2, large_from=256, epochs=2, hidden=32,
+                 lr_mults=(1, 64), lr_seeds=2, train_subset=1024, test_subset=512, gamma_seeds=2,
+                 gamma_epochs=(1, 4))
+
+
+def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+    """Base optimizers at batch 256 over each spec's LR grid, scored on 5k held-out train images."""
+    x_train, y_train = data[0], data[1]
+    perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1234))
+    n_val = min(5000, len(x_train) // 10)
+    val, tr = perm[:n_val], perm[n_val:]
+    split = (x_train[tr], y_train[tr], x_train[val], y_train[val])
+    batch = min(settings.batches)
+    rows, best = [], {}
+    for spec in OPTIMIZERS:
+        scores = {}
+        for lr in spec.tune_grid:
+            cfg = RunConfig(spec.name, False, batch, lr, 0, settings.epochs, settings.hidden, split="val")
+            rec = cache.run(cfg, split, log)
+            scores[lr] = rec["test_acc"]
+        best[spec.name] = max(scores, key=scores.get)
+        rows.append([spec.name] + [f"{scores[lr]:.2f}{' *' if lr == best[spec.name] else ''} (lr {lr:g})"
+                                   for lr in spec.tune_grid])
+    header = ["optimizer"] + [f"grid {i + 1}" for i in range(max(len(s.tune_grid) for s in OPTIMIZERS))]
+    text = (f"### LR tuning: batch {batch}, k = {MICRO_BATCHES}, {settings.epochs:g} epochs, seed 0, vr=False; "
+            f"validation accuracy (%) on {n_val} held-out training images (* = chosen)\n\n"
+            + markdown_table(header, rows))
+    return text, best
+
+
+def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+    """Accuracy and generalization gap vs batch size, base vs VR, at the sqrt-scaled LR."""
+    results = {}
+    rows = []
+    for spec in OPTIMIZERS:
+        for batch in settings.batches:
+            seeds = settings.seeds_large if batch >= settings.large_from else settings.seeds_small
+            cell = {}
+            for vr in (False, True):
+                cell[vr] = [cache.run(RunConfig(spec.name, vr, batch, scaled_lr(spec, batch), s, settings.epochs,
+                                                settings.hidden), data, log) for s in range(seeds)]
+            results[(spec.name, batch)] = cell
+            base, vr_runs = cell[False], cell[True]
+            rows.append([
+                spec.name, batch, f"{scaled_lr(spec, batch):.4g}", seeds,
+                mean_std([r["test_acc"] for r in base]) + div_note(base),
+                mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
+                mean_std([r["train_acc"] for r in base]), mean_std([r["train_acc"] for r in vr_runs]),
+                mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
+                mean_std([r["r_bar"] for r in vr_runs]),
+            ])
+    header = ["optimizer", "batch", "lr", "seeds", "test acc base", "test acc VR", "train acc base",
+              "train acc VR", "gap base", "gap VR", "VR r̄"]
+    text = (f"### Accuracy vs batch size (%, mean ± std over seeds; gap = train − test; "
+            f"{settings.epochs:g} epochs, k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows))
+    return text, results
+
+
+def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+    """LR robustness at the largest batch: scaled LR × mult, base vs VR, plus base at LR × r̄."""
+    batch = max(settings.batches)
+    results, rows = {}, []
+    for spec in OPTIMIZERS:
+        for mult in settings.lr_mults:
+            lr = scaled_lr(spec, batch) * mult
+            base, vr_runs, control = [], [], []
+            for s in range(settings.lr_seeds):
+                base.append(cache.run(RunConfig(spec.name, False, batch, lr, s, settings.epochs, settings.hidden),
+                                      data, log))
+                vr_rec = cache.run(RunConfig(spec.name, True, batch, lr, s, settings.epochs, settings.hidden),
+                                   data, log)
+                vr_runs.append(vr_rec)
+                # the paired control: the base optimizer with its LR lowered by the VR run's r̄
+                control.append(cache.run(RunConfig(spec.name, False, batch, lr * vr_rec["r_bar"], s,
+                                                   settings.epochs, settings.hidden), data, log))
+            results[(spec.name, mult)] = {"base": base, "vr": vr_runs, "control": control}
+            rows.append([
+                spec.name, f"×{mult:g}", f"{lr:.4g}",
+                mean_std([r["test_acc"] for r in base]) + div_note(base),
+                mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
+                f"{np.mean([r['r_bar'] for r in vr_runs]):.3f}",
+                mean_std([r["test_acc"] for r in control]) + div_note(control),
+                mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
+                mean_std([r["gap"] for r in control]),
+            ])
+    header = ["optimizer", "LR mult", "lr", "test acc base", "test acc VR", "VR r̄", "test acc base @ lr×r̄",
+              "gap base", "gap VR", "gap base @ lr×r̄"]
+    text = (f"### LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
+            f"'div' = non-finite loss, run stopped)\n\n" + markdown_table(header, rows))
+    return text, results
+
+
+def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict]:
+    """γ ablation on synthetic linear regression (VRSGD, no momentum), paper sec. 5 ablation.
+
+    y = x·w* + ε with w* ~ N(0, I_d), ε ~ N(0, σ²), and features of log-spaced scales
+    (condition number 100) so that the per-coordinate GSNR differs. A finite training set of
+    n = 4d samples; test MSE on fresh samples, reported as excess over the noise floor σ².
+    γ = 1 is plain SGD. Same LR for every γ (a fraction of 2 / λ_max, the full-batch stability
+    limit), batch 256 = 8 micro-batches of 32.
+    """
+    d, n_train, n_test, sigma, batch = 64, 256, 8192, 0.5, 256
+    if settings is QUICK:
+        d, n_train, n_test = 16, 64, 512
+        batch = 64
+    gammas = (0.01, 0.04, 0.1, 0.2, 0.5, 1.0)
+    lr_fracs = (0.25, 0.9)
+    scales = torch.logspace(0, -1, d)  # feature std from 1 down to 0.1: curvature ratio 100
+    results, rows = {}, []
+    for lr_frac in lr_fracs:
+        for gamma in gammas:
+            finals = {e: [] for e in settings.gamma_epochs}
+            r_bars = []
+            for s in range(settings.gamma_seeds):
+                gen = torch.Generator().manual_seed(seed0 + s)
+                w_star = torch.randn(d, generator=gen)
+                x_tr = torch.randn(n_train, d, generator=gen) * scales
+                y_tr = x_tr @ w_star + sigma * torch.randn(n_train, generator=gen)
+                x_te = torch.randn(n_test, d, generator=gen) * scales
+                y_te = x_te @ w_star + sigma * torch.randn(n_test, generator=gen)
+                lam_max = float(torch.linalg.eigvalsh(x_tr.T @ x_tr / n_train)[-1])
+                w = torch.nn.Parameter(torch.zeros(d))
+                opt = vrgd_ds.VRSGD([w], lr=lr_frac * 2 / lam_max, gamma=gamma, vr=True, stats_interval=1)
+                micro = batch // MICRO_BATCHES
+                steps_per_epoch = max(1, n_train // batch)
+                step, scale_log = 0, []
+                for epoch in range(1, max(settings.gamma_epochs) + 1):
+                    perm = torch.randperm(n_train, generator=gen)
+                    for b in range(steps_per_epoch):
+                        idx = perm[b * batch: (b + 1) * batch]
+                        for m in range(MICRO_BATCHES):
+                            mb = idx[m * micro: (m + 1) * micro]
+                            (0.5 * (x_tr[mb] @ w - y_tr[mb]).pow(2).mean() / MICRO_BATCHES).backward()
+                        opt.step()
+                        opt.zero_grad()
+                        scale_log.append(opt.gsnr_summary()["gsnr_scale_mean"])
+                        step += 1
+                    if epoch in finals:
+                        with torch.no_grad():
+                            mse = float((x_te @ w - y_te).pow(2).mean())
+                        finals[epoch].append(mse - sigma ** 2 if math.isfinite(mse) else float("nan"))
+                r_bars.append(float(np.mean(scale_log)))
+            results[(lr_frac, gamma)] = {"excess_mse": finals, "r_bar": r_bars}
+            rows.append([f"{lr_frac:g}", f"{gamma:g}"]
+                        + [fmt_mse(finals[e]) for e in settings.gamma_epochs] + [f"{np.mean(r_bars):.3f}"])
+        log(f"  gamma ablation lr_frac={lr_frac:g} done")
+    header = ["lr / (2/λmax)", "γ"] + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs] + ["r̄"]
+    text = (f"### γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
+            f"(k = {MICRO_BATCHES}), VRSGD without momentum, mean ± std over {settings.gamma_seeds} seeds "
+            f"(γ = 1 is plain SGD)\n\n" + markdown_table(header, rows))
+    return text, results
+
+
+def fmt_mse(values) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < len(values):
+        return f"div ({len(values) - len(finite)}/{len(values)})"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def plot_batch(results: dict, settings: Settings, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(4.2 * len(OPTIMIZERS), 3.8), sharey=True)
+    for ax, spec in zip(axes, OPTIMIZERS):
+        for vr, color in ((False, "tab:blue"), (True, "tab:red")):
+            label = ("VR-" if vr else "") + spec.name
+            for metric, style in (("test_acc", "-"), ("train_acc", ":")):
+                vals = [[r[metric] for r in results[(spec.name, b)][vr]] for b in settings.batches]
+                ax.errorbar(settings.batches, [np.mean(v) for v in vals],
+                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], color=color,
+                            linestyle=style, marker="o", ms=3, capsize=2,
+                            label=f"{label} {'test' if metric == 'test_acc' else 'train'}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(settings.batches, [f"{b // 1024}k" if b >= 1024 else str(b) for b in settings.batches])
+        ax.set_title(spec.name)
+        ax.set_xlabel("batch size (k = 8 micro-batches)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("accuracy (%)")
+    fig.suptitle(f"Fashion-MNIST MLP, {settings.epochs:g} epochs, sqrt LR scaling: base vs VR (γ = 0.1)", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} CPU cores visible, CPU only, torch {torch.__version__} with "
+            f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=DEFAULT_DATA, help=f"folder with the Fashion-MNIST idx files "
+                        f"(default: {DEFAULT_DATA}, where Debian's dataset-fashion-mnist puts them)")
+    parser.add_argument("--experiment", default="all", choices=("all", "batch", "lr", "gamma", "tune"),
+                        help="all = batch + lr + gamma (default); tune = the LR search at batch 256")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny subset, tiny model, few steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--runs", help="JSON-lines file of finished runs: appended to, and reused on restart")
+    parser.add_argument("--report", help="write the markdown tables, command, machine and runtime here")
+    parser.add_argument("--plot", help="write the accuracy-vs-batch PNG here (batch experiment)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    settings = QUICK if args.quick else FULL
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    sections = []
+    cache = RunCache(args.runs)
+    if args.experiment in ("all", "batch", "lr", "tune"):
+        data = load_fashion_mnist(Path(args.data))
+        if settings.train_subset or settings.test_subset:
+            data = (data[0][: settings.train_subset], data[1][: settings.train_subset],
+                    data[2][: settings.test_subset], data[3][: settings.test_subset])
+        log(f"data: {len(data[0])} train, {len(data[2])} test images from {args.data}")
+        if args.experiment == "tune":
+            text, best = experiment_tune(data, settings, cache, log)
+            sections.append(text)
+            log("chosen LRs: " + ", ".join(f"{k} {v:g}" for k, v in best.items()))
+        if args.experiment in ("all", "batch"):
+            text, results = experiment_batch(data, settings, cache, log)
+            sections.append(text)
+            if args.plot:
+                plot_batch(results, settings, args.plot)
+                log(f"wrote {args.plot}")
+        if args.experiment in ("all", "lr"):
+            sections.append(experiment_lr(data, settings, cache, log)[0])
+    if args.experiment in ("all", "gamma"):
+        sections.append(experiment_gamma(settings, log)[0])
+
+    runtime = time.perf_counter() - t_start
+    command = "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
+    header = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
+              f"Total runtime: {runtime / 60:.1f} min ({runtime:.0f} s)\n")
+    body = header + "\n" + "\n\n".join(sections) + "\n"
+    print(body)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
