@@ -36,3 +36,7 @@ def find_vr_optimizer(obj):
 
 __all__ = ["VRSGD", "VRAdam", "VRAdamW", "VRLamb", "VRLars", "VROptimizer", "SegmentLayout", "OPTIMIZERS",
            "find_vr_optimizer", "gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]
+
+from . import deepspeed_glue as _deepspeed_glue  # noqa: E402
+
+_deepspeed_glue.register()

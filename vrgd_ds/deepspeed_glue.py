@@ -1,0 +1,486 @@
+"""DeepSpeed glue: config types, and VRGD moments on ZeRO's own partitions.
+
+This is the only module that touches DeepSpeed internals. DeepSpeed (0.19.x) has no optimizer
+plug-in registry, so ``register()`` (run at ``import vrgd_ds``) wraps three methods of
+``DeepSpeedEngine`` and appends our classes to ZeRO's supported-optimizer list:
+
+* ``_is_supported_optimizer`` / ``_configure_basic_optimizer``: a config
+  ``"optimizer": {"type": "VRLamb", "params": {...}}`` (case-insensitive; VRSGD, VRAdam,
+  VRAdamW, VRLamb, VRLars) builds our optimizer with the user's parameter groups;
+* ``_configure_optimizer``: once DeepSpeed has wrapped the optimizer (ZeRO, fp16/bf16),
+  :func:`attach` connects the VR optimizer to the wrapper — whether it came from the config,
+  an optimizer instance or a callable.
+
+What :func:`attach` installs (VRGD.md §1, DEEPSPEED_NOTES.md):
+
+* A tensor hook per model parameter adds g² of every micro-batch (this rank's own gradient,
+  before DeepSpeed accumulates or reduces it) into fp32 accumulators.
+* ZeRO 1/2: the accumulators are reduced onto exactly the flat partition this rank's ZeRO
+  optimizer owns. ``moment_reduction="per_step"``: one full-size fp32 buffer per rank and one
+  ``reduce_scatter_tensor`` per optimizer step (default when gradient_accumulation_steps > 1);
+  ``"per_micro_step"``: only partition-sized buffers, the g² of each parameter reduced to its
+  owning rank(s) as backward produces it (one reduction per parameter per micro-batch; needs
+  every rank to produce gradients for the same parameters in the same order, as ZeRO-2's own
+  bucketing does). Stage 0: one full-size buffer, all-reduced once per step.
+* The first moment is the gradient DeepSpeed already reduced: r is computed from it just
+  before DeepSpeed unscales and clips it (wrapping ``unscale_and_clip_grads`` of the ZeRO /
+  fp16 wrapper, or ``clip_fp32_gradients`` at stage 0 fp32), so r is independent of the loss
+  scale and of ``gradient_clipping``; r overwrites the g² buffer in place (no extra memory).
+* Flat shards get a :class:`~vrgd_ds.segments.SegmentLayout`, so layer means of r and the
+  LAMB/LARS norms are per original tensor, completed by one small all-reduce.
+* After every optimizer step (applied or skipped on fp16 overflow) the accumulators are
+  cleared; a skipped step never reaches our ``step()``, so GSNR momentum is untouched.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .collect import k_too_small_message
+from .gsnr import gsnr_from_moments
+from .optimizer import VROptimizer
+from .segments import SegmentLayout
+
+TESTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))  # [low, high)
+TESTED_RANGE_TEXT = ">=0.19.8,<0.20"
+MOMENT_REDUCTIONS = ("auto", "per_step", "per_micro_step")
+
+_registered = False
+
+
+def _version_tuple(text: str):
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (3 - len(parts)))
+
+
+def _optimizer_classes():
+    from . import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def register() -> bool:
+    """Teach DeepSpeed our optimizer types. Idempotent. Returns False if DeepSpeed is absent."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        import deepspeed
+    except ImportError:
+        return False
+    version = _version_tuple(deepspeed.__version__)
+    if not (TESTED_DEEPSPEED[0] <= version < TESTED_DEEPSPEED[1]) and not os.environ.get("VRGD_DS_ALLOW_UNTESTED_DEEPSPEED"):
+        raise ImportError(
+            f"vrgd_ds hooks into DeepSpeed internals and is tested with deepspeed {TESTED_RANGE_TEXT}; "
+            f"found {deepspeed.__version__}. Install a tested version (pip install 'deepspeed{TESTED_RANGE_TEXT}') "
+            f"or set VRGD_DS_ALLOW_UNTESTED_DEEPSPEED=1 at your own risk."
+        )
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero import utils as zero_utils
+
+    for cls in _optimizer_classes().values():
+        if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
+            zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
+
+    original_is_supported = DeepSpeedEngine._is_supported_optimizer
+    original_basic = DeepSpeedEngine._configure_basic_optimizer
+    original_configure = DeepSpeedEngine._configure_optimizer
+
+    @functools.wraps(original_is_supported)
+    def _is_supported_optimizer(self, optimizer_name):
+        return str(optimizer_name).lower() in _optimizer_classes() or original_is_supported(self, optimizer_name)
+
+    @functools.wraps(original_basic)
+    def _configure_basic_optimizer(self, model_parameters):
+        cls = _optimizer_classes().get(str(self.optimizer_name()).lower())
+        if cls is None:
+            return original_basic(self, model_parameters)
+        return build_from_config(cls, self.optimizer_params() or {}, model_parameters)
+
+    @functools.wraps(original_configure)
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        name = str(self.optimizer_name()).lower() if client_optimizer is None else None
+        if (name in _optimizer_classes() or isinstance(client_optimizer, VROptimizer)) and self.zero_optimization_stage() > 2:
+            raise ValueError(_STAGE3_MESSAGE)
+        original_configure(self, client_optimizer, model_parameters)
+        if isinstance(self.basic_optimizer, VROptimizer):
+            attach(self)
+
+    DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
+    DeepSpeedEngine._configure_basic_optimizer = _configure_basic_optimizer
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
+    _registered = True
+    return True
+
+
+_STAGE3_MESSAGE = (
+    "vrgd_ds supports ZeRO stages 0, 1 and 2; ZeRO stage 3 is not supported (its parameters are "
+    "partitioned too, so per-tensor GSNR and trust ratios would need a different layout). "
+    "Set \"zero_optimization\": {\"stage\": 2} in the DeepSpeed config."
+)
+
+
+def build_from_config(cls, params: dict, model_parameters):
+    """Build a VR optimizer from a DeepSpeed config's ``optimizer.params`` (unknown keys: a clear error)."""
+    import inspect
+
+    params = dict(params)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    accepted = set()
+    for klass in cls.__mro__:
+        if klass is object or not issubclass(klass, VROptimizer):
+            continue
+        accepted |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "params", "kwargs", "defaults")}
+    accepted |= {"moment_reduction"}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(
+            f"Unknown {cls.__name__} option(s) in the DeepSpeed config's optimizer.params: {unknown}. "
+            f"Accepted: {sorted(accepted)}."
+        )
+    moment_reduction = params.pop("moment_reduction", "auto")
+    if moment_reduction not in MOMENT_REDUCTIONS:
+        raise ValueError(f"Invalid moment_reduction: {moment_reduction!r}; use one of {MOMENT_REDUCTIONS}.")
+    if model_parameters is None:
+        raise ValueError("deepspeed.initialize needs model_parameters to build a VR optimizer from the config.")
+    opt = cls(model_parameters, **params)
+    opt.moment_reduction = moment_reduction
+    return opt
+
+
+# --------------------------------------------------------------------------------------------
+class DeepSpeedMomentSource:
+    """Σg² of this step's micro-batches on the tensors the inner optimizer updates.
+
+    ``sq[id(inner)]`` is a flat fp32 view, the same size as the inner tensor (a ZeRO partition
+    or, at stage 0, a parameter's master copy); :meth:`prepare` turns it into raw r in place.
+    """
+
+    checks_finite_locally = False
+
+    def __init__(self, optimizer: VROptimizer, world_size: int, group):
+        self.optimizer = optimizer
+        self.world_size = world_size
+        self.group = group
+        self.local_samples = 0
+        self._hook_counts: dict[int, int] = {}
+        self._prepared: set[int] = set()
+        self._reduced = False
+        self.handles = []
+        self.sq: dict[int, Tensor] = {}
+
+    # -- hooks -------------------------------------------------------------------------------
+    def _count(self, p: Tensor) -> None:
+        c = self._hook_counts.get(id(p), 0) + 1
+        self._hook_counts[id(p)] = c
+        if c > self.local_samples:
+            self.local_samples = c
+
+    def num_samples(self) -> int:
+        # Every rank runs the same number of micro-batches per step (DeepSpeed's
+        # gradient_accumulation_steps), so k = world size × local micro-batches.
+        return self.local_samples * self.world_size
+
+    # -- the step protocol used by VROptimizer.step -------------------------------------------
+    def finalize(self) -> int:
+        self.ensure_reduced()
+        return self.num_samples()
+
+    def all_finite(self) -> bool:
+        return True
+
+    def _eps_of(self, p: Tensor) -> float:
+        for group in self.optimizer.param_groups:
+            if any(q is p for q in group["params"]):
+                return group["gsnr_eps"]
+        return self.optimizer.defaults["gsnr_eps"]
+
+    def prepare(self, inner_params) -> None:
+        """Raw r from the reduced, not yet unscaled or clipped gradient; in place of Σg²."""
+        self.ensure_reduced()
+        k = self.num_samples()
+        for p in inner_params:
+            if p.grad is None or id(p) in self._prepared or id(p) not in self.sq:
+                continue
+            sq = self.sq[id(p)]
+            # DeepSpeed averages over ranks: Σ_samples g = world_size · G (same loss scale, same
+            # 1/gas as the samples, so r needs no unscaling).
+            r = gsnr_from_moments(p.grad.reshape(-1).float() * self.world_size, sq, k, self._eps_of(p))
+            sq.copy_(r)
+            self._prepared.add(id(p))
+
+    def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
+        if id(p) not in self._prepared:
+            self.prepare([p])
+        return self.sq[id(p)]
+
+    def reset(self) -> None:
+        # ZeRO calls step() once per param group; the glue clears after the whole step.
+        pass
+
+    def clear(self) -> None:
+        for buf in self._buffers():
+            buf.zero_()
+        self._hook_counts.clear()
+        self.local_samples = 0
+        self._prepared.clear()
+        self._reduced = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def ensure_reduced(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _buffers(self):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def extra_buffer_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class Stage0MomentSource(DeepSpeedMomentSource):
+    """ZeRO stage 0: one flat fp32 Σg² buffer over all parameters, all-reduced once per step."""
+
+    def __init__(self, optimizer, world_size, group, model_params, inner_params):
+        super().__init__(optimizer, world_size, group)
+        numel = sum(p.numel() for p in model_params)
+        self.buffer = torch.zeros(numel, dtype=torch.float32, device=model_params[0].device)
+        offset = 0
+        for mp, ip in zip(model_params, inner_params):
+            view = self.buffer[offset:offset + mp.numel()]
+            offset += mp.numel()
+            self.sq[id(ip)] = view
+            self.handles.append(mp.register_hook(self._make_hook(mp, view)))
+
+    def _make_hook(self, p, view):
+        def hook(grad):
+            g = grad.detach().reshape(-1).float()
+            view.addcmul_(g, g)
+            self._count(p)
+        return hook
+
+    def ensure_reduced(self):
+        if not self._reduced:
+            if self.world_size > 1:
+                dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
+            self._reduced = True
+
+    def _buffers(self):
+        return [self.buffer]
+
+    def extra_buffer_bytes(self):
+        return {"grad_sq_sum (fp32, all parameters)": self.buffer.numel() * 4}
+
+
+class ZeroMomentSource(DeepSpeedMomentSource):
+    """ZeRO 1/2: Σg² reduced onto this rank's flat partition of every param group."""
+
+    checks_finite_locally = False
+
+    def __init__(self, optimizer, zero_opt, strategy: str):
+        group0 = zero_opt.real_dp_process_group[0]
+        super().__init__(optimizer, dist.get_world_size(group=group0), group0)
+        self.zero_opt = zero_opt
+        self.strategy = strategy
+        self.rank = dist.get_rank(group=group0)
+        self.full: list[Tensor | None] = []
+        self.partitions: list[Tensor] = []
+        for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
+            group = zero_opt.real_dp_process_group[i]
+            padded = zero_opt.bit16_groups_flat[i].numel()
+            part_size = int(zero_opt.partition_size[i])
+            assert part_size * self.world_size == padded, "unexpected ZeRO partitioning"
+            device = zero_opt.single_partition_of_fp32_groups[i].device
+            partition = torch.zeros(part_size, dtype=torch.float32, device=device)
+            self.partitions.append(partition)
+            self.sq[id(zero_opt.single_partition_of_fp32_groups[i])] = partition
+            full = torch.zeros(padded, dtype=torch.float32, device=device) if strategy == "per_step" else None
+            self.full.append(full)
+            offsets = zero_opt.round_robin_bit16_offsets[i]
+            for p, offset in zip(tensors, offsets):
+                self.handles.append(p.register_hook(self._make_hook(i, p, offset, part_size, group)))
+
+    def _make_hook(self, i, p, offset, part_size, group):
+        numel = p.numel()
+        if self.strategy == "per_step":
+            view = self.full[i][offset:offset + numel]
+
+            def hook(grad):
+                g = grad.detach().reshape(-1).float()
+                view.addcmul_(g, g)
+                self._count(p)
+            return hook
+
+        # per_micro_step: reduce g² of this parameter to the rank(s) owning its elements.
+        owners = []
+        for owner in range(offset // part_size, (offset + numel - 1) // part_size + 1):
+            lo, hi = max(offset, owner * part_size), min(offset + numel, (owner + 1) * part_size)
+            owners.append((owner, lo - offset, hi - offset, lo - owner * part_size))
+        partition = self.partitions[i]
+        global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
+
+        def hook(grad):
+            g = grad.detach().reshape(-1).float()
+            sq = g * g
+            for owner, a, b, dst_offset in owners:
+                piece = sq[a:b].contiguous()
+                dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
+                if owner == self.rank:
+                    partition[dst_offset:dst_offset + (b - a)].add_(piece)
+            self._count(p)
+        return hook
+
+    def ensure_reduced(self):
+        if self._reduced:
+            return
+        if self.strategy == "per_step":
+            for i, (full, partition) in enumerate(zip(self.full, self.partitions)):
+                dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM,
+                                           group=self.zero_opt.real_dp_process_group[i])
+        self._reduced = True
+
+    def _buffers(self):
+        return [b for b in self.full if b is not None] + self.partitions
+
+    def extra_buffer_bytes(self):
+        out = {"grad_sq_sum partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
+        if self.strategy == "per_step":
+            out["grad_sq_sum local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
+        return out
+
+
+def _zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
+    """Per-tensor segment layouts of every rank-local flat partition."""
+    for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
+        group = zero_opt.real_dp_process_group[i]
+        world = dist.get_world_size(group=group)
+        rank = dist.get_rank(group=group)
+        part_size = int(zero_opt.partition_size[i])
+        lo, hi = rank * part_size, (rank + 1) * part_size
+        lengths, keys, pos = [], [], lo
+        for key, (p, offset) in enumerate(zip(tensors, zero_opt.round_robin_bit16_offsets[i])):
+            a, b = max(offset, lo), min(offset + p.numel(), hi)
+            if a >= b:
+                continue
+            if a > pos:
+                lengths.append(a - pos)
+                keys.append(-1)
+            lengths.append(b - a)
+            keys.append(key)
+            pos = b
+        if pos < hi:
+            lengths.append(hi - pos)
+            keys.append(-1)
+
+        def complete(vec, group=group, world=world):
+            if world > 1:
+                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+
+        layout = SegmentLayout(lengths, keys, [p.numel() for p in tensors],
+                               names=[names.get(id(p), f"group{i}.param{k}") for k, p in enumerate(tensors)],
+                               complete=complete)
+        opt.set_layout(zero_opt.single_partition_of_fp32_groups[i], layout)
+
+
+def _wrap_method(obj, name: str, before=None, after=None):
+    original = getattr(obj, name)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        if before is not None:
+            before(*args, **kwargs)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if after is not None:
+                after()
+
+    setattr(obj, name, wrapper)
+
+
+def attach(engine) -> None:
+    """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see module docstring)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt: VROptimizer = engine.basic_optimizer
+    stage = engine.zero_optimization_stage()
+    if stage > 2:
+        raise ValueError(_STAGE3_MESSAGE)
+    wrapper = engine.optimizer
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    gas = engine.gradient_accumulation_steps()
+    dp_world = engine.dp_world_size if hasattr(engine, "dp_world_size") else dist.get_world_size()
+    strategy = getattr(opt, "moment_reduction", "auto")
+    if strategy not in MOMENT_REDUCTIONS:
+        raise ValueError(f"Invalid moment_reduction: {strategy!r}; use one of {MOMENT_REDUCTIONS}.")
+    if strategy == "auto":
+        strategy = "per_step" if gas > 1 else "per_micro_step"
+
+    if stage in (1, 2):
+        if not isinstance(wrapper, DeepSpeedZeroOptimizer):
+            raise ValueError(
+                f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer, got {type(wrapper).__name__} "
+                "(bf16 with ZeRO-1 and data_types.grad_accum_dtype=fp32 selects BF16_Optimizer): remove "
+                "data_types.grad_accum_dtype or use ZeRO stage 2."
+            )
+        if getattr(wrapper, "cpu_offload", False):
+            raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
+        _zero_layouts(opt, wrapper, names)
+
+    if not opt.vr:
+        return
+    if gas * dp_world < 2:
+        raise ValueError(
+            k_too_small_message(gas * dp_world)
+            + f" (DeepSpeed config: gradient_accumulation_steps={gas}, data-parallel world size={dp_world})."
+        )
+
+    if stage in (1, 2):
+        source = ZeroMomentSource(opt, wrapper, strategy)
+        fp32_partitions = wrapper.single_partition_of_fp32_groups
+
+        def before_unscale(grad_groups_flat, total_norm, *a, **k):
+            grads = grad_groups_flat if isinstance(grad_groups_flat, (list, tuple)) else [grad_groups_flat]
+            source.prepare([p for p in fp32_partitions if p.grad is not None and any(p.grad is g for g in grads)])
+
+        _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
+    else:
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if isinstance(wrapper, FP16_UnfusedOptimizer):
+            model_params = [p for g in wrapper.fp16_groups for p in g]
+            inner_params = [p for g in wrapper.fp32_groups for p in g]
+
+            def before_unscale(*a, **k):
+                source.prepare(inner_params)
+
+            source = Stage0MomentSource(opt, dp_world, None, model_params, inner_params)
+            _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
+        elif wrapper is opt:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            source = Stage0MomentSource(opt, dp_world, None, params, params)
+
+            def before_clip(*a, **k):
+                source.prepare(params)
+
+            _wrap_method(engine, "clip_fp32_gradients", before=before_clip)
+        else:
+            raise ValueError(
+                f"vrgd_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper at ZeRO stage 0; "
+                "use ZeRO stage 1 or 2 for fp16/bf16."
+            )
+
+    opt.set_moment_source(source)
+    _wrap_method(wrapper, "step", after=source.clear)
+    engine.vrgd_moment_source = source
