@@ -81,9 +81,10 @@ class OptimizerSpec:
     tune_grid: tuple[float, ...]
     kwargs: dict = field(default_factory=dict)
 
-    def build(self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1) -> torch.optim.Optimizer:
+    def build(self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1,
+              stats_interval: int = 1) -> torch.optim.Optimizer:
         return self.cls(model.parameters(), lr=lr, weight_decay=self.weight_decay, gamma=gamma, vr=vr,
-                        weight_decay_exclude_1d=True, stats_interval=1 if vr else 0, **self.kwargs)
+                        weight_decay_exclude_1d=True, stats_interval=stats_interval if vr else 0, **self.kwargs)
 
 
 # LR_256: `python scripts/bench_quality.py --experiment tune` (batch 256, k = 8, 8 epochs, seed 0,
@@ -92,11 +93,11 @@ class OptimizerSpec:
 OPTIMIZERS = (
     OptimizerSpec("SGD-momentum", vrgd_ds.VRSGD, lr_256=0.1, weight_decay=5e-4,
                   tune_grid=(0.01, 0.03, 0.1, 0.3), kwargs={"momentum": 0.9}),
-    OptimizerSpec("AdamW", vrgd_ds.VRAdam, lr_256=1e-3, weight_decay=0.01,
-                  tune_grid=(3e-4, 1e-3, 3e-3, 1e-2), kwargs={"decoupled_weight_decay": True}),
+    OptimizerSpec("AdamW", vrgd_ds.VRAdam, lr_256=1e-2, weight_decay=0.01,
+                  tune_grid=(1e-3, 3e-3, 1e-2, 3e-2), kwargs={"decoupled_weight_decay": True}),
     OptimizerSpec("LAMB", vrgd_ds.VRLamb, lr_256=1e-2, weight_decay=0.01,
                   tune_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
-    OptimizerSpec("LARS", vrgd_ds.VRLars, lr_256=3.0, weight_decay=5e-4,
+    OptimizerSpec("LARS", vrgd_ds.VRLars, lr_256=10.0, weight_decay=5e-4,
                   tune_grid=(1.0, 3.0, 10.0, 30.0), kwargs={"momentum": 0.9, "trust_coefficient": 0.001}),
 )
 OPTIMIZER_NAMES = {spec.name: spec for spec in OPTIMIZERS}
@@ -197,9 +198,11 @@ def train_run(cfg: RunConfig, data) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     model = make_mlp(x_train.shape[1], cfg.hidden)
-    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma)
     n, micro = len(x_train), cfg.batch // MICRO_BATCHES
     total_steps = max(1, round(cfg.epochs * n / cfg.batch))
+    # statistics cost about as much as the rest of a VR step at batch 256: sample ~50 steps per run
+    stats_interval = max(1, total_steps // 50)
+    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval)
     order = torch.empty(0, dtype=torch.int64)
     scales, clip_fracs, losses, diverged, steps_done = [], [], [], False, 0
     t0 = time.perf_counter()
@@ -217,14 +220,14 @@ def train_run(cfg: RunConfig, data) -> dict:
                 diverged = True
                 break
             (loss / MICRO_BATCHES).backward()
-            step_loss += float(loss) / MICRO_BATCHES
+            step_loss += loss.item() / MICRO_BATCHES
         if diverged:
             break
         opt.step()
         opt.zero_grad()
         steps_done += 1
         losses.append(step_loss)
-        if cfg.vr:
+        if cfg.vr and steps_done % stats_interval == 0:
             summary = opt.gsnr_summary()
             scales.append(summary["gsnr_scale_mean"])
             clip_fracs.append(summary["gsnr_clip_frac"])
@@ -240,8 +243,8 @@ def train_run(cfg: RunConfig, data) -> dict:
         "diverged": diverged,
         "steps": steps_done,
         "total_steps": total_steps,
-        # mean over steps of the element-weighted mean scale VR applied to the gradient (after
-        # normalization, clipping and, for AdamW/LAMB, GSNR momentum)
+        # mean over (sampled) steps of the element-weighted mean scale VR applied to the gradient
+        # (after normalization, clipping and, for AdamW/LAMB, GSNR momentum)
         "r_bar": float(np.mean(scales)) if scales else None,
         "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else None,
         "seconds": train_seconds,
@@ -277,13 +280,13 @@ class RunCache:
 
 
 # ---- formatting ---------------------------------------------------------------------------------
-def mean_std(values) -> str:
+def mean_std(values, digits: int = 2) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -311,15 +314,20 @@ class Settings:
     train_subset: int | None
     test_subset: int | None
     gamma_seeds: int
-    gamma_epochs: tuple[int, ...]
+    gamma_epochs: tuple[int, ...]  # test MSE is recorded after each of these epochs
+    gamma_dim: int
+    gamma_n_train: int
+    gamma_batch: int
+    gamma_sigma: float
 
 
 FULL = Settings(batches=(256, 1024, 2048, 4096, 8192, 16384), seeds_small=3, seeds_large=3, large_from=4096,
                 epochs=8, hidden=128, lr_mults=(1, 4, 16, 64), lr_seeds=2, train_subset=None, test_subset=None,
-                gamma_seeds=5, gamma_epochs=(2, 10, 50))
+                gamma_seeds=8, gamma_epochs=(5, 25, 100), gamma_dim=64, gamma_n_train=512, gamma_batch=128,
+                gamma_sigma=1.0)
 QUICK = Settings(batches=(64, 256), seeds_small=2, seeds_large=2, large_from=256, epochs=2, hidden=32,
                  lr_mults=(1, 64), lr_seeds=2, train_subset=1024, test_subset=512, gamma_seeds=2,
-                 gamma_epochs=(1, 4))
+                 gamma_epochs=(1, 4), gamma_dim=16, gamma_n_train=64, gamma_batch=64, gamma_sigma=1.0)
 
 
 def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
@@ -366,7 +374,7 @@ def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[st
                 mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
                 mean_std([r["train_acc"] for r in base]), mean_std([r["train_acc"] for r in vr_runs]),
                 mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
-                mean_std([r["r_bar"] for r in vr_runs]),
+                mean_std([r["r_bar"] for r in vr_runs], digits=3),
             ])
     header = ["optimizer", "batch", "lr", "seeds", "test acc base", "test acc VR", "train acc base",
               "train acc VR", "gap base", "gap VR", "VR r̄"]
@@ -390,14 +398,15 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
                                    data, log)
                 vr_runs.append(vr_rec)
                 # the paired control: the base optimizer with its LR lowered by the VR run's r̄
-                control.append(cache.run(RunConfig(spec.name, False, batch, lr * vr_rec["r_bar"], s,
-                                                   settings.epochs, settings.hidden), data, log))
+                if vr_rec["r_bar"] is not None:
+                    control.append(cache.run(RunConfig(spec.name, False, batch, lr * vr_rec["r_bar"], s,
+                                                       settings.epochs, settings.hidden), data, log))
             results[(spec.name, mult)] = {"base": base, "vr": vr_runs, "control": control}
             rows.append([
                 spec.name, f"×{mult:g}", f"{lr:.4g}",
                 mean_std([r["test_acc"] for r in base]) + div_note(base),
                 mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
-                f"{np.mean([r['r_bar'] for r in vr_runs]):.3f}",
+                mean_std([r["r_bar"] for r in vr_runs], digits=3),
                 mean_std([r["test_acc"] for r in control]) + div_note(control),
                 mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
                 mean_std([r["gap"] for r in control]),
@@ -413,24 +422,23 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
     """γ ablation on synthetic linear regression (VRSGD, no momentum), paper sec. 5 ablation.
 
     y = x·w* + ε with w* ~ N(0, I_d), ε ~ N(0, σ²), and features of log-spaced scales
-    (condition number 100) so that the per-coordinate GSNR differs. A finite training set of
-    n = 4d samples; test MSE on fresh samples, reported as excess over the noise floor σ².
-    γ = 1 is plain SGD. Same LR for every γ (a fraction of 2 / λ_max, the full-batch stability
-    limit), batch 256 = 8 micro-batches of 32.
+    (feature std from 1 to 0.1, curvature ratio 100) so that the per-coordinate GSNR differs; a
+    finite training set (n = 8d in the full run); test MSE on 8192 fresh samples, reported as
+    excess over the noise floor σ². γ = 1 is plain SGD. The same LR for every γ, a fraction of
+    2 / λ_max (the full-batch stability limit); k = 8 micro-batches per step.
     """
-    d, n_train, n_test, sigma, batch = 64, 256, 8192, 0.5, 256
-    if settings is QUICK:
-        d, n_train, n_test = 16, 64, 512
-        batch = 64
+    d, n_train, n_test = settings.gamma_dim, settings.gamma_n_train, 8192
+    sigma, batch = settings.gamma_sigma, settings.gamma_batch
     gammas = (0.01, 0.04, 0.1, 0.2, 0.5, 1.0)
     lr_fracs = (0.25, 0.9)
     scales = torch.logspace(0, -1, d)  # feature std from 1 down to 0.1: curvature ratio 100
+    last = max(settings.gamma_epochs)
     results, rows = {}, []
     for lr_frac in lr_fracs:
         for gamma in gammas:
-            finals = {e: [] for e in settings.gamma_epochs}
-            r_bars = []
-            for s in range(settings.gamma_seeds):
+            excess = {e: [] for e in settings.gamma_epochs}
+            r_bars, clip_fracs = [], []
+            for s in range(settings.gamma_seeds):  # seed s: the same w*, data and order for every γ
                 gen = torch.Generator().manual_seed(seed0 + s)
                 w_star = torch.randn(d, generator=gen)
                 x_tr = torch.randn(n_train, d, generator=gen) * scales
@@ -441,32 +449,39 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
                 w = torch.nn.Parameter(torch.zeros(d))
                 opt = vrgd_ds.VRSGD([w], lr=lr_frac * 2 / lam_max, gamma=gamma, vr=True, stats_interval=1)
                 micro = batch // MICRO_BATCHES
-                steps_per_epoch = max(1, n_train // batch)
-                step, scale_log = 0, []
-                for epoch in range(1, max(settings.gamma_epochs) + 1):
+                scale_log, clip_log = [], []
+                for epoch in range(1, last + 1):
                     perm = torch.randperm(n_train, generator=gen)
-                    for b in range(steps_per_epoch):
+                    for b in range(max(1, n_train // batch)):
                         idx = perm[b * batch: (b + 1) * batch]
                         for m in range(MICRO_BATCHES):
                             mb = idx[m * micro: (m + 1) * micro]
                             (0.5 * (x_tr[mb] @ w - y_tr[mb]).pow(2).mean() / MICRO_BATCHES).backward()
                         opt.step()
                         opt.zero_grad()
-                        scale_log.append(opt.gsnr_summary()["gsnr_scale_mean"])
-                        step += 1
-                    if epoch in finals:
+                        summary = opt.gsnr_summary()
+                        scale_log.append(summary["gsnr_scale_mean"])
+                        clip_log.append(summary["gsnr_clip_frac"])
+                    if epoch in excess:
                         with torch.no_grad():
                             mse = float((x_te @ w - y_te).pow(2).mean())
-                        finals[epoch].append(mse - sigma ** 2 if math.isfinite(mse) else float("nan"))
+                        excess[epoch].append(mse - sigma ** 2 if math.isfinite(mse) else float("nan"))
                 r_bars.append(float(np.mean(scale_log)))
-            results[(lr_frac, gamma)] = {"excess_mse": finals, "r_bar": r_bars}
-            rows.append([f"{lr_frac:g}", f"{gamma:g}"]
-                        + [fmt_mse(finals[e]) for e in settings.gamma_epochs] + [f"{np.mean(r_bars):.3f}"])
+                clip_fracs.append(float(np.mean(clip_log)))
+            results[(lr_frac, gamma)] = {"excess_mse": excess, "r_bar": r_bars, "clip_frac": clip_fracs}
+        plain = results[(lr_frac, 1.0)]["excess_mse"][last]
+        for gamma in gammas:
+            res = results[(lr_frac, gamma)]
+            paired = [a - b for a, b in zip(res["excess_mse"][last], plain)]
+            rows.append([f"{lr_frac:g}", f"{gamma:g}"] + [fmt_mse(res["excess_mse"][e]) for e in settings.gamma_epochs]
+                        + [fmt_mse(paired), f"{np.mean(res['r_bar']):.3f}", f"{np.mean(res['clip_frac']):.3f}"])
         log(f"  gamma ablation lr_frac={lr_frac:g} done")
-    header = ["lr / (2/λmax)", "γ"] + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs] + ["r̄"]
+    header = (["lr / (2/λmax)", "γ"] + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs]
+              + [f"paired Δ vs γ=1 @ {last} ep", "r̄", "clip frac"])
     text = (f"### γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
-            f"(k = {MICRO_BATCHES}), VRSGD without momentum, mean ± std over {settings.gamma_seeds} seeds "
-            f"(γ = 1 is plain SGD)\n\n" + markdown_table(header, rows))
+            f"(k = {MICRO_BATCHES}, {max(1, n_train // batch)} steps/epoch), VRSGD without momentum, mean ± std "
+            f"over {settings.gamma_seeds} seeds (γ = 1 is plain SGD; clip frac = share of elements whose "
+            f"normalized r fell below γ)\n\n" + markdown_table(header, rows))
     return text, results
 
 
