@@ -12,6 +12,17 @@ SAMPLES_PER_STEP = 8  # micro-batches per optimizer step, all ranks together
 DS_MODEL = dict(hidden=11, with_unused=False)  # 178 elements: uneven partitions, tensors straddle them
 
 
+def allow_cpu_fp16() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 unsupported unless the CPU has native fp16
+    (mkldnn, AVX512-FP16/AMX); torch still computes fp16 correctly (emulated), which is all these
+    correctness tests need. On GPUs this is a no-op."""
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if acc.device_name() == "cpu" and not acc.is_fp16_supported():
+        acc.is_fp16_supported = lambda: True
+
+
 def ds_config(opt_type: str, opt_params: dict, stage: int, gas: int, world: int, precision: str = "fp32",
               clip: float = 0.0, **extra) -> dict:
     cfg = {
@@ -26,6 +37,7 @@ def ds_config(opt_type: str, opt_params: dict, stage: int, gas: int, world: int,
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     elif precision == "fp16":
+        allow_cpu_fp16()
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
     cfg.update(extra)
     return cfg
@@ -90,3 +102,76 @@ def run_cases(rank: int, world: int, cases: list[dict], steps: int = 3):
         _, params = train_ds(case, rank, world, steps)
         out[case["name"]] = params
     return out
+
+
+def overflow_case(rank: int, world: int):
+    """fp16: one clean step, then a step whose gradients overflow on rank 1. DeepSpeed skips it:
+    parameters, optimizer state (GSNR momentum included) must be untouched, and the next step
+    must be a normal one (accumulators were reset)."""
+    import deepspeed
+
+    import vrgd_ds
+
+    gas = SAMPLES_PER_STEP // world
+    model = TinyNet(**DS_MODEL)
+    cfg = ds_config("VRLamb", {"lr": 1e-2}, 2, gas, world, precision="fp16")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    engine, _ = train_ds({}, rank, world, steps=1, engine=engine)
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    before_params = [p.detach().clone() for p in engine.module.parameters()]
+    before_state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    before_steps = [s["step"] for s in opt.state.values()]
+    batches = micro_batches(SAMPLES_PER_STEP * 3, skip_extra=False)
+    for a in range(gas):
+        x, y, use_extra = batches[SAMPLES_PER_STEP + a * world + rank]
+        loss = mb_loss(engine, (x.half(), y.half(), use_extra))
+        if rank == world - 1 and a == 0:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        engine.step()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before_params, engine.module.parameters()))
+    after_state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    state_unchanged = all(torch.equal(before_state[k], after_state[k]) for k in before_state)
+    steps_unchanged = before_steps == [s["step"] for s in opt.state.values()]
+    buffers_clear = all(float(b.abs().sum()) == 0 for b in engine.vrgd_moment_source._buffers())
+    engine, params = train_ds({}, rank, world, steps=1, engine=engine, start_step=2, batches=batches)
+    moved = any(not torch.equal(a.float(), b) for a, b in zip(before_params, params))
+    finite = all(torch.isfinite(p).all() for p in params)
+    return dict(skipped=engine.skipped_steps, unchanged=unchanged, state_unchanged=state_unchanged,
+                steps_unchanged=steps_unchanged, buffers_clear=buffers_clear, moved=moved, finite=finite)
+
+
+def checkpoint_case(rank: int, world: int, case: dict, ckpt_dir: str, phase: str):
+    """phase "full": 2 steps, save, 2 more steps. phase "resume": load, the same 2 more steps."""
+    import deepspeed
+
+    import vrgd_ds  # noqa: F401
+
+    gas = SAMPLES_PER_STEP // world
+    model = TinyNet(**DS_MODEL)
+    cfg = ds_config(case["type"], case["params"], case["stage"], gas, world, case.get("precision", "fp32"))
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    batches = micro_batches(SAMPLES_PER_STEP * 4, skip_extra=False)
+    if phase == "full":
+        train_ds(case, rank, world, steps=2, engine=engine, batches=batches)
+        engine.save_checkpoint(ckpt_dir, tag="step2")
+    else:
+        engine.load_checkpoint(ckpt_dir, tag="step2")
+    _, params = train_ds(case, rank, world, steps=2, engine=engine, start_step=2, batches=batches)
+    return params
+
+
+def config_error_case(rank: int, world: int, case: dict):
+    """deepspeed.initialize with a bad VR config: returns the error text (or None)."""
+    import deepspeed
+
+    import vrgd_ds  # noqa: F401
+
+    model = TinyNet(**DS_MODEL)
+    gas = case.get("gas", SAMPLES_PER_STEP // world)
+    cfg = ds_config(case["type"], case["params"], case["stage"], gas, world)
+    try:
+        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -109,7 +109,14 @@ def register() -> bool:
         name = str(self.optimizer_name()).lower() if client_optimizer is None else None
         if (name in _optimizer_classes() or isinstance(client_optimizer, VROptimizer)) and self.zero_optimization_stage() > 2:
             raise ValueError(_STAGE3_MESSAGE)
-        original_configure(self, client_optimizer, model_parameters)
+        # DeepSpeed's fp16/bf16 wrappers "initialize optimizer states" by one step() on zero
+        # gradients; for a VR optimizer that step is a no-op (state is created lazily at the
+        # first real step, so the first real step is t = 1, as without DeepSpeed).
+        VROptimizer._ignore_steps = True
+        try:
+            original_configure(self, client_optimizer, model_parameters)
+        finally:
+            VROptimizer._ignore_steps = False
         if isinstance(self.basic_optimizer, VROptimizer):
             attach(self)
 

@@ -64,6 +64,9 @@ class VROptimizer(Optimizer):
             (``model.named_parameters()``) work too.
     """
 
+    # Set by the DeepSpeed glue while DeepSpeed builds its wrappers (see deepspeed_glue).
+    _ignore_steps = False
+
     # Overrides applied to 1-D parameters by ``weight_decay_exclude_1d``.
     _exclude_1d_overrides: dict[str, Any] = {"weight_decay": 0.0}
 
@@ -254,6 +257,8 @@ class VROptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step (VRGD.md §1–3). ``closure`` as in torch.optim."""
+        if VROptimizer._ignore_steps:
+            return None
         loss = None
         if closure is not None:
             with torch.enable_grad():
