@@ -103,6 +103,10 @@ def test_checkpoint_resume_in_new_processes_is_exact(stage, tmp_path):
     resumed = run_ranks(checkpoint_case, 2, case, str(tmp_path), "resume", timeout=120, init="deepspeed")
     for a, b in zip(full[0], resumed[0]):
         assert torch.equal(a, b)
+    if stage == 2:
+        # Another world size: DeepSpeed's own clear refusal (ZeRO partitions are per world size).
+        with pytest.raises(AssertionError, match="used a DP world size of 2 but the current world size is 1"):
+            run_ranks(checkpoint_case, 1, case, str(tmp_path), "resume", timeout=120, init="deepspeed")
 
 
 BAD_CONFIGS = [
