@@ -576,13 +576,14 @@ class TrainBatches:
     def _permutation(self, epoch: int):
             return torch.randperm(self.n, generator=generator("order", self.seed, self.phase.number, epoch))
 
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Dataset rows of micro-batch ``micro`` of step ``step``."""
+        start = step * self.phase.train_batch_size + micro * self.phase.micro_batch_size
+        return [int(self._permutation(p // self.n)[p % self.n]) for p in range(start, start + self.phase.micro_batch_size)]
+
     def __call__(self, step: int, micro: int):
-    
-        mbs = self.phase.micro_batch_size
-        start = step * self.phase.train_batch_size + micro * mbs
-        positions = range(start, start + mbs)
-        index = [int(self._permutation(p // self.n)[p % self.n]) for p in positions]
-        ids = self.sequences[index]["input_ids"].long()
+        """(inputs, labels) of micro-batch ``micro`` of step ``step``."""
+        ids = self.sequences[self.indices(step, micro)]["input_ids"].long()
         return mask_tokens(ids, self.vocab_size, generator("mask", self.seed, self.phase.number, step, micro))
 
 

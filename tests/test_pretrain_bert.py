@@ -1,0 +1,326 @@
+"""pretrain_bert.py end to end on 2 CPU ranks (tiny BERT, VR-LAMB, ZeRO-2), plus its pure parts.
+
+Multi-rank runs are real launches (``torchrun`` in a subprocess, its own process group, killed
+on timeout). One two-phase run is shared by several tests; the resume and multi-node runs must
+reproduce it exactly. Corpus: tests/data/shakespeare_small (public domain, no network).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "pretrain_bert.py"
+DATA = REPO / "tests" / "data" / "shakespeare_small"
+CONFIGS = REPO / "configs"
+PHASE1_STEPS, PHASE2_STEPS = 8, 4
+TIMEOUT = 240  # seconds per launch; a healthy one takes ~25 s on 2 cores
+
+sys.path.insert(0, str(REPO))
+import pretrain_bert as pb  # noqa: E402
+
+
+def run_args(out: Path, cache: Path, *extra) -> list[str]:
+    return ["--model", "tiny", "--data", str(DATA), "--vocab-size", "1000", "--cache-dir", str(cache),
+            "--output-dir", str(out),
+            "--phase1-config", str(CONFIGS / "tiny_cpu_phase1.json"), "--phase1-steps", str(PHASE1_STEPS),
+            "--phase2-config", str(CONFIGS / "tiny_cpu_phase2.json"), "--phase2-steps", str(PHASE2_STEPS),
+            "--log-interval", "1", "--eval-interval", "4", "--eval-samples", "32", *extra]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(commands: list[list[str]], timeout: float = TIMEOUT, expect_ok: bool = True):
+    """Run the commands concurrently (each in its own process group); return their (rc, output)."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                              cwd=REPO, start_new_session=True) for cmd in commands]
+    results = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            with_suppressed(os.killpg, proc.pid, signal.SIGKILL)
+        outputs = "\n".join((p.communicate()[0] or "")[-3000:] for p in procs)
+        pytest.fail(f"timed out after {timeout}s (a hang?): {commands}\n{outputs}")
+    for (rc, out), cmd in zip(results, commands):
+        if expect_ok and rc != 0:
+            pytest.fail(f"exit code {rc}: {' '.join(cmd)}\n{out[-6000:]}")
+    return results
+
+
+def with_suppressed(fn, *args):
+    try:
+        fn(*args)
+    except ProcessLookupError:
+        pass
+
+
+def torchrun(args: list[str], nproc: int = 2, **kw) -> tuple[int, str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT), *args]
+    return launch([cmd], **kw)[0]
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            series.setdefault(row["name"], []).append((int(row["step"]), float(row["value"])))
+    return series
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    tag = (out / "checkpoints" / "latest").read_text().strip()
+    assert tag == pb.checkpoint_tag(2, PHASE2_STEPS)
+    return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def assert_same_run(reference: Path, other: Path):
+    """Same final weights (bit for bit) and the same metrics, wall-clock throughput aside."""
+    ref, new = final_weights(reference), final_weights(other)
+    assert ref.keys() == new.keys()
+    for name in ref:
+        assert torch.equal(ref[name], new[name]), name
+    a, b = read_metrics(reference / "metrics.csv"), read_metrics(other / "metrics.csv")
+    timing = {"train/samples_per_s", "train/tokens_per_s"}
+    assert {k: v for k, v in a.items() if k not in timing} == {k: v for k, v in b.items() if k not in timing}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, cache):
+    """Both phases, 2 ranks, from scratch: trains the tokenizer and builds the token cache."""
+    out = tmp_path_factory.mktemp("reference")
+    rc, output = torchrun(run_args(out, cache))
+    return out, output
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+# ----------------------------------------------------------------------------------------------
+
+def test_two_phases_train(reference_run):
+    out, output = reference_run
+    assert "tokenizer: trained" in output
+    metrics = read_metrics(out / "metrics.csv")
+    losses = [v for _, v in metrics["train/loss"]]
+    assert len(losses) == PHASE1_STEPS + PHASE2_STEPS
+    assert all(math.isfinite(v) for v in losses)
+    phase1, phase2 = losses[:PHASE1_STEPS], losses[PHASE1_STEPS:]
+    assert phase1[-1] < phase1[0] - 0.1, phase1
+    assert all(math.isfinite(v) for v in phase2)
+
+    # Held-out evaluation: at the start, every 4 steps and at each phase end; the loss falls.
+    eval_loss = dict(metrics["eval/loss"])
+    assert sorted(eval_loss) == [0, 4, 8, 12]
+    assert eval_loss[8] < eval_loss[0] - 0.1 and eval_loss[12] < eval_loss[0] - 0.1
+    assert all(0 <= v <= 1 for _, v in metrics["eval/accuracy"])
+    assert {s for s, _ in metrics["train/lr"]} == set(range(1, 13))
+
+    # VR-LAMB's GSNR statistics, overall and per layer.
+    assert len(metrics["gsnr/gsnr_mean"]) == PHASE1_STEPS + PHASE2_STEPS
+    for layer in ("embeddings", "encoder.layer.0", "encoder.layer.1"):
+        assert all(0 <= v <= 1 for _, v in metrics[f"gsnr_layer/{layer}/clip_frac"])
+
+    # Checkpoints of both phases, the final model, the plot.
+    assert (out / "checkpoints" / "phase1-step000008").is_dir()
+    assert (out / "checkpoints" / "phase2-step000004").is_dir()
+    assert (out / "final_model" / "config.json").is_file() and (out / "final_model" / "spm.model").is_file()
+    png = (out / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_resume_continues_exactly_and_reuses_cache(reference_run, cache, tmp_path):
+    """Stop after step 5 of 8, resume: same weights and metrics as the uninterrupted run."""
+    reference, _ = reference_run
+    (tokenizer,) = (cache / "tokenizers").glob("*.model")
+    sequences = sorted((cache / "sequences").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in [tokenizer, *sequences]]
+
+    out = tmp_path / "resumed"
+    rc, first = torchrun(run_args(out, cache, "--stop-at-step", "5", "--no-plot"))
+    assert "stopped after global step 5" in first
+    assert (out / "checkpoints" / "latest").read_text().strip() == "phase1-step000005"
+    # The second run reuses the sentencepiece model and the tokenized sequences.
+    assert "tokenizer: reusing" in first and "data: reusing seq 64" in first and "data: reusing seq 128" in first
+    assert "tokenizer: trained" not in first
+    assert [p.stat().st_mtime_ns for p in [tokenizer, *sequences]] == stamps
+
+    rc, second = torchrun(run_args(out, cache, "--resume", "--no-plot"))
+    assert "resumed from checkpoint phase1-step000005" in second
+    assert_same_run(reference, out)
+
+
+def test_two_nodes_equal_one_node(reference_run, cache, tmp_path):
+    """2 nodes x 1 rank (two torchrun agents on this machine) == 1 node x 2 ranks, bit for bit."""
+    reference, _ = reference_run
+    out, port = tmp_path / "two_nodes", _free_port()
+    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 str(SCRIPT), *run_args(out, cache, "--no-plot")] for node in (0, 1)]
+    launch(commands)
+    assert_same_run(reference, out)
+
+
+def test_corpus_too_small_fails_on_every_rank(tmp_path):
+    """Found after tokenization, inside the process group: every rank exits, none hangs."""
+    data = tmp_path / "small"
+    for split, text in (("train", "To be, or not to be, that is the question.\n" * 20), ("eval", "Words, words, words.\n" * 20)):
+        (data / split).mkdir(parents=True)
+        (data / split / "doc.txt").write_text(text)
+    args = run_args(tmp_path / "out", tmp_path / "cache", "--no-plot")
+    args[args.index("--data") + 1] = str(data)
+    args[args.index("--vocab-size") + 1] = "100"
+    rc, output = torchrun(args, timeout=120, expect_ok=False)
+    assert rc != 0
+    assert "corpus is too small for one phase-1 batch" in output
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input, found before any process group exists
+# ----------------------------------------------------------------------------------------------
+
+def check(tmp_path, *extra, **replace):
+    args = run_args(tmp_path / "out", tmp_path / "cache", *extra)
+    for flag, value in replace.items():
+        flag = "--" + flag.replace("_", "-")
+        if flag in args:
+            args[args.index(flag) + 1] = str(value)
+        else:
+            args += [flag, str(value)]
+    return pb.check_inputs(pb.parse_args(args))
+
+
+def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    phase1, phase2 = check(tmp_path)
+    assert (phase1.seq_len, phase1.steps, phase1.train_batch_size, phase1.grad_accum) == (64, PHASE1_STEPS, 64, 2)
+    assert (phase2.seq_len, phase2.steps, phase2.train_batch_size) == (128, PHASE2_STEPS, 32)
+    # Overriding the step count keeps the config's warm-up share (50 of 180 steps).
+    assert phase1.config["scheduler"]["params"]["warmup_num_steps"] == round(50 * PHASE1_STEPS / 180)
+
+
+@pytest.mark.parametrize("replace, message", [
+    ({"data": "/nonexistent/corpus"}, "no such file or directory. Run scripts/prepare_corpus.py"),
+    ({"phase2_seq_len": 256}, "phase 2 sequence length 256 exceeds max_position_embeddings 128"),
+    ({"phase1_config": "/nonexistent.json"}, "no such file"),
+    ({"eval_fraction": 1.5}, "must be in (0, 1)"),
+])
+def test_bad_input(tmp_path, monkeypatch, replace, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(pb.InputError) as err:
+        check(tmp_path, **replace)
+    assert message in str(err.value)
+
+
+def test_batch_arithmetic_and_vr_sample_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")  # the tiny configs are written for 2 ranks
+    with pytest.raises(pb.InputError, match="pass --adapt-accumulation"):
+        check(tmp_path)
+    (phase1, phase2) = check(tmp_path, "--adapt-accumulation")
+    assert (phase1.micro_batch_size, phase1.grad_accum) == (16, 1)
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    config = tmp_path / "k1.json"
+    config.write_text('{"train_batch_size": 16, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,'
+                      ' "optimizer": {"type": "VRLamb", "params": {}}}')
+    with pytest.raises(pb.InputError, match="it needs k >= 2: set gradient_accumulation_steps >= 2"):
+        check(tmp_path, phase1_config=config)
+
+
+def test_empty_corpus_and_existing_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "eval").mkdir()
+    (tmp_path / "empty" / "train" / "a.txt").write_text("")
+    (tmp_path / "empty" / "eval" / "b.txt").write_text("held out")
+    with pytest.raises(pb.InputError, match="training documents are empty"):
+        check(tmp_path, data=tmp_path / "empty")
+    (tmp_path / "out" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "latest").write_text("phase1-step000004")
+    with pytest.raises(pb.InputError, match="pass --resume"):
+        check(tmp_path)
+
+
+def test_documents_held_out_whole(tmp_path):
+    for i in range(20):
+        (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
+    train, held_out = pb.find_documents([tmp_path], eval_fraction=0.1)
+    assert len(held_out) == 2 and len(train) == 18 and not set(train) & set(held_out)
+    assert pb.find_documents([tmp_path], eval_fraction=0.1) == (train, held_out)  # deterministic
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure parts
+# ----------------------------------------------------------------------------------------------
+
+def test_mask_tokens():
+    vocab, seq = 1000, 128
+    ids = torch.randint(len(pb.SPECIAL_PIECES), vocab, (64, seq))
+    ids[:, 0], ids[:, -1], ids[:, 10] = pb.CLS_ID, pb.SEP_ID, pb.UNK_ID
+    inputs, labels = pb.mask_tokens(ids, vocab, pb.generator("test"))
+    chosen = labels != -100
+    assert (chosen.sum(1) == round(0.15 * (seq - 2))).all()  # exactly 15% per sequence
+    assert not chosen[:, [0, 10, -1]].any()  # special tokens never
+    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+    masked = (inputs == pb.MASK_ID) & chosen
+    kept = (inputs == ids) & chosen
+    n = chosen.sum().item()
+    assert 0.75 < masked.sum().item() / n < 0.85
+    assert 0.06 < kept.sum().item() / n < 0.14
+    assert (inputs[chosen & ~masked & ~kept] >= len(pb.SPECIAL_PIECES)).all()  # random tokens are not special
+    again = pb.mask_tokens(ids, vocab, pb.generator("test"))
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
+
+
+def test_train_batches():
+    """A pure function of (step, micro-batch); an epoch is a permutation: no row repeats within it."""
+    rows = {"input_ids": torch.arange(5, 105)[:, None].repeat(1, 16)}  # row i is all token i + 5
+    phase = pb.Phase(1, Path("x"), {}, 16, steps=10, train_batch_size=32, micro_batch_size=8, grad_accum=2)
+    a = pb.TrainBatches(pb.datasets.Dataset.from_dict(rows).with_format("torch"), phase, 0, 1000)
+    b = pb.TrainBatches(pb.datasets.Dataset.from_dict(rows).with_format("torch"), phase, 0, 1000)
+    assert all(torch.equal(x, y) for x, y in zip(a(3, 1), b(3, 1)))
+    first_epoch = [i for step in range(3) for micro in range(4) for i in a.indices(step, micro)]  # 96 of 100 rows
+    assert len(set(first_epoch)) == 96
+    inputs, labels = a(0, 0)
+    assert torch.equal(labels[labels != -100], (torch.tensor(a.indices(0, 0)) + 5)[:, None].expand(8, 16)[labels != -100])
+    assert a.indices(0, 0) != pb.TrainBatches(a.sequences, phase, 1, 1000).indices(0, 0)  # the seed matters
+
+
+def test_warmup_decay():
+    f = lambda s, **k: pb.warmup_decay(s, total=100, warmup=10, **k)  # noqa: E731
+    assert f(0, decay="poly", power=1.0) == 0.0
+    assert f(5, decay="poly", power=1.0) == 0.5
+    assert f(10, decay="poly", power=1.0) == 1.0
+    assert f(55, decay="poly", power=1.0) == pytest.approx(0.5)
+    assert f(55, decay="poly", power=0.5) == pytest.approx(0.5 ** 0.5)
+    assert f(55, decay="cosine", power=1.0) == pytest.approx(0.5)
+    assert f(100, decay="cosine", power=1.0) == pytest.approx(0.0)
+
+
+def test_layer_of():
+    assert pb.layer_of("bert.encoder.layer.3.attention.self.query.weight") == "encoder.layer.3"
+    assert pb.layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
+    assert pb.layer_of("cls.predictions.transform.dense.weight") == "mlm_head"
