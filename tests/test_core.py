@@ -308,3 +308,17 @@ def test_weight_decay_exclude_1d_and_named_stats():
         assert math.isfinite(entry["gsnr_mean"])
     summary = opt.gsnr_summary()
     assert summary["step"] == 2 and 0.1 <= summary["gsnr_scale_mean"] <= 1
+
+
+def test_param_group_added_later_is_watched():
+    m = TinyNet()
+    opt = VRLamb([m.fc1.weight, m.fc1.bias], lr=1e-2)
+    opt.add_param_group({"params": [m.fc2.weight, m.fc2.bias], "gamma": 0.5})
+    before = m.fc2.weight.detach().clone()
+    for b in micro_batches(3):
+        (mb_loss(m, b) / 3).backward()
+    opt.step()
+    assert not torch.equal(before, m.fc2.weight)
+    with pytest.raises(ValueError, match="Invalid gamma"):
+        opt.add_param_group({"params": [m.extra.weight], "gamma": 2.0})
+    assert len(opt.param_groups) == 2

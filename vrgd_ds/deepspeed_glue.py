@@ -259,6 +259,9 @@ class DeepSpeedMomentSource:
 class Stage0MomentSource(DeepSpeedMomentSource):
     """ZeRO stage 0: one flat fp32 Σg² buffer over all parameters, all-reduced once per step."""
 
+    # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
+    checks_finite_locally = True
+
     def __init__(self, optimizer, world_size, group, model_params, inner_params):
         super().__init__(optimizer, world_size, group)
         numel = sum(p.numel() for p in model_params)
@@ -276,6 +279,9 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             view.addcmul_(g, g)
             self._count(p)
         return hook
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.buffer).all())
 
     def ensure_reduced(self):
         if not self._reduced:
@@ -473,10 +479,16 @@ def attach(engine) -> None:
                 source.prepare(inner_params)
 
             source = Stage0MomentSource(opt, dp_world, None, model_params, inner_params)
+            for mp, ip in zip(model_params, inner_params):
+                if id(mp) in names:
+                    opt._names.setdefault(id(ip), names[id(mp)])
             _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
         elif wrapper is opt:
             params = [p for g in opt.param_groups for p in g["params"]]
             source = Stage0MomentSource(opt, dp_world, None, params, params)
+            for p in params:
+                if id(p) in names:
+                    opt._names.setdefault(id(p), names[id(p)])
 
             def before_clip(*a, **k):
                 source.prepare(params)

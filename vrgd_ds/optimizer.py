@@ -133,13 +133,28 @@ class VROptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_range("lr", float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"], 0.0, math.inf)
+        try:
+            self._validate_common(self.param_groups[-1])
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+        source = getattr(self, "moment_source", None)
+        if isinstance(source, GradientMomentCollector):
+            # A group added after construction: watch its parameters too (between steps).
+            source.remove()
+            self.moment_source = GradientMomentCollector(
+                [p for g in self.param_groups for p in g["params"]], source.process_group)
+
+    @staticmethod
+    def _validate_common(group: dict) -> None:
+        lr = float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"]
+        _check_range("lr", lr, 0.0, math.inf)
         _check_range("gamma", group["gamma"], 0.0, 1.0, low_open=True, fix="Use 0 < gamma <= 1 (gamma=1 disables VRGD).")
         if group["gsnr_beta"] is not None:
-            _check_range("gsnr_beta", group["gsnr_beta"], 0.0, 1.0, high_open=True, fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.")
+            _check_range("gsnr_beta", group["gsnr_beta"], 0.0, 1.0, high_open=True,
+                         fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.")
         _check_range("gsnr_eps", group["gsnr_eps"], 0.0, math.inf, low_open=True)
-        self._validate_group(group)
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - overridden
         pass
