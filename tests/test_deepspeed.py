@@ -50,6 +50,10 @@ VARIANT_CASES = [
     dict(name="sgd-z0-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, clip=0.05),
     dict(name="sgd-z1-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=1, clip=0.05),
     dict(name="lars-z2-groups", type="VRLars", params={"lr": 0.5, "weight_decay": 0.01}, stage=2, groups=True),
+    # ZeRO-2 knobs that change the flat layout and the reduction buckets.
+    dict(name="lamb-z2-round_robin-buckets", type="VRLamb", params=LAMB, stage=2,
+         extra={"zero_optimization": {"stage": 2, "round_robin_gradients": True, "overlap_comm": True,
+                                      "reduce_bucket_size": 40, "allgather_bucket_size": 40}}),
     dict(name="adamw-z2-groups-beta", type="VRADAMW", params={"lr": 1e-2, "gsnr_beta": 0.5, "gamma": 0.2}, stage=2,
          groups=True),
 ]
