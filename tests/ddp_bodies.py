@@ -1,7 +1,6 @@
 """Rank bodies for the plain-PyTorch DDP tests (module level: the harness pickles them)."""
 from __future__ import annotations
 
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .models import TinyNet, mb_loss, micro_batches

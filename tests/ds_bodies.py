@@ -1,7 +1,6 @@
 """Rank bodies for the DeepSpeed tests (module level: the harness pickles them by name)."""
 from __future__ import annotations
 
-import copy
 
 import torch
 

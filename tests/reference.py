@@ -6,7 +6,6 @@ base update rules by hand. Slow and obvious on purpose.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -1,9 +1,8 @@
 """VR-Adam(W): VRGD in front of torch.optim.Adam / AdamW."""
 from __future__ import annotations
 
-import torch
 
-from .optimizer import VROptimizer, _check_range
+from .optimizer import VROptimizer, check_adam_like, init_adam_state
 from .update_rules import adam_update
 
 __all__ = ["VRAdam", "VRAdamW"]
@@ -39,18 +38,10 @@ class VRAdam(VROptimizer):
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def _validate_group(self, group):
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r}; expected (beta1, beta2).")
-        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, high_open=True)
-        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, high_open=True)
-        _check_range("epsilon value", group["eps"], 0.0, float("inf"))
-        _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+        check_adam_like(group)
 
     def _init_state(self, p, state, group):
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_adam_state(p, state)
 
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import VROptimizer, _check_range
+from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state
 from .update_rules import lamb_update
 
 __all__ = ["VRLamb"]
@@ -47,13 +47,7 @@ class VRLamb(VROptimizer):
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def _validate_group(self, group):
-        betas = group["betas"]
-        if len(betas) != 2:
-            raise ValueError(f"Invalid betas: {betas!r}; expected (beta1, beta2).")
-        _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, high_open=True)
-        _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, high_open=True)
-        _check_range("epsilon value", group["eps"], 0.0, float("inf"))
-        _check_range("weight_decay", group["weight_decay"], 0.0, float("inf"))
+        check_adam_like(group)
         lo, hi = group["min_trust_ratio"], group["max_trust_ratio"]
         if lo is not None:
             _check_range("min_trust_ratio", lo, 0.0, float("inf"))
@@ -63,9 +57,7 @@ class VRLamb(VROptimizer):
             raise ValueError(f"Invalid trust ratio clamp: min_trust_ratio={lo} > max_trust_ratio={hi}.")
 
     def _init_state(self, p, state, group):
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        init_adam_state(p, state)
 
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]

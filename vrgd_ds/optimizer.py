@@ -15,7 +15,7 @@ the base optimizer.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,23 @@ def _check_range(name: str, value, low, high, low_open=False, high_open=False, f
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         raise ValueError(f"Invalid {name}: {value!r}; it must be in {lo}{low}, {high}{hi}.{' ' + fix if fix else ''}")
+
+
+def check_adam_like(group: dict) -> None:
+    """Validation shared by the Adam-family optimizers (VRAdam, VRLamb)."""
+    betas = group["betas"]
+    if len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r}; expected (beta1, beta2).")
+    _check_range("beta parameter at index 0", betas[0], 0.0, 1.0, high_open=True)
+    _check_range("beta parameter at index 1", betas[1], 0.0, 1.0, high_open=True)
+    _check_range("epsilon value", group["eps"], 0.0, math.inf)
+    _check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
+
+
+def init_adam_state(p: Tensor, state: dict) -> None:
+    state["step"] = 0
+    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class VROptimizer(Optimizer):
@@ -269,6 +286,18 @@ class VROptimizer(Optimizer):
             self._record_stats(layout, raw, below_gamma, scale, state["step"])
         return scale.view_as(p)
 
+    def _tensors_with_grad(self):
+        """(tensor, its group, its state, its layout) for every tensor with a gradient; state is
+        created here, lazily, as torch.optim does."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if len(state) == 0:
+                    self._init_state(p, state, group)
+                yield p, group, state, self.layout_of(p)
+
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step (VRGD.md §1–3). ``closure`` as in torch.optim."""
@@ -279,15 +308,9 @@ class VROptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.vr:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if len(state) == 0:
-                        self._init_state(p, state, group)
-                    state["step"] += 1
-                    self._base_update(p, p.grad, state, group, self.layout_of(p))
+            for p, group, state, layout in self._tensors_with_grad():
+                state["step"] += 1
+                self._base_update(p, p.grad, state, group, layout)
             return loss
 
         source = self.moment_source
@@ -310,21 +333,14 @@ class VROptimizer(Optimizer):
             source.reset()
             return loss
 
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_state(p, state, group)
-                layout = self.layout_of(p)
-                state["step"] += 1
-                stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
-                scale = self._gsnr_scale(p, group, layout, state, stats)
-                if scale is None:
-                    state["step"] -= 1
-                    self.skipped_steps += 1
-                    continue
-                self._base_update(p, p.grad * scale, state, group, layout)
+        for p, group, state, layout in self._tensors_with_grad():
+            state["step"] += 1
+            stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
+            scale = self._gsnr_scale(p, group, layout, state, stats)
+            if scale is None:
+                state["step"] -= 1
+                self.skipped_steps += 1
+                continue
+            self._base_update(p, p.grad * scale, state, group, layout)
         source.reset()
         return loss
