@@ -46,14 +46,25 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
     """Train TinyNet through deepspeed.initialize; returns (engine, fp32 copies of the parameters)."""
     import deepspeed
 
-    import vrgd_ds  # noqa: F401  (registers the config types)
+    import vrgd_ds  # registers the config types
 
     gas = SAMPLES_PER_STEP // world
     if engine is None:
         model = TinyNet(**DS_MODEL)
         cfg = ds_config(case["type"], case["params"], case["stage"], gas, world, case.get("precision", "fp32"),
                         case.get("clip", 0.0), **case.get("extra", {}))
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, case), config=cfg)
+        client = case.get("client")
+        if client is None:
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, case), config=cfg)
+        else:
+            # The optimizer handed to deepspeed.initialize instead of named in the config.
+            del cfg["optimizer"]
+            cls = vrgd_ds.OPTIMIZERS[case["type"].lower()]
+            kwargs = dict(case["params"])
+            optimizer = (cls(_param_groups(model, case), **kwargs) if client == "instance"
+                         else (lambda params: cls(params, **kwargs)))
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                              model_parameters=_param_groups(model, case), config=cfg)
     batches = batches or micro_batches(SAMPLES_PER_STEP * (start_step + steps), skip_extra=False)
     dtype = next(engine.module.parameters()).dtype
     for step in range(start_step, start_step + steps):

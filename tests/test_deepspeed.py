@@ -50,6 +50,9 @@ VARIANT_CASES = [
     dict(name="sgd-z0-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, clip=0.05),
     dict(name="sgd-z1-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=1, clip=0.05),
     dict(name="lars-z2-groups", type="VRLars", params={"lr": 0.5, "weight_decay": 0.01}, stage=2, groups=True),
+    dict(name="lamb-z2-client-instance", type="VRLamb", params=LAMB, stage=2, client="instance"),
+    dict(name="lars-z1-client-callable", type="VRLars", params={"lr": 0.5}, stage=1, client="callable"),
+    dict(name="sgd-z0-client-instance", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, client="instance"),
     # ZeRO-2 knobs that change the flat layout and the reduction buckets.
     dict(name="lamb-z2-round_robin-buckets", type="VRLamb", params=LAMB, stage=2,
          extra={"zero_optimization": {"stage": 2, "round_robin_gradients": True, "overlap_comm": True,
