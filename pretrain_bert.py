@@ -72,7 +72,6 @@ REPO_DIR = Path(__file__).resolve().parent
 SPECIAL_PIECES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_PIECES))
 MLM_PROBABILITY = 0.15
-VR_OPTIMIZERS = ("vrsgd", "vradam", "vradamw", "vrlamb", "vrlars")
 
 
 @dataclass(frozen=True)
@@ -159,6 +158,8 @@ def parse_args(argv=None):
                    help="checkpoint and exit after this global step (a planned preemption; continue with --resume)")
     g.add_argument("--no-plot", action="store_true", help="skip metrics.png")
     g.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
+    # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -251,15 +252,16 @@ def load_phase(number: int, args, world_size: int) -> Phase:
     config.update(train_batch_size=tbs, train_micro_batch_size_per_gpu=mbs, gradient_accumulation_steps=gas)
 
     optimizer = config.get("optimizer", {})
-    if optimizer.get("type", "").lower() in VR_OPTIMIZERS and world_size * gas < 2:
+    if optimizer.get("type", "").lower() in vrgd_ds.OPTIMIZERS and world_size * gas < 2:
         raise InputError(f"{path}: {optimizer['type']} estimates the gradient variance from k = world size x "
                          f"gradient_accumulation_steps = {world_size * gas} sample(s) per step; it needs k >= 2: "
                          f"set gradient_accumulation_steps >= 2 or launch >= 2 ranks.")
 
     scheduler = config.get("scheduler")
     sched_params = scheduler.get("params", {}) if scheduler else {}
-    steps = getattr(args, f"phase{number}_steps") or sched_params.get("total_num_steps")
-    if not steps or steps < 1:
+    steps = getattr(args, f"phase{number}_steps")
+    steps = sched_params.get("total_num_steps") if steps is None else steps
+    if not isinstance(steps, int) or steps < 1:
         raise InputError(f"phase {number} has no step count: pass --phase{number}-steps or set "
                          f"scheduler.params.total_num_steps in {path}.")
     if "total_num_steps" in sched_params and sched_params["total_num_steps"] != steps:
@@ -283,7 +285,11 @@ def load_phase(number: int, args, world_size: int) -> Phase:
 
 
 def check_inputs(args) -> list[Phase]:
-    """Everything that can be wrong with the command line, checked before any heavy import or process group."""
+    """Everything that can be wrong with the command line, checked before any process group exists.
+
+    Every rank runs the same checks on the same input, so all of them stop with the same message.
+    Fills in the model-size defaults of ``args`` and returns the phases to train.
+    """
     size = MODEL_SIZES[args.model]
     args.max_position_embeddings = args.max_position_embeddings or size.max_position_embeddings
     args.vocab_size = args.vocab_size or size.vocab_size
@@ -291,10 +297,10 @@ def check_inputs(args) -> list[Phase]:
     args.phase2_seq_len = args.phase2_seq_len or size.seq_lens[1]
     if (args.data is None) == (args.dataset is None):
         raise InputError("give exactly one of --data (local text files) and --dataset (a `datasets` name).")
-    if args.data is not None:
-        args.train_files, args.eval_files = find_documents(args.data, args.eval_fraction)
     if not 0 < args.eval_fraction < 1:
         raise InputError(f"--eval-fraction {args.eval_fraction}: must be in (0, 1).")
+    if args.data is not None:
+        args.train_files, args.eval_files = find_documents(args.data, args.eval_fraction)
     if args.tokenizer is not None and not args.tokenizer.is_file():
         raise InputError(f"--tokenizer {args.tokenizer}: no such file (leave it out to train one on the corpus).")
     if args.vocab_size < 100:
@@ -302,6 +308,9 @@ def check_inputs(args) -> list[Phase]:
     for name in ("log_interval", "eval_interval", "eval_samples", "save_interval", "preprocess_workers"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1.")
+    if args.lr_scale_from_batch and (len(args.lr_scale_from_batch) > 2 or min(args.lr_scale_from_batch) < 1):
+        raise InputError(f"--lr-scale-from-batch {args.lr_scale_from_batch}: give one or two (phase 1, phase 2) "
+                         f"positive batch sizes.")
 
     world_size = world_size_from_env()
     phases = [load_phase(1, args, world_size)]
@@ -416,12 +425,13 @@ def load_text(args):
 
 
 def train_sentencepiece(text, vocab_size: int, path: Path) -> None:
-
+    """Train the unigram model on the non-empty lines of ``text`` (a Dataset with a "text" column)."""
     def lines():
-        for doc in text["text"]:
-            for line in doc.splitlines():
-                if line.strip():
-                    yield line.strip()
+        for batch in text.iter(batch_size=10_000):  # streams from disk: any corpus size
+            for doc in batch["text"]:
+                for line in doc.splitlines():
+                    if line.strip():
+                        yield line.strip()
 
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "wb") as model_file:
@@ -436,7 +446,6 @@ def train_sentencepiece(text, vocab_size: int, path: Path) -> None:
 
 
 def load_sentencepiece(path: Path):
-
     sp = spm.SentencePieceProcessor(model_file=str(path))
     pieces = tuple(sp.id_to_piece(i) for i in range(len(SPECIAL_PIECES)))
     if pieces != SPECIAL_PIECES:
@@ -453,7 +462,7 @@ class _Tokenize:
 
     def __call__(self, batch):
         if self.sp is None:
-                    self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
+            self.sp = spm.SentencePieceProcessor(model_file=self.model_path)
         return {"ids": self.sp.encode(batch["text"])}
 
 
@@ -467,6 +476,7 @@ def _group(batch, seq_len):
 
 @dataclass
 class DataFiles:
+    key: str  # corpus and tokenizer fingerprint
     tokenizer: Path
     sequences: dict[int, Path]  # seq_len -> save_to_disk directory with "train" and "eval"
 
@@ -481,18 +491,21 @@ def data_files(args, seq_lens) -> DataFiles:
     else:
         tokenizer = cache / "tokenizers" / f"spm-{corpus}-v{args.vocab_size}.model"
         tok_key = fingerprint(corpus, args.vocab_size)  # the model is a function of these
-    return DataFiles(tokenizer, {L: cache / "sequences" / f"{corpus}-{tok_key}-seq{L}" for L in seq_lens})
+    key = f"{corpus}-{tok_key}"
+    return DataFiles(key, tokenizer, {L: cache / "sequences" / f"{key}-seq{L}" for L in seq_lens})
 
 
 def prepare_data(args, files: DataFiles) -> None:
     """Rank 0: train the tokenizer and build the sequences for every length, whatever is not cached yet."""
-    todo = [L for L, path in files.sequences.items() if not (path / "dataset_dict.json").exists()]
+    todo = []
+    for L, path in files.sequences.items():
+        if (path / "dataset_dict.json").exists():
+            log(f"data: reusing seq {L} sequences in {path}")
+        else:
+            todo.append(L)
     if files.tokenizer.exists():
         log(f"tokenizer: reusing {files.tokenizer}")
     if not todo:
-        for L, path in files.sequences.items():
-            log(f"data: reusing seq {L} sequences in {path}")
-    if not todo and files.tokenizer.exists():
         return
     text = load_text(args)
     if not files.tokenizer.exists():
@@ -503,19 +516,19 @@ def prepare_data(args, files: DataFiles) -> None:
             f"in {time.time() - t0:.1f}s -> {files.tokenizer}")
     load_sentencepiece(files.tokenizer)  # checks the special-token layout
     workers = args.preprocess_workers if args.preprocess_workers > 1 else None
-    # Explicit fingerprints make `datasets` cache the map results by content key, so phase 2's
-    # grouping reuses phase 1's tokenization.
-    tok_key = files.sequences[todo[0]].name.rsplit("-seq", 1)[0] if todo else ""
+    # Explicit fingerprints make `datasets` cache the map results (in --cache-dir/hf) by content
+    # key, so a second sequence length reuses the tokenization.
     ids = datasets.DatasetDict({
         split: ds.map(_Tokenize(str(files.tokenizer)), batched=True, remove_columns=ds.column_names,
-                      num_proc=workers, new_fingerprint=f"tok-{tok_key}-{split}", desc=f"tokenizing {split}")
+                      features=Features({"ids": Sequence(Value("int32"))}), num_proc=workers,
+                      new_fingerprint=f"tok-{files.key}-{split}", desc=f"tokenizing {split}")
         for split, ds in text.items()})
     for L in todo:
         t0 = time.time()
         features = Features({"input_ids": Sequence(Value("int32"), length=L)})
         seqs = datasets.DatasetDict({
             split: ds.map(_group, fn_kwargs={"seq_len": L}, batched=True, batch_size=1000, remove_columns=["ids"],
-                          features=features, num_proc=workers, new_fingerprint=f"grp-{tok_key}-{split}-{L}",
+                          features=features, num_proc=workers, new_fingerprint=f"grp-{files.key}-{split}-{L}",
                           desc=f"grouping {split} into {L}-token sequences")
             for split, ds in ids.items()})
         # Save under a temporary name and rename: a crash never leaves a half-written cache behind.
@@ -592,7 +605,6 @@ class TrainBatches:
 # ----------------------------------------------------------------------------------------------
 
 def build_model(args, vocab_size: int):
-
     size = MODEL_SIZES[args.model]
     config = BertConfig(
         vocab_size=(vocab_size + 7) // 8 * 8,  # a multiple of 8 for tensor cores; the extra ids never occur
@@ -613,7 +625,6 @@ def warmup_decay(step: int, total: int, warmup: int, decay: str, power: float) -
 
 
 def build_engine(args, phase: Phase, vocab_size: int):
-
     model = build_model(args, vocab_size)
     scheduler = None
     if "scheduler" not in phase.config:
@@ -646,15 +657,16 @@ def layer_of(tensor_name: str) -> str:
 LAYER_STATS = ("gsnr_mean", "clip_frac", "scale_mean")  # per-tensor statistics averaged per layer
 
 
-def gsnr_metrics(vr) -> dict[str, float]:
-    """GSNR statistics of the last step as metric names, or {} when the optimizer computed none.
+def gsnr_metrics(vr, after_step: float) -> tuple[float, dict[str, float]]:
+    """(optimizer step, metrics) of the optimizer's latest GSNR statistics if newer than ``after_step``.
 
     ``gsnr/<key>``: the optimizer's summary (element-weighted over all tensors);
     ``gsnr_layer/<layer>/<key>``: element-weighted means over each layer's tensors.
+    The optimizer keeps its last statistics between statistics steps (``stats_interval``).
     """
     summary = vr.gsnr_summary() if vr is not None else None
-    if not summary:
-        return {}
+    if not summary or summary["step"] <= after_step:
+        return after_step, {}
     out = {f"gsnr/{k}": float(v) for k, v in summary.items() if k != "step"}
     layers: dict[str, dict[str, list[float]]] = {}
     for name, stats in vr.gsnr_stats().items():
@@ -667,7 +679,7 @@ def gsnr_metrics(vr) -> dict[str, float]:
     for layer, sums in layers.items():
         for key, (total, count) in sums.items():
             out[f"gsnr_layer/{layer}/{key}"] = total / count
-    return out
+    return summary["step"], out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -747,6 +759,15 @@ def save(engine, checkpoints: Path, phase: int, step: int, **state):
     engine.save_checkpoint(str(checkpoints), tag=checkpoint_tag(phase, step), client_state=dict(state, phase=phase, step=step))
 
 
+def load(engine, checkpoints: Path, tag: str, **kwargs) -> dict:
+    """Load a checkpoint into the engine and return its client state; a clear error if it is not there."""
+    path, state = engine.load_checkpoint(str(checkpoints), tag=tag, **kwargs)
+    if path is None:  # DeepSpeed only warns
+        raise InputError(f"checkpoint {tag} not found in {checkpoints} (it is needed to continue); run without "
+                         f"--resume into a new --output-dir to start over.")
+    return state
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -762,7 +783,7 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
     metrics.monitor = engine.monitor
     start, loss_sum, steps_since_log = 0, 0.0, 0
     if resume_tag is not None:
-        _, state = engine.load_checkpoint(str(checkpoints), tag=resume_tag)
+        state = load(engine, checkpoints, resume_tag)
         start, loss_sum, steps_since_log = state["step"], state["loss_sum"], state["steps_since_log"]
         log(f"phase {phase.number}: resumed from checkpoint {resume_tag}")
     elif init_tag is not None:
@@ -770,7 +791,7 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
         # counts. Its own config sets the hyperparameters and a fresh LR schedule, so the loaded
         # param-group settings (phase 1's final LR etc.) are replaced by the fresh engine's.
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        engine.load_checkpoint(str(checkpoints), tag=init_tag, load_lr_scheduler_states=False)
+        load(engine, checkpoints, init_tag, load_lr_scheduler_states=False)
         for group, settings in zip(engine.optimizer.param_groups, fresh):
             group.update(settings)
         log(f"phase {phase.number}: initialized from checkpoint {init_tag}")
@@ -789,7 +810,7 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
         metrics.write(0, phase.number, evaluate(engine, eval_set, phase, args, vocab_size))
     bar = tqdm(total=phase.steps, initial=start, desc=f"phase {phase.number} seq {phase.seq_len}",
                disable=me != 0, dynamic_ncols=True, mininterval=0.5)
-    train_time = 0.0
+    train_time, stats_step, gsnr_postfix = 0.0, -1.0, {}
     for step in range(start, phase.steps):
         tick = time.perf_counter()
         lr = engine.get_lr()[0]  # the LR this step uses (the scheduler moves it after the step)
@@ -806,12 +827,14 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
         train_time += time.perf_counter() - tick  # throughput counts training, not eval or checkpoints
         steps_since_log += 1
         done, global_step = step + 1, step_offset + step + 1
-        gsnr = gsnr_metrics(vr)
+        stats_step, gsnr = gsnr_metrics(vr, stats_step)
         metrics.write(global_step, phase.number, gsnr)
 
         postfix = {"loss": f"{loss_sum / steps_since_log:.3f}", "lr": f"{lr:.2e}"}
-        if "gsnr/gsnr_mean" in gsnr:
-            postfix["gsnr"] = f"{gsnr['gsnr/gsnr_mean']:.3g}"
+        if gsnr:  # new statistics this step; the bar keeps showing the last ones in between
+            gsnr_postfix = {short: f"{gsnr[name]:.3g}" for short, name in
+                            (("gsnr", "gsnr/gsnr_mean"), ("clip", "gsnr/gsnr_clip_frac")) if name in gsnr}
+        postfix.update(gsnr_postfix)
         if done % args.log_interval == 0 or done == phase.steps:
             mean_loss = torch.tensor([loss_sum / steps_since_log])
             dist.all_reduce(mean_loss)

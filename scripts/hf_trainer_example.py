@@ -87,6 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2))
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
 

@@ -185,7 +185,10 @@ def test_two_nodes_equal_one_node(reference_run, cache, tmp_path):
 
 
 def test_corpus_too_small_fails_on_every_rank(tmp_path):
-    """Found after tokenization, inside the process group: every rank exits, none hangs."""
+    """Found after tokenization, inside the process group: every rank exits, none hangs.
+
+    Launched with the DeepSpeed launcher (as scripts/run_demo.sh does): it appends --local_rank.
+    """
     data = tmp_path / "small"
     for split, text in (("train", "To be, or not to be, that is the question.\n" * 20), ("eval", "Words, words, words.\n" * 20)):
         (data / split).mkdir(parents=True)
@@ -193,7 +196,9 @@ def test_corpus_too_small_fails_on_every_rank(tmp_path):
     args = run_args(tmp_path / "out", tmp_path / "cache", "--no-plot")
     args[args.index("--data") + 1] = str(data)
     args[args.index("--vocab-size") + 1] = "100"
-    rc, output = torchrun(args, timeout=120, expect_ok=False)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+           str(SCRIPT), *args]
+    ((rc, output),) = launch([cmd], timeout=120, expect_ok=False)
     assert rc != 0
     assert "corpus is too small for one phase-1 batch" in output
 

