@@ -871,7 +871,6 @@ def main(argv=None):
             print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
-
     init_distributed()
     try:
         return run(args, phases)
@@ -886,7 +885,7 @@ def main(argv=None):
 
 
 def run(args, phases: list[Phase]):
-
+    """Prepare the data (rank 0), then train each phase not done yet; the final model and plot at the end."""
     if not args.verbose:
         deepspeed.utils.logger.setLevel(logging.WARNING)
         datasets.disable_progress_bars()
@@ -931,7 +930,7 @@ def run(args, phases: list[Phase]):
         if phase.number < done_phase or (phase.number == done_phase and done_step >= phase.steps):
             log(f"phase {phase.number}: complete already")
             continue
-        del engine  # free the previous phase's engine before this one builds its own
+        engine = None  # free the previous phase's engine before this one builds its own
         torch.manual_seed(args.seed)  # model initialization: the same on every rank
         engine = train_phase(args, phase, offset, data, vocab_size, metrics, checkpoints,
                              resume_tag if phase.number == done_phase else None,

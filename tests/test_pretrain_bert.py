@@ -128,14 +128,15 @@ def test_two_phases_train(reference_run):
     losses = [v for _, v in metrics["train/loss"]]
     assert len(losses) == PHASE1_STEPS + PHASE2_STEPS
     assert all(math.isfinite(v) for v in losses)
+    # Falls in each phase (the first two steps of a phase run at LR 0: DeepSpeed's linear warm-up).
     phase1, phase2 = losses[:PHASE1_STEPS], losses[PHASE1_STEPS:]
-    assert phase1[-1] < phase1[0] - 0.1, phase1
-    assert all(math.isfinite(v) for v in phase2)
+    assert phase1[-1] < phase1[0] - 0.05, phase1
+    assert phase2[-1] < phase2[0], phase2
 
     # Held-out evaluation: at the start, every 4 steps and at each phase end; the loss falls.
     eval_loss = dict(metrics["eval/loss"])
     assert sorted(eval_loss) == [0, 4, 8, 12]
-    assert eval_loss[8] < eval_loss[0] - 0.1 and eval_loss[12] < eval_loss[0] - 0.1
+    assert eval_loss[8] < eval_loss[0] - 0.05 and eval_loss[12] < eval_loss[0] - 0.05
     assert all(0 <= v <= 1 for _, v in metrics["eval/accuracy"])
     assert {s for s, _ in metrics["train/lr"]} == set(range(1, 13))
 
