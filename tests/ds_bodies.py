@@ -50,7 +50,7 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
 
     gas = SAMPLES_PER_STEP // world
     if engine is None:
-        model = TinyNet(**DS_MODEL)
+        model = TinyNet(**case.get("model", DS_MODEL))
         cfg = ds_config(case["type"], case["params"], case["stage"], gas, world, case.get("precision", "fp32"),
                         case.get("clip", 0.0), **case.get("extra", {}))
         client = case.get("client")
@@ -88,7 +88,7 @@ def train_plain(case: dict, steps: int = 3):
     """The single-process reference: same optimizer, all 8 micro-batches accumulated per step."""
     import vrgd_ds
 
-    model = TinyNet(**DS_MODEL)
+    model = TinyNet(**case.get("model", DS_MODEL))
     cls = vrgd_ds.OPTIMIZERS[case["type"].lower()]
     params = {k: v for k, v in case["params"].items() if k != "moment_reduction"}
     if "betas" in params:

@@ -50,6 +50,11 @@ VARIANT_CASES = [
     dict(name="sgd-z0-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, clip=0.05),
     dict(name="sgd-z1-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=1, clip=0.05),
     dict(name="lars-z2-groups", type="VRLars", params={"lr": 0.5, "weight_decay": 0.01}, stage=2, groups=True),
+    # A parameter that never gets a gradient: DeepSpeed hands it zeros, VRGD.md skips it.
+    dict(name="lamb-z2-unused", type="VRLamb", params=LAMB, stage=2, model=dict(hidden=11, with_unused=True)),
+    dict(name="adamw-z1-unused", type="VRAdamW", params={"lr": 1e-2}, stage=1, model=dict(hidden=11, with_unused=True)),
+    dict(name="sgd-z0-unused", type="VRSGD", params={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, stage=0,
+         model=dict(hidden=11, with_unused=True)),
     dict(name="lamb-z2-client-instance", type="VRLamb", params=LAMB, stage=2, client="instance"),
     dict(name="lars-z1-client-callable", type="VRLars", params={"lr": 0.5}, stage=1, client="callable"),
     dict(name="sgd-z0-client-instance", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, client="instance"),

@@ -265,12 +265,17 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     def __init__(self, optimizer, world_size, group, model_params, inner_params):
         super().__init__(optimizer, world_size, group)
         numel = sum(p.numel() for p in model_params)
-        self.buffer = torch.zeros(numel, dtype=torch.float32, device=model_params[0].device)
+        # [Σg² of every parameter | gradient-sample count of every parameter], one all-reduce.
+        self.buffer = torch.zeros(numel + len(model_params), dtype=torch.float32, device=model_params[0].device)
+        self.counts = self.buffer[numel:]
+        self.model_params = list(model_params)
+        self.count_index: dict[int, int] = {}
         offset = 0
-        for mp, ip in zip(model_params, inner_params):
+        for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
             view = self.buffer[offset:offset + mp.numel()]
             offset += mp.numel()
             self.sq[id(ip)] = view
+            self.count_index[id(ip)] = index
             self.handles.append(mp.register_hook(self._make_hook(mp, view)))
 
     def _make_hook(self, p, view):
@@ -283,8 +288,14 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     def all_finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
 
+    def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
+        """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced)."""
+        return self.counts[self.count_index[id(inner)]].view(1).clone()
+
     def ensure_reduced(self):
         if not self._reduced:
+            for i, p in enumerate(self.model_params):
+                self.counts[i] = float(self._hook_counts.get(id(p), 0))
             if self.world_size > 1:
                 dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
             self._reduced = True
@@ -293,7 +304,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return [self.buffer]
 
     def extra_buffer_bytes(self):
-        return {"grad_sq_sum (fp32, all parameters)": self.buffer.numel() * 4}
+        return {"grad_sq_sum (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
 
 
 class ZeroMomentSource(DeepSpeedMomentSource):
@@ -309,6 +320,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         self.rank = dist.get_rank(group=group0)
         self.full: list[Tensor | None] = []
         self.partitions: list[Tensor] = []
+        self.group_tensors: dict[int, list[Tensor]] = {}
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
@@ -320,6 +332,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.sq[id(zero_opt.single_partition_of_fp32_groups[i])] = partition
             full = torch.zeros(padded, dtype=torch.float32, device=device) if strategy == "per_step" else None
             self.full.append(full)
+            self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
             offsets = zero_opt.round_robin_bit16_offsets[i]
             for p, offset in zip(tensors, offsets):
                 self.handles.append(p.register_hook(self._make_hook(i, p, offset, part_size, group)))
@@ -365,6 +378,12 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     def _buffers(self):
         return [b for b in self.full if b is not None] + self.partitions
+
+    def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
+        """This rank's gradient-sample count of every tensor of ``inner``'s group (completed by
+        the optimizer in its layer-mean all-reduce)."""
+        tensors = self.group_tensors[id(inner)]
+        return torch.tensor([float(self._hook_counts.get(id(t), 0)) for t in tensors], device=inner.device)
 
     def extra_buffer_bytes(self):
         out = {"grad_sq_sum partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}

@@ -63,6 +63,28 @@ def init_adam_state(p: Tensor, state: dict) -> None:
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+class _ElementsKept:
+    """Saves and restores the elements of tensors that got no gradient, inside a flat ZeRO shard
+    that also holds tensors that did (DeepSpeed hands those a zero gradient; VRGD.md §1 skips
+    them, as torch.optim does). State created during the step starts at zero there."""
+
+    def __init__(self, p: Tensor, state: dict, layout: SegmentLayout, absent: Tensor):
+        self.mask = layout.expand(absent.float()) > 0
+        self.state = state
+        self.numel = p.numel()
+        self.saved = [(p, p.view(-1)[self.mask].clone())]
+        self.saved += [(t, t.view(-1)[self.mask].clone()) for t in state.values()
+                       if torch.is_tensor(t) and t.numel() == self.numel]
+        self.known = {id(t) for t, _ in self.saved}
+
+    def restore(self) -> None:
+        for t, values in self.saved:
+            t.view(-1)[self.mask] = values
+        for t in self.state.values():
+            if torch.is_tensor(t) and t.numel() == self.numel and id(t) not in self.known:
+                t.view(-1)[self.mask] = 0
+
+
 class VROptimizer(Optimizer):
     """Base class: GSNR scaling (VRGD.md §1–2) in front of a base update rule.
 
@@ -259,22 +281,35 @@ class VROptimizer(Optimizer):
     def _base_update(self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _gsnr_scale(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool):
-        """r after normalization, clipping and momentum for tensor ``p``; None = skip the step."""
-        raw = self.moment_source.raw_gsnr(p, group["gsnr_eps"]).view(-1)
-        local = layout.local_sums([raw])
+    def _layer_gsnr(self, p: Tensor, layout: SegmentLayout, eps: float):
+        """Phase 1: raw r of ``p`` (flat) and the per-tensor mean of r, completed across ranks.
+
+        Returns ``(raw, layer_mean, absent)`` — ``absent`` marks tensors that got no gradient
+        sample on any rank this step (None if the source cannot tell) — or None when some rank
+        saw a non-finite value (then every rank skips: the decision rides in the same collective).
+        """
+        source = self.moment_source
+        raw = source.raw_gsnr(p, eps).view(-1)
+        counts = source.tensor_sample_counts(p, layout) if hasattr(source, "tensor_sample_counts") else None
+        pieces = [layout.local_sums([raw]).view(-1)]
+        if counts is not None:
+            pieces.append(counts)
         if layout.complete is not None:
-            # One collective completes the layer sums and agrees, on every rank, on whether
-            # any rank saw a non-finite gradient or moment.
             nonfinite = (~torch.isfinite(raw)).sum() + (~torch.isfinite(p.grad)).sum()
-            vec = torch.cat([local.view(-1), nonfinite.float().view(1)])
+            pieces.append(nonfinite.float().view(1))
+        vec = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        if layout.complete is not None:
             layout.complete(vec)
             if vec[-1] > 0:
                 return None
-            sums = vec[:-1]
-        else:
-            sums = local.view(-1)
-        layer_mean = sums / layout.tensor_numels.to(sums.device)
+        n = layout.num_tensors
+        layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
+        absent = vec[n:2 * n] == 0 if counts is not None else None
+        return raw, layer_mean, absent
+
+    def _gsnr_scale(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
+                    layer_mean: Tensor) -> Tensor:
+        """Phase 2: r ← clip(r / mean, γ, 1), then GSNR momentum; the scale applied to G."""
         expanded_mean = layout.expand(layer_mean)
         scale = normalize_and_clip(raw, expanded_mean, group["gamma"])
         below_gamma = raw < group["gamma"] * expanded_mean if stats else None
@@ -334,13 +369,19 @@ class VROptimizer(Optimizer):
             return loss
 
         for p, group, state, layout in self._tensors_with_grad():
-            state["step"] += 1
-            stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
-            scale = self._gsnr_scale(p, group, layout, state, stats)
-            if scale is None:
-                state["step"] -= 1
+            phase1 = self._layer_gsnr(p, layout, group["gsnr_eps"])
+            if phase1 is None:
                 self.skipped_steps += 1
                 continue
+            raw, layer_mean, absent = phase1
+            if absent is not None and bool(absent.all()):
+                continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
+            state["step"] += 1
+            stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
+            keep = _ElementsKept(p, state, layout, absent) if absent is not None and bool(absent.any()) else None
+            scale = self._gsnr_scale(p, group, layout, state, stats, raw, layer_mean)
             self._base_update(p, p.grad * scale, state, group, layout)
+            if keep is not None:
+                keep.restore()
         source.reset()
         return loss
