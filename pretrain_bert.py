@@ -301,6 +301,7 @@ def check_inputs(args) -> list[Phase]:
         raise InputError(f"--eval-fraction {args.eval_fraction}: must be in (0, 1).")
     if args.data is not None:
         args.train_files, args.eval_files = find_documents(args.data, args.eval_fraction)
+        args.corpus_bytes = sum(f.stat().st_size for f in args.train_files)
     if args.tokenizer is not None and not args.tokenizer.is_file():
         raise InputError(f"--tokenizer {args.tokenizer}: no such file (leave it out to train one on the corpus).")
     if args.vocab_size < 100:
@@ -324,6 +325,13 @@ def check_inputs(args) -> list[Phase]:
                 f"--phase{phase.number}-seq-len or --max-position-embeddings {phase.seq_len}.")
         if phase.seq_len < 8:
             raise InputError(f"--phase{phase.number}-seq-len {phase.seq_len}: must be >= 8.")
+        # A token covers at least one character, so the corpus cannot hold more tokens than bytes:
+        # a sure (if loose) bound now; the exact count is checked after tokenization.
+        needed = phase.train_batch_size * (phase.seq_len - 2)
+        if args.data is not None and args.corpus_bytes < needed:
+            raise InputError(f"the corpus is too small for one phase-{phase.number} batch: {args.corpus_bytes} bytes of "
+                             f"training text < train_batch_size {phase.train_batch_size} x {phase.seq_len - 2} tokens. "
+                             f"Add text, or lower train_batch_size in {phase.config_path}.")
 
     checkpoints = args.output_dir / "checkpoints"
     if not args.resume and (checkpoints / "latest").exists():
@@ -896,7 +904,7 @@ def run(args, phases: list[Phase]):
     if rank() == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("train_files", "eval_files")}
+                    if k not in ("train_files", "eval_files", "corpus_bytes")}
         (out / "run_args.json").write_text(json.dumps(run_args, indent=2, default=str) + "\n")
 
     files = data_files(args, [p.seq_len for p in phases])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -190,18 +191,22 @@ def test_corpus_too_small_fails_on_every_rank(tmp_path):
 
     Launched with the DeepSpeed launcher (as scripts/run_demo.sh does): it appends --local_rank.
     """
+    # 93 lines of 42 characters and a newline: 3999 bytes pass the byte bound checked up front
+    # (64 x 62 = 3968 tokens needed), but at most 42 tokens per line are < 3968.
     data = tmp_path / "small"
-    for split, text in (("train", "To be, or not to be, that is the question.\n" * 20), ("eval", "Words, words, words.\n" * 20)):
+    for split, text in (("train", "To be, or not to be, that is the question.\n" * 93), ("eval", "Words, words, words.\n" * 20)):
         (data / split).mkdir(parents=True)
         (data / split / "doc.txt").write_text(text)
     args = run_args(tmp_path / "out", tmp_path / "cache", "--no-plot")
     args[args.index("--data") + 1] = str(data)
     args[args.index("--vocab-size") + 1] = "100"
+    for flag in ("--phase2-config", "--phase2-steps"):  # phase 1 only
+        del args[args.index(flag):args.index(flag) + 2]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
            str(SCRIPT), *args]
     ((rc, output),) = launch([cmd], timeout=120, expect_ok=False)
     assert rc != 0
-    assert "corpus is too small for one phase-1 batch" in output
+    assert re.search(r"corpus is too small for one phase-1 batch: \d+ training sequences of 64 tokens", output)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +259,15 @@ def test_batch_arithmetic_and_vr_sample_count(tmp_path, monkeypatch):
                       ' "optimizer": {"type": "VRLamb", "params": {}}}')
     with pytest.raises(pb.InputError, match="it needs k >= 2: set gradient_accumulation_steps >= 2"):
         check(tmp_path, phase1_config=config)
+
+
+def test_corpus_smaller_than_one_batch_in_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for split in ("train", "eval"):
+        (tmp_path / "small" / split).mkdir(parents=True)
+        (tmp_path / "small" / split / "doc.txt").write_text("Words, words, words.\n" * 20)
+    with pytest.raises(pb.InputError, match="corpus is too small for one phase-1 batch: 420 bytes"):
+        check(tmp_path, data=tmp_path / "small")
 
 
 def test_empty_corpus_and_existing_run(tmp_path, monkeypatch):
