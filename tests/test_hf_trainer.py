@@ -16,6 +16,8 @@ TIMEOUT = 240
 
 
 def test_trainer_two_ranks_vrlamb_auto_config(tmp_path):
+    # transformers' Trainer needs accelerate, which the project's dependencies do not list yet.
+    pytest.importorskip("accelerate", reason="the HF Trainer needs `pip install accelerate`")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "scripts" / "hf_trainer_example.py"), "--data", str(DATA), "--vocab-size", "1000",
