@@ -12,7 +12,8 @@ trained on the corpus, fixed-length sequences, BERT masking) is pretrain_bert.py
     deepspeed --num_gpus 8 scripts/hf_trainer_example.py --data /data/corpus --output-dir runs/hf \\
         --model base --seq-len 128 --per-device-batch-size 64 --bf16
 
-VRGD needs k = ranks x --gradient-accumulation-steps >= 2 gradient samples per step.
+VRGD needs k = ranks x --gradient-accumulation-steps >= 2 gradient samples per step. The Trainer
+needs ``accelerate`` (``pip install accelerate``).
 Writes ``log_history.json`` (the Trainer's logs, GSNR statistics included) and ``final_model/``.
 """
 from __future__ import annotations
