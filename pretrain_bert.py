@@ -814,6 +814,8 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
         f"{phase.config.get('optimizer', {}).get('type', 'client')}"
         f"{'' if vr is not None else ' (no GSNR statistics)'}")
 
+    if args.stop_at_step is not None and step_offset + start >= args.stop_at_step:
+        raise Stop(f"--stop-at-step {args.stop_at_step}: the run is there already (checkpoint {resume_tag})")
     if start == 0 and phase.number == 1:
         metrics.write(0, phase.number, evaluate(engine, eval_set, phase, args, vocab_size))
     bar = tqdm(total=phase.steps, initial=start, desc=f"phase {phase.number} seq {phase.seq_len}",
