@@ -11,11 +11,11 @@ Launch, from the repository root:
 
     # the demo: tiny BERT on 2 CPU ranks, both phases, a few minutes (what scripts/run_demo.sh runs)
     python scripts/prepare_corpus.py
-    deepspeed --num_gpus 2 pretrain_bert.py --model tiny --data data/shakespeare --output-dir runs/demo \\
+    deepspeed --num_gpus 2 pretrain_bert.py --model tiny --data data/shakespeare --output-dir outputs/demo \\
         --phase1-config configs/tiny_cpu_phase1.json --phase2-config configs/tiny_cpu_phase2.json
 
     # one node, 8 GPUs (torchrun works too: torchrun --nproc_per_node 8 pretrain_bert.py ...)
-    deepspeed --num_gpus 8 pretrain_bert.py --model large --data /data/corpus --output-dir runs/large \\
+    deepspeed --num_gpus 8 pretrain_bert.py --model large --data /data/corpus --output-dir outputs/large \\
         --phase1-config configs/bert_large_vrlamb_64k32k_phase1_seq128_bf16_64gpu.json \\
         --phase2-config configs/bert_large_vrlamb_64k32k_phase2_seq512_bf16_64gpu.json \\
         --adapt-accumulation          # the configs are written for 64 GPUs: keep their batch size

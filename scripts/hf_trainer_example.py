@@ -8,8 +8,8 @@ what keeps biases and LayerNorm weights out of weight decay. The data pipeline (
 trained on the corpus, fixed-length sequences, BERT masking) is pretrain_bert.py's.
 
     python scripts/prepare_corpus.py
-    torchrun --nproc_per_node 2 scripts/hf_trainer_example.py --data data/shakespeare --output-dir runs/hf
-    deepspeed --num_gpus 8 scripts/hf_trainer_example.py --data /data/corpus --output-dir runs/hf \\
+    torchrun --nproc_per_node 2 scripts/hf_trainer_example.py --data data/shakespeare --output-dir outputs/hf
+    deepspeed --num_gpus 8 scripts/hf_trainer_example.py --data /data/corpus --output-dir outputs/hf \\
         --model base --seq-len 128 --per-device-batch-size 64 --bf16
 
 VRGD needs k = ranks x --gradient-accumulation-steps >= 2 gradient samples per step. The Trainer

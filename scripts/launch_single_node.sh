@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # BERT pretraining with VR-LAMB on one node: both phases of one of the paper's recipes.
 #
-#   DATA=/data/corpus OUT=runs/bert_large scripts/launch_single_node.sh
+#   DATA=/data/corpus OUT=outputs/bert_large scripts/launch_single_node.sh
 #   NUM_GPUS=4 RECIPE=128k64k DTYPE=fp16 DATA=... OUT=... scripts/launch_single_node.sh --seed 1
 #
 # Environment (defaults in brackets):
 #   DATA      a directory with train/ and eval/ .txt files, or any .txt files (required)
-#   OUT       output directory: checkpoints, metrics.csv, metrics.png, final_model/ [runs/bert_<MODEL>_<RECIPE>]
+#   OUT       output directory: checkpoints, metrics.csv, metrics.png, final_model/ [outputs/bert_<MODEL>_<RECIPE>]
 #   NUM_GPUS  GPUs on this node [8]
 #   MODEL     tiny | base | large [large]
 #   RECIPE    64k32k | 96k32k | 128k64k: configs/bert_large_vrlamb_<RECIPE>_phase{1,2}_* [64k32k]
@@ -23,7 +23,7 @@ NUM_GPUS="${NUM_GPUS:-8}"
 MODEL="${MODEL:-large}"
 RECIPE="${RECIPE:-64k32k}"
 DTYPE="${DTYPE:-bf16}"
-OUT="${OUT:-runs/bert_${MODEL}_${RECIPE}}"
+OUT="${OUT:-outputs/bert_${MODEL}_${RECIPE}}"
 CACHE_DIR="${CACHE_DIR:-$HOME/.cache/vrgd_ds}"
 
 phase1=(configs/bert_large_vrlamb_"${RECIPE}"_phase1_seq*_"${DTYPE}"_*gpu.json)

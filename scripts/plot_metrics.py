@@ -13,8 +13,8 @@ Three panels: train and held-out loss (with held-out masked-token accuracy on a 
 then, when the optimizer reported GSNR statistics, the per-layer mean GSNR and the per-layer
 fraction of elements whose normalized GSNR was clipped. A dashed line marks the start of phase 2.
 
-    python scripts/plot_metrics.py runs/demo/metrics.csv               # -> runs/demo/metrics.png
-    python scripts/plot_metrics.py runs/demo/metrics.csv -o plot.png
+    python scripts/plot_metrics.py outputs/demo/metrics.csv               # -> outputs/demo/metrics.png
+    python scripts/plot_metrics.py outputs/demo/metrics.csv -o plot.png
 
 From Python: ``plot_metrics(csv_path, png_path)``.
 """

