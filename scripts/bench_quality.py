@@ -204,7 +204,8 @@ def train_run(cfg: RunConfig, data) -> dict:
     stats_interval = max(1, total_steps // 50)
     opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval)
     order = torch.empty(0, dtype=torch.int64)
-    scales, clip_fracs, losses, diverged, steps_done = [], [], [], False, 0
+    params = [p for p in model.parameters()]
+    scales, clip_fracs, rhos, losses, diverged, steps_done = [], [], [], [], False, 0
     t0 = time.perf_counter()
     for step in range(total_steps):
         while len(order) < cfg.batch:  # a fresh permutation per epoch, carried across steps
@@ -213,16 +214,26 @@ def train_run(cfg: RunConfig, data) -> dict:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total_steps)
         step_loss = 0.0
+        measure = cfg.vr and (steps_done + 1) % stats_interval == 0  # the steps VR records stats on
+        moments = [[torch.zeros_like(p), torch.zeros_like(p)] for p in params] if measure else None
         for m in range(MICRO_BATCHES):
             mb = idx[m * micro: (m + 1) * micro]
             loss = F.cross_entropy(model(x_train[mb]), y_train[mb])
             if not torch.isfinite(loss):
                 diverged = True
                 break
+            before = [p.grad.clone() if p.grad is not None else 0.0 for p in params] if measure else None
             (loss / MICRO_BATCHES).backward()
             step_loss += loss.item() / MICRO_BATCHES
+            if measure:
+                for (grad_sum, grad_sq_sum), p, prev in zip(moments, params, before):
+                    sample = p.grad - prev
+                    grad_sum += sample
+                    grad_sq_sum += sample * sample
         if diverged:
             break
+        if measure:
+            rhos.append(scaled_gradient_norm_ratio(params, moments, cfg.gamma))
         opt.step()
         opt.zero_grad()
         steps_done += 1
@@ -247,8 +258,26 @@ def train_run(cfg: RunConfig, data) -> dict:
         # (after normalization, clipping and, for AdamW/LAMB, GSNR momentum)
         "r_bar": float(np.mean(scales)) if scales else None,
         "clip_frac": float(np.mean(clip_fracs)) if clip_fracs else None,
+        # over the measured steps whose gradients were finite (a diverging run's last ones are not)
+        "rho": float(np.mean([v for v in rhos if math.isfinite(v)])) if any(map(math.isfinite, rhos)) else None,
         "seconds": train_seconds,
     }
+
+
+def scaled_gradient_norm_ratio(params, moments, gamma: float) -> float:
+    """ρ = ‖r ⊙ G‖ / ‖G‖ over all parameters, with r the normalized, clipped GSNR of this step
+    (no GSNR momentum) and G the mean micro-batch gradient: how much the gradient *norm* shrinks,
+    as opposed to r̄, the plain mean of r. Elements with high GSNR carry most of ‖G‖ and keep
+    r ≈ 1, so ρ > r̄. For SGD ρ is the factor by which VR shrinks the step; LARS divides by
+    ‖g'‖, so there VR raises the step of the high-GSNR elements by ~1/ρ."""
+    num = den = 0.0
+    for p, (grad_sum, grad_sq_sum) in zip(params, moments):
+        r = vrgd_ds.gsnr_from_moments(grad_sum, grad_sq_sum, MICRO_BATCHES, 1e-6)
+        r = vrgd_ds.normalize_and_clip(r, r.mean(), gamma)
+        grad = grad_sum / MICRO_BATCHES
+        num += float((r * grad).pow(2).sum())
+        den += float(grad.pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else 1.0
 
 
 class RunCache:
@@ -263,16 +292,17 @@ class RunCache:
                     rec = json.loads(line)
                     self.done[RunConfig(**rec["config"]).key()] = rec
 
-    def run(self, cfg: RunConfig, data, log) -> dict:
+    def run(self, cfg: RunConfig, data, log, require: tuple[str, ...] = ()) -> dict:
+        """The run's record, trained now unless cached with every field in ``require``."""
         key = cfg.key()
-        if key not in self.done:
+        if key not in self.done or any(self.done[key].get(f) is None for f in require):
             rec = train_run(cfg, data)
             self.done[key] = rec
             if self.path:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 with self.path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
-            r_bar = f" r̄={rec['r_bar']:.3f}" if rec["r_bar"] is not None else ""
+            r_bar = f" r̄={rec['r_bar']:.3f} ρ={rec['rho']:.3f}" if rec["r_bar"] is not None else ""
             log(f"  {cfg.optimizer:12s} vr={int(cfg.vr)} B={cfg.batch:5d} lr={cfg.lr:.4g} seed={cfg.seed} "
                 f"test={rec['test_acc']:.2f} train={rec['train_acc']:.2f}{r_bar}"
                 f"{' DIVERGED' if rec['diverged'] else ''} ({rec['seconds']:.1f}s)")
@@ -322,7 +352,7 @@ class Settings:
 
 
 FULL = Settings(batches=(256, 1024, 2048, 4096, 8192, 16384), seeds_small=3, seeds_large=3, large_from=4096,
-                epochs=8, hidden=128, lr_mults=(1, 4, 16, 64), lr_seeds=2, train_subset=None, test_subset=None,
+                epochs=8, hidden=128, lr_mults=(0.25, 1, 4, 16, 64), lr_seeds=2, train_subset=None, test_subset=None,
                 gamma_seeds=8, gamma_epochs=(5, 25, 100), gamma_dim=64, gamma_n_train=512, gamma_batch=128,
                 gamma_sigma=1.0)
 QUICK = Settings(batches=(64, 256), seeds_small=2, seeds_large=2, large_from=256, epochs=2, hidden=32,
@@ -395,7 +425,7 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
                 base.append(cache.run(RunConfig(spec.name, False, batch, lr, s, settings.epochs, settings.hidden),
                                       data, log))
                 vr_rec = cache.run(RunConfig(spec.name, True, batch, lr, s, settings.epochs, settings.hidden),
-                                   data, log)
+                                   data, log, require=("rho",))
                 vr_runs.append(vr_rec)
                 # the paired control: the base optimizer with its LR lowered by the VR run's r̄
                 if vr_rec["r_bar"] is not None:
@@ -406,12 +436,12 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
                 spec.name, f"×{mult:g}", f"{lr:.4g}",
                 mean_std([r["test_acc"] for r in base]) + div_note(base),
                 mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
-                mean_std([r["r_bar"] for r in vr_runs], digits=3),
+                mean_std([r["r_bar"] for r in vr_runs], digits=3), mean_std([r["rho"] for r in vr_runs], digits=3),
                 mean_std([r["test_acc"] for r in control]) + div_note(control),
                 mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
                 mean_std([r["gap"] for r in control]),
             ])
-    header = ["optimizer", "LR mult", "lr", "test acc base", "test acc VR", "VR r̄", "test acc base @ lr×r̄",
+    header = ["optimizer", "LR mult", "lr", "test acc base", "test acc VR", "VR r̄", "VR ρ", "test acc base @ lr×r̄",
               "gap base", "gap VR", "gap base @ lr×r̄"]
     text = (f"### LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
             f"'div' = non-finite loss, run stopped)\n\n" + markdown_table(header, rows))
