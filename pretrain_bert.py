@@ -86,7 +86,7 @@ class ModelSize:
 
 
 MODEL_SIZES = {
-    "tiny": ModelSize(128, 2, 2, 512, 128, (64, 128), 4000),
+    "tiny": ModelSize(128, 2, 2, 512, 128, (64, 128), 2000),
     "base": ModelSize(768, 12, 12, 3072, 512, (128, 512), 32000),
     "large": ModelSize(1024, 24, 16, 4096, 512, (128, 512), 32000),
 }
@@ -104,7 +104,7 @@ def parse_args(argv=None):
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the size's max_position_embeddings (tiny 128, base/large 512)")
     g.add_argument("--vocab-size", type=int, default=None,
-                   help="sentencepiece vocabulary to train (default: tiny 4000, base/large 32000)")
+                   help="sentencepiece vocabulary to train (default: tiny 2000, base/large 32000)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, nargs="+", default=None,
