@@ -14,6 +14,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -49,30 +51,37 @@ def _free_port() -> int:
 
 
 def launch(commands: list[list[str]], timeout: float = TIMEOUT, expect_ok: bool = True):
-    """Run the commands concurrently (each in its own process group); return their (rc, output)."""
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                              cwd=REPO, start_new_session=True) for cmd in commands]
-    results = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            results.append((proc.returncode, out))
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            with_suppressed(os.killpg, proc.pid, signal.SIGKILL)
-        outputs = "\n".join((p.communicate()[0] or "")[-3000:] for p in procs)
-        pytest.fail(f"timed out after {timeout}s (a hang?): {commands}\n{outputs}")
-    for (rc, out), cmd in zip(results, commands):
-        if expect_ok and rc != 0:
-            pytest.fail(f"exit code {rc}: {' '.join(cmd)}\n{out[-6000:]}")
-    return results
+    """Run the commands concurrently (each in its own process group); return their (rc, output).
 
-
-def with_suppressed(fn, *args):
-    try:
-        fn(*args)
-    except ProcessLookupError:
-        pass
+    Output goes to files, not pipes: a pipe nobody reads while we wait on another command could
+    fill up and stall its rank, and with it the whole process group.
+    """
+    logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
+    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
+                              start_new_session=True) for cmd, log in zip(commands, logs)]
+    # Poll them all: when one fails, the others (e.g. the other node's agent) would wait for it
+    # until their rendezvous times out; stop them at once instead.
+    deadline = time.monotonic() + timeout
+    while any(proc.poll() is None for proc in procs) and time.monotonic() < deadline:
+        if expect_ok and any(proc.poll() not in (None, 0) for proc in procs):
+            break
+        time.sleep(0.2)
+    timed_out = any(proc.poll() is None for proc in procs) and time.monotonic() >= deadline
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    outputs = []
+    for log in logs:
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    if timed_out:
+        pytest.fail(f"timed out after {timeout}s (a hang?): {commands}\n" + "\n".join(o[-3000:] for o in outputs))
+    for proc, out, cmd in zip(procs, outputs, commands):
+        if expect_ok and proc.returncode != 0:
+            pytest.fail(f"exit code {proc.returncode}: {' '.join(cmd)}\n{out[-6000:]}")
+    return [(proc.returncode, out) for proc, out in zip(procs, outputs)]
 
 
 def torchrun(args: list[str], nproc: int = 2, **kw) -> tuple[int, str]:
