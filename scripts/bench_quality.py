@@ -529,24 +529,31 @@ def plot_batch(results: dict, settings: Settings, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(OPTIMIZERS), figsize=(4.2 * len(OPTIMIZERS), 3.8), sharey=True)
-    for ax, spec in zip(axes, OPTIMIZERS):
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), sharey=True)
+    for ax, spec in zip(axes.flat, OPTIMIZERS):
         for vr, color in ((False, "tab:blue"), (True, "tab:red")):
             label = ("VR-" if vr else "") + spec.name
-            for metric, style in (("test_acc", "-"), ("train_acc", ":")):
-                vals = [[r[metric] for r in results[(spec.name, b)][vr]] for b in settings.batches]
-                ax.errorbar(settings.batches, [np.mean(v) for v in vals],
-                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0 for v in vals], color=color,
-                            linestyle=style, marker="o", ms=3, capsize=2,
-                            label=f"{label} {'test' if metric == 'test_acc' else 'train'}")
+            runs = [results[(spec.name, b)][vr] for b in settings.batches]
+            # seeds as dots, not error bars: a cell can be bimodal (some seeds collapse, some do not)
+            for b, cell in zip(settings.batches, runs):
+                for r in cell:
+                    ax.scatter(b * (1.04 if vr else 0.96), r["test_acc"], s=12, color=color, alpha=0.6,
+                               marker="x" if r["diverged"] else "o")
+            ax.plot(settings.batches, [np.mean([r["test_acc"] for r in cell]) for cell in runs], color=color,
+                    marker="o", ms=4, label=f"{label} test (mean, dots: seeds)")
+            ax.plot(settings.batches, [np.mean([r["train_acc"] for r in cell]) for cell in runs], color=color,
+                    linestyle=":", label=f"{label} train (mean)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(settings.batches, [f"{b // 1024}k" if b >= 1024 else str(b) for b in settings.batches])
         ax.set_title(spec.name)
         ax.set_xlabel("batch size (k = 8 micro-batches)")
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("accuracy (%)")
-    fig.suptitle(f"Fashion-MNIST MLP, {settings.epochs:g} epochs, sqrt LR scaling: base vs VR (γ = 0.1)", fontsize=10)
+        ax.legend(fontsize=7, loc="lower left")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy (%)")
+    fig.suptitle(f"Fashion-MNIST MLP, {settings.epochs:g} epochs, LR ∝ √batch: base vs VR (γ = 0.1); "
+                 "x = a seed whose run diverged", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
