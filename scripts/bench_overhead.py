@@ -1,0 +1,841 @@
+"""Overhead of VRGD under DeepSpeed: time, memory and communication of VRLamb vs plain LAMB vs AdamW.
+
+Every variant trains the same BERT-shaped masked-LM (transformers ``BertForMaskedLM`` built from a
+``BertConfig``; no download) under DeepSpeed ZeRO-2 on 2 CPU ranks (gloo), in fp32 and bf16, with
+gradient accumulation 1 and 4. One run measures everything:
+
+    # the numbers in docs/results_overhead.md (~25 min on 2 busy cores)
+    python scripts/bench_overhead.py --json runs/overhead.json --report runs/overhead.md
+    # smoke run (tiny model, 2 rounds; tests/test_bench_overhead_smoke.py)
+    python scripts/bench_overhead.py --quick
+
+The script spawns its 2 ranks itself (tests/multiproc.py's ``run_ranks``: spawned processes, file
+rendezvous, OMP_NUM_THREADS=1, no JIT build of DeepSpeed's shm op).
+
+Variants (DeepSpeed ``"optimizer"`` sections; lr 1e-3, weight decay 0.01 on ≥2-D tensors, 0 on
+biases and LayerNorm weights, ``gradient_clipping`` 1.0):
+  * ``VRLamb per_step`` / ``VRLamb per_micro_step``: ``{"type": "VRLamb"}`` with
+    ``moment_reduction`` forced; "auto" picks per_step when gradient_accumulation_steps > 1,
+    per_micro_step otherwise (marked ``*`` in the tables);
+  * ``LAMB``: the same with ``"vr": false`` (our LAMB, the baseline of the ratios);
+  * ``AdamW``: ``{"type": "AdamW", "params": {"torch_adam": true}}`` (torch.optim.AdamW; avoids
+    the FusedAdam JIT build).
+
+Protocol
+  * Variants of one (precision, accumulation) block are built one after the other, each kept
+    alive as its own engine, warmed up, then timed round-robin for ``rounds`` rounds (the start
+    of the order rotates each round): the machine is shared and noisy, so paired variants see
+    the same load. Blocks run one after the other (all 16 engines of BERT size at once would
+    need ~24 GB). Ratios are of medians within a block.
+  * A training step is ``gas`` micro-batches of forward, ``engine.backward``, ``engine.step()``.
+    ``opt step`` is the ``engine.step()`` call at the accumulation boundary (ZeRO's overflow
+    check, gradient norm, VR's moment reduce-scatter and GSNR, the optimizer update, the
+    parameter all-gather); ``fwd+bwd`` is the rest (ZeRO-2 reduces gradients during backward,
+    and per_micro_step reduces g² there too). Before every timed step the ranks meet in a
+    barrier; each number is the slower rank's.
+  * bf16: this CPU (AVX2, no AVX512-BF16/AMX) runs bf16 matrix products ~40x slower than fp32
+    (a reference kernel). By default (``--bf16-matmul fp32``) bf16 ``mm/addmm/bmm/baddbmm`` of
+    the forward and backward are computed in fp32 and rounded back to bf16 (a TorchDispatchMode),
+    so the forward/backward costs about what a bf16-capable device's would, relatively. Everything
+    DeepSpeed and vrgd_ds do (bf16 parameters and gradients, bf16 reductions, fp32 master
+    partitions, the VR hooks) is unchanged; the mode is not active during ``engine.step()``.
+  * Memory per rank, from /proc/self/status: ``peak`` = VmHWM − VmRSS before the engine was
+    built, over building it and its warm-up steps (VmHWM reset through /proc/self/clear_refs);
+    ``held`` = VmRSS after warm-up − VmRSS before build (the engine's resident memory);
+    ``step transient`` = median over timed steps of VmHWM during the step − VmRSS at its start
+    (temporaries). ``VR buffers`` are exact tensor sizes: ``extra_buffer_bytes()`` of the
+    engine's moment source plus the GSNR momentum state (``gsnr_momentum``, one fp32 value per
+    partition element).
+  * Communication: torch.distributed's collectives are wrapped in every rank before DeepSpeed's
+    comm backend is created, and one step after warm-up is counted (steps are identical). For
+    each call the payload is the tensor size (input of reduce-scatter, output of all-gather);
+    ``bytes/rank`` is what a ring algorithm sends per rank, on average over ranks:
+    payload·2(w−1)/w for all-reduce, payload·(w−1)/w for reduce-scatter, all-gather, reduce,
+    broadcast (w = group size). VR's extra bytes = the VR variant's minus LAMB's; the limit is
+    one extra fp32 reduce-scatter of all N parameters per step: 4·N·(w−1)/w.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import inspect
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import threading
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+WORLD_SIZE = 2
+LAMB_PARAMS = {"lr": 1e-3, "weight_decay": 0.01}
+TARGETS = {"full_step_ratio_gas4": 1.10, "opt_step_ratio": 1.5, "extra_bytes_ratio": 1.05}
+
+
+# ---- what is measured ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    optimizer: dict  # the DeepSpeed config's "optimizer" section
+    strategy: str | None = None  # VR moment reduction, None for the baselines
+
+    def is_auto(self, gas: int) -> bool:
+        return self.strategy == ("per_step" if gas > 1 else "per_micro_step")
+
+
+VARIANTS = (
+    Variant("VRLamb per_step", {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_step"}}, "per_step"),
+    Variant("VRLamb per_micro_step", {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_micro_step"}},
+            "per_micro_step"),
+    Variant("LAMB", {"type": "VRLamb", "params": {**LAMB_PARAMS, "vr": False}}),
+    Variant("AdamW", {"type": "AdamW", "params": {**LAMB_PARAMS, "torch_adam": True}}),
+)
+BASELINE = "LAMB"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    hidden: int
+    layers: int
+    heads: int
+    intermediate: int
+    vocab: int
+    seq: int
+    micro_batch: int
+    rounds: int
+    warmup: int
+    precisions: tuple = ("fp32", "bf16")
+    accumulations: tuple = (1, 4)
+
+    def bert_config(self):
+        from transformers import BertConfig
+
+        return BertConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
+                          num_attention_heads=self.heads, intermediate_size=self.intermediate,
+                          max_position_embeddings=max(512, self.seq))
+
+
+FULL = BenchConfig(hidden=768, layers=4, heads=12, intermediate=3072, vocab=30522, seq=128, micro_batch=2,
+                   rounds=6, warmup=1)
+QUICK = BenchConfig(hidden=64, layers=2, heads=4, intermediate=128, vocab=512, seq=32, micro_batch=2,
+                    rounds=2, warmup=0)
+
+
+# ---- collective accounting ---------------------------------------------------------------------
+# name -> (argument holding the payload, ring factor in units of (w-1)/w)
+_COLLECTIVES = {
+    "all_reduce": ("tensor", 2),
+    "all_reduce_coalesced": ("tensors", 2),
+    "reduce": ("tensor", 1),
+    "broadcast": ("tensor", 1),
+    "reduce_scatter_tensor": ("input", 1),
+    "_reduce_scatter_base": ("input", 1),
+    "reduce_scatter_single": ("input", 1),
+    "reduce_scatter": ("input_list", 1),
+    "all_gather_into_tensor": ("output_tensor", 1),
+    "_all_gather_base": ("output_tensor", 1),
+    "all_gather_single": ("output_tensor", 1),
+    "all_gather": ("tensor_list", 1),
+    "all_to_all_single": ("input", 1),
+}
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+class CollectiveCounter:
+    """Wraps torch.distributed's collectives; counts payload and ring bytes per rank while enabled.
+
+    Installed before DeepSpeed creates its comm backend (which keeps references to
+    ``all_gather_into_tensor`` / ``reduce_scatter_tensor``). Calls are attributed to the first
+    ``vrgd_ds`` function on the stack (``vrgd_ds.<function>``), else to ``deepspeed``.
+    """
+
+    def __init__(self):
+        self.enabled = False
+        self.records: dict[tuple[str, str], list[float]] = {}
+        self._local = threading.local()
+        self._sep = os.sep + "vrgd_ds" + os.sep
+        self._ds_sep = os.sep + "deepspeed" + os.sep
+
+    def install(self) -> None:
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        for name, (arg, factor) in _COLLECTIVES.items():
+            original = getattr(dist, name, None)
+            if original is None or getattr(original, "_bench_counted", False):
+                continue
+            wrapped = self._wrap(name, original, arg, factor)
+            setattr(dist, name, wrapped)
+            if getattr(c10d, name, None) is original:
+                setattr(c10d, name, wrapped)
+
+    def _wrap(self, name, original, arg, factor):
+        signature = inspect.signature(original)
+        counter = self
+
+        def wrapper(*args, **kwargs):
+            if not counter.enabled or getattr(counter._local, "inside", False):
+                return original(*args, **kwargs)
+            counter._local.inside = True
+            try:
+                bound = signature.bind(*args, **kwargs)
+                payload = _nbytes(bound.arguments.get(arg))
+                import torch.distributed as dist
+
+                world = dist.get_world_size(group=bound.arguments.get("group"))
+                ring = payload * factor * (world - 1) / world
+                key = (name, counter._origin())
+                entry = counter.records.setdefault(key, [0, 0, 0])
+                entry[0] += 1
+                entry[1] += payload
+                entry[2] += ring
+                return original(*args, **kwargs)
+            finally:
+                counter._local.inside = False
+
+        wrapper._bench_counted = True
+        wrapper.__wrapped__ = original
+        return wrapper
+
+    def _origin(self) -> str:
+        # The innermost library frame decides: vrgd_ds wraps DeepSpeed's step(), so an outer
+        # vrgd_ds frame does not make DeepSpeed's own all-gather a VR collective.
+        frame = sys._getframe(2)
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            if self._sep in filename:
+                return f"vrgd_ds.{Path(filename).stem}.{frame.f_code.co_name}"
+            if self._ds_sep in filename:
+                return "deepspeed"
+            frame = frame.f_back
+        return "other"
+
+    def take(self) -> list[dict]:
+        out = [{"op": op, "origin": origin, "calls": int(c), "payload": p, "ring": r}
+               for (op, origin), (c, p, r) in sorted(self.records.items())]
+        self.records = {}
+        return out
+
+
+COUNTER = CollectiveCounter()
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def rss_bytes() -> int:
+    kib = _status_kib("VmRSS")
+    if kib is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return kib * 1024
+
+
+def reset_peak() -> bool:
+    """VmHWM := VmRSS (Linux >= 4.0: writing 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_bytes() -> int:
+    kib = _status_kib("VmHWM")
+    return rss_bytes() if kib is None else kib * 1024
+
+
+# ---- bf16 matrix products in fp32 ---------------------------------------------------------------
+def _bf16_matmul_in_fp32_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+
+    class Bf16MatmulInFp32(TorchDispatchMode):
+        """bf16 mm/addmm/bmm/baddbmm computed in fp32, result rounded to bf16 (see module docstring)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in ops and any(isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 for a in args):
+                up = [a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a for a in args]
+                return func(*up, **kwargs).to(torch.bfloat16)
+            return func(*args, **kwargs)
+
+    return Bf16MatmulInFp32
+
+
+# ---- one rank -----------------------------------------------------------------------------------
+def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int) -> dict:
+    out = {
+        "train_batch_size": cfg.micro_batch * gas * world,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": gas,
+        "optimizer": json.loads(json.dumps(variant.optimizer)),
+        "zero_optimization": {"stage": 2},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    return out
+
+
+def make_batches(cfg: BenchConfig, rank: int, count: int) -> list[dict]:
+    """MLM micro-batches: random tokens, 15% of positions carry a label (the rest -100)."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, cfg.vocab, (cfg.micro_batch, cfg.seq), generator=gen)
+        labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
+        labels[:, 0] = ids[:, 0]  # at least one label per sequence
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def build_engine(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int):
+    import deepspeed
+    from transformers import BertForMaskedLM
+
+    import vrgd_ds  # noqa: F401  (registers "VRLamb")
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg.bert_config())
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
+                                      config=ds_config(variant, precision, gas, cfg, world))
+    return engine
+
+
+TIMES = ("total", "fwd_bwd", "opt")  # wall-clock seconds; "cpu_" + name: CPU seconds of the process
+
+
+def train_step(engine, batches, matmul_mode, around_opt_step=nullcontext) -> dict[str, float]:
+    """One optimizer step (len(batches) micro-batches): wall-clock and CPU seconds (all threads of
+    this process: compute, gloo's copies, page faults; not time spent waiting) of the whole step,
+    of forward+backward, and of the boundary ``engine.step()`` ("opt").
+
+    ``around_opt_step()`` is entered around the boundary ``engine.step()`` (the profiler).
+    """
+    out = dict.fromkeys(TIMES + tuple("cpu_" + t for t in TIMES), 0.0)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for batch in batches:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with matmul_mode() if matmul_mode is not None else nullcontext():
+            loss = engine(**batch).loss
+            engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        if boundary:
+            t1, c1 = time.perf_counter(), time.process_time()
+            with around_opt_step():
+                engine.step()
+            t2, c2 = time.perf_counter(), time.process_time()
+            out["fwd_bwd"] += t1 - t0
+            out["cpu_fwd_bwd"] += c1 - c0
+            out["opt"] += t2 - t1
+            out["cpu_opt"] += c2 - c1
+        else:
+            engine.step()
+            out["fwd_bwd"] += time.perf_counter() - t0
+            out["cpu_fwd_bwd"] += time.process_time() - c0
+    out["total"] = time.perf_counter() - start
+    out["cpu_total"] = time.process_time() - cpu_start
+    return out
+
+
+_PY_FRAME = re.compile(r"^(.*\.py)\((\d+)\): (.*)$")
+
+
+def attribute_profile(prof, top: int = 40) -> dict:
+    """Self CPU time of a profiled optimizer step, by (innermost vrgd_ds or DeepSpeed function, op).
+
+    Every operator (aten::, c10d::, ...) and every Python frame's own time goes to the innermost
+    Python frame of vrgd_ds or DeepSpeed around it (itself, for a Python frame of theirs), else
+    to "other: <innermost Python frame>"; a Python frame's own time is listed as op "(python)".
+    The profiler's own frames are left out. Times in seconds.
+    """
+    by_key: dict[tuple[str, str], list[float]] = {}
+    by_function: dict[str, float] = {}
+    total = 0.0
+    events = prof.events()
+    # Only the training thread (DeepSpeed's step runs there; gloo waits are its own ops).
+    main_thread = next((e.thread for e in events if "deepspeed/" in e.name), None)
+    for event in events:
+        if event.thread != main_thread:
+            continue
+        match = _PY_FRAME.match(event.name)
+        builtin = event.name.startswith("<built-in")
+        owner, first_frame, node = None, None, event
+        while node is not None:
+            name = node.name
+            if "/profiler/" in name or "/profiler.py" in name:
+                owner = "skip"
+                break
+            if _PY_FRAME.match(name):
+                first_frame = first_frame or name
+                if "vrgd_ds/" in name or "deepspeed/" in name:
+                    package = "vrgd_ds/" if "vrgd_ds/" in name else "deepspeed/"
+                    owner = package + name.split(package, 1)[1]
+                    break
+            node = node.cpu_parent
+        if owner == "skip":
+            continue
+        owner = owner or f"other: {first_frame}"
+        seconds = event.self_cpu_time_total / 1e6
+        op = "(python)" if match else (" ".join(event.name.split()[:3]) + ">" if builtin else event.name)
+        acc = by_key.setdefault((owner, op), [0.0, 0])
+        acc[0] += seconds
+        acc[1] += 1
+        by_function[owner] = by_function.get(owner, 0.0) + seconds
+        total += seconds
+    rows = sorted(((o, op, t, n) for (o, op), (t, n) in by_key.items()), key=lambda r: -r[2])[:top]
+    functions = sorted(by_function.items(), key=lambda kv: -kv[1])[:top]
+    return {"total": total, "rows": rows, "functions": functions}
+
+
+def profiled_step(engine, batches, mode) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    holder = {}
+
+    def around():
+        holder["prof"] = profile(activities=[ProfilerActivity.CPU], with_stack=True)
+        return holder["prof"]
+
+    times = train_step(engine, batches, mode, around)
+    out = attribute_profile(holder["prof"])
+    out["opt_step_s"] = times["opt"]
+    return out
+
+
+def vr_buffer_bytes(engine) -> dict[str, int]:
+    import vrgd_ds
+
+    source = getattr(engine, "vrgd_moment_source", None)
+    if source is None:
+        return {}
+    out = dict(source.extra_buffer_bytes())
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    momentum = sum(s["gsnr_momentum"].numel() * s["gsnr_momentum"].element_size()
+                   for s in opt.state.values() if "gsnr_momentum" in s)
+    if momentum:
+        out["gsnr_momentum state (fp32, partition)"] = momentum
+    return out
+
+
+def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int, batches, mode):
+    """Build a variant's engine, warm it up, count one step's collectives; memory around all of it."""
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    rss0 = rss_bytes()
+    reset_peak()
+    engine = build_engine(variant, precision, gas, cfg, world)
+    for _ in range(cfg.warmup):
+        train_step(engine, batches, mode)
+    COUNTER.enabled = True
+    train_step(engine, batches, mode)
+    COUNTER.enabled = False
+    collectives = COUNTER.take()
+    gc.collect()
+    entry = {
+        "peak_bytes": peak_bytes() - rss0,
+        "held_bytes": rss_bytes() - rss0,
+        "collectives": collectives,
+        "vr_buffers": vr_buffer_bytes(engine),
+        "num_params": sum(p.numel() for p in engine.module.parameters()),
+        "num_tensors": len(list(engine.module.parameters())),
+        "actual_strategy": engine.vrgd_moment_source.strategy if variant.strategy else None,
+        **{key: [] for key in TIMES + tuple("cpu_" + t for t in TIMES)},
+        "transient_bytes": [],
+    }
+    return engine, entry
+
+
+def timed_step(engine, entry: dict, batches, mode) -> None:
+    """One timed step after a barrier; appends its times and transient memory to ``entry``."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    before = rss_bytes()
+    reset_peak()
+    times = train_step(engine, batches, mode)
+    entry["transient_bytes"].append(peak_bytes() - before)
+    for key, value in times.items():
+        entry[key].append(value)
+
+
+def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: bool = False) -> dict:
+    """One rank of the benchmark: every (precision, accumulation) block in turn (module docstring)."""
+    import torch.distributed as dist
+
+    COUNTER.install()  # before deepspeed.initialize creates DeepSpeed's comm backend
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    cfg = BenchConfig(**cfg_dict)
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+
+    def say(text):
+        if rank == 0:
+            print(f"[{time.perf_counter() - t_start:6.0f} s] {text}", flush=True)
+
+    fp32_mode = _bf16_matmul_in_fp32_mode() if bf16_matmul == "fp32" else None
+    batches = make_batches(cfg, rank, max(cfg.accumulations))
+    # Imports and first-call allocations must not count as the first variant's memory.
+    warm = build_engine(VARIANTS[-2], "fp32", 1, QUICK, world)
+    train_step(warm, make_batches(QUICK, rank, 1), None)
+    warm.destroy()
+    del warm
+    say("imports and a throw-away engine done")
+    results = {"blocks": [], "peak_resettable": reset_peak()}
+
+    for precision in cfg.precisions:
+        mode = fp32_mode if precision == "bf16" else None
+        for gas in cfg.accumulations:
+            block = {"precision": precision, "gas": gas, "variants": {}}
+            engines = {}
+            for variant in VARIANTS:
+                t = time.perf_counter()
+                engines[variant.name], entry = build_and_measure(variant, precision, gas, cfg, world, batches[:gas], mode)
+                block["variants"][variant.name] = entry
+                say(f"[{precision} gas={gas}] {variant.name}: built, {cfg.warmup} warm-up + 1 counted step in "
+                    f"{time.perf_counter() - t:.1f} s; held {entry['held_bytes'] / 2**20:.0f} MiB, "
+                    f"RSS {rss_bytes() / 2**20:.0f} MiB")
+            for r in range(cfg.rounds):
+                for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+                    timed_step(engines[variant.name], block["variants"][variant.name], batches[:gas], mode)
+                say(f"[{precision} gas={gas}] round {r + 1}/{cfg.rounds}: " + ", ".join(
+                    f"{v.name} {block['variants'][v.name]['total'][-1]:.2f} s" for v in VARIANTS))
+            if profile:
+                for variant in VARIANTS:
+                    dist.barrier()
+                    if rank == 0:
+                        block["variants"][variant.name]["profile"] = profiled_step(engines[variant.name], batches[:gas], mode)
+                    else:
+                        train_step(engines[variant.name], batches[:gas], mode)
+            results["blocks"].append(block)
+            for engine in engines.values():
+                engine.destroy()
+            del engines, engine
+            gc.collect()
+    results["max_rss_bytes"] = _max_rss()
+    return results
+
+
+def _max_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---- report -------------------------------------------------------------------------------------
+def merge_ranks(per_rank: list[dict]) -> list[dict]:
+    """Per step the slower rank's wall time and the ranks' mean CPU time; per memory figure the
+    larger rank's; bytes per rank averaged over ranks."""
+    blocks = []
+    for bi, block in enumerate(per_rank[0]["blocks"]):
+        merged = {"precision": block["precision"], "gas": block["gas"], "variants": {}}
+        for name, entry in block["variants"].items():
+            entries = [r["blocks"][bi]["variants"][name] for r in per_rank]
+            m = {k: [max(vals) for vals in zip(*(e[k] for e in entries))] for k in TIMES + ("transient_bytes",)}
+            m.update({k: [statistics.fmean(vals) for vals in zip(*(e[k] for e in entries))]
+                      for k in ("cpu_" + t for t in TIMES)})
+            for k in ("peak_bytes", "held_bytes"):
+                m[k] = max(e[k] for e in entries)
+            m["vr_buffers"] = {k: max(e["vr_buffers"].get(k, 0) for e in entries) for k in entry["vr_buffers"]}
+            m["num_params"] = entry["num_params"]
+            m["num_tensors"] = entry["num_tensors"]
+            m["actual_strategy"] = entry.get("actual_strategy")
+            m["profile"] = entry.get("profile")
+            coll: dict[tuple, list] = {}
+            for e in entries:
+                for c in e["collectives"]:
+                    acc = coll.setdefault((c["op"], c["origin"]), [0, 0.0, 0.0])
+                    acc[0] += c["calls"] / len(entries)
+                    acc[1] += c["payload"] / len(entries)
+                    acc[2] += c["ring"] / len(entries)
+            m["collectives"] = [{"op": op, "origin": o, "calls": v[0], "payload": v[1], "ring": v[2]} for (op, o), v in sorted(coll.items())]
+            merged["variants"][name] = m
+        blocks.append(merged)
+    return blocks
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _mib(b):
+    return b / 2**20
+
+
+def summarize(blocks: list[dict]) -> dict:
+    """Medians, ratios to LAMB and VR's extra bytes per block and variant."""
+    rows = []
+    for block in blocks:
+        base = block["variants"][BASELINE]
+        base_ring = sum(c["ring"] for c in base["collectives"])
+        for variant in VARIANTS:
+            e = block["variants"][variant.name]
+            n = e["num_params"]
+            limit = 4 * n * (WORLD_SIZE - 1) / WORLD_SIZE
+            ring = sum(c["ring"] for c in e["collectives"])
+            row = {
+                "precision": block["precision"], "gas": block["gas"], "variant": variant.name,
+                "auto": variant.is_auto(block["gas"]), "strategy": e["actual_strategy"], "samples": len(e["total"]),
+                "peak": e["peak_bytes"], "held": e["held_bytes"], "transient": _median(e["transient_bytes"]),
+                "vr_buffers": e["vr_buffers"], "vr_buffer_total": sum(e["vr_buffers"].values()),
+                "ring": ring, "payload": sum(c["payload"] for c in e["collectives"]),
+                "calls": sum(c["calls"] for c in e["collectives"]),
+                "extra_ring": ring - base_ring, "limit": limit, "extra_ratio": (ring - base_ring) / limit,
+                "vr_ring": sum(c["ring"] for c in e["collectives"] if c["origin"].startswith("vrgd_ds")),
+                "num_params": n, "collectives": e["collectives"], "profile": e.get("profile"),
+            }
+            for key in TIMES + tuple("cpu_" + t for t in TIMES):
+                row[key] = _median(e[key])
+                row[key + "_ratio"] = row[key] / _median(base[key])
+                row[key + "_paired_ratio"] = _median([a / b for a, b in zip(e[key], base[key])])
+                row[key + "_iqr"] = _iqr(e[key])
+            rows.append(row)
+    return {"rows": rows}
+
+
+def _iqr(xs):
+    if len(xs) < 2:
+        return 0.0
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[2] - q[0]
+
+
+def _label(row):
+    return row["variant"] + (" *" if row["auto"] else "")
+
+
+def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
+    rows = summary["rows"]
+    out = []
+    out.append(f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
+               f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-2, "
+               f"{WORLD_SIZE} CPU ranks (gloo), {cfg.rounds} timed steps per variant (round-robin), "
+               f"{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction \"auto\" picks.")
+    out.append("")
+    for kind, prefix, who in (("wall clock", "", "slower rank"), ("CPU time", "cpu_", "mean of the ranks")):
+        t, fb, o = (prefix + key for key in TIMES)
+        out.append(f"### Time per training step, {kind} (s; median over steps, {who}; ratios to LAMB in the same block)")
+        out.append("")
+        out.append("| precision | gas | optimizer | full step | fwd+bwd | opt step | full / LAMB | opt / LAMB "
+                   "| full / LAMB paired | opt / LAMB paired | IQR full | IQR opt |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {r[t]:.3f} | {r[fb]:.3f} | {r[o]:.3f} "
+                       f"| {r[t + '_ratio']:.3f} | {r[o + '_ratio']:.3f} | {r[t + '_paired_ratio']:.3f} "
+                       f"| {r[o + '_paired_ratio']:.3f} | {r[t + '_iqr']:.3f} | {r[o + '_iqr']:.3f} |")
+        out.append("")
+    out.append("### Memory per rank (MiB; larger rank; see the docstring for definitions)")
+    out.append("")
+    out.append("| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers | VR buffers / (4N/w) |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        part = 4 * r["num_params"] / WORLD_SIZE
+        out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {_mib(r['peak']):.1f} | {_mib(r['held']):.1f} "
+                   f"| {_mib(r['transient']):.1f} | {_mib(r['vr_buffer_total']):.1f} | {r['vr_buffer_total'] / part:.2f} |")
+    out.append("")
+    vr_rows = [r for r in rows if r["vr_buffers"]]
+    if vr_rows:
+        out.append("#### VR buffers in detail (per rank)")
+        out.append("")
+        out.append("| precision | gas | optimizer | buffer | MiB |")
+        out.append("|---|---|---|---|---|")
+        for r in vr_rows:
+            for k, v in r["vr_buffers"].items():
+                out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {k} | {_mib(v):.2f} |")
+        out.append("")
+    out.append("### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N, 4N(w-1)/w)")
+    out.append("")
+    out.append("| precision | gas | optimizer | collectives | sent MiB | extra vs LAMB MiB | by vrgd_ds MiB "
+               "| limit MiB | extra / limit |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {r['calls']:.0f} | {_mib(r['ring']):.3f} "
+                   f"| {_mib(r['extra_ring']):.3f} | {_mib(r['vr_ring']):.3f} | {_mib(r['limit']):.3f} "
+                   f"| {r['extra_ratio']:.3f} |")
+    out.append("")
+    out.append("#### Collectives of one step, VRLamb vs LAMB (calls, payload MiB, origin)")
+    out.append("")
+    out.append("| precision | gas | optimizer | op | origin | calls | payload MiB | sent MiB |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["variant"] == "AdamW":
+            continue
+        for c in r["collectives"]:
+            out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {c['op']} | {c['origin']} | {c['calls']:.0f} "
+                       f"| {_mib(c['payload']):.3f} | {_mib(c['ring']):.3f} |")
+    out.append("")
+    out.append("### Targets (VRLamb with moment_reduction \"auto\" unless named)")
+    out.append("")
+    out.append("| check | precision | wall clock | CPU time | target | met (wall / CPU) |")
+    out.append("|---|---|---|---|---|---|")
+    for r in rows:
+        if r["variant"].startswith("VRLamb") and r["auto"] and r["gas"] == 4:
+            out.append(_target_row(f"full step / LAMB, gas 4 ({r['strategy']})", r, r["total_ratio"], r["cpu_total_ratio"],
+                                   TARGETS["full_step_ratio_gas4"]))
+    for r in rows:
+        if r["variant"].startswith("VRLamb") and r["auto"]:
+            out.append(_target_row(f"opt step / LAMB, gas {r['gas']} ({r['strategy']})", r, r["opt_ratio"], r["cpu_opt_ratio"],
+                                   TARGETS["opt_step_ratio"]))
+    for r in rows:
+        if r["variant"].startswith("VRLamb"):
+            out.append(_target_row(f"extra bytes / limit, gas {r['gas']}, {r['strategy']}{' (auto)' if r['auto'] else ''}",
+                                   r, r["extra_ratio"], None, TARGETS["extra_bytes_ratio"]))
+    out.append("")
+    out.append(f"Code: {meta['code']}. Machine: {meta['machine']}. Max RSS of a rank over the whole run: {_mib(meta['max_rss']):.0f} MiB "
+               f"(getrusage ru_maxrss). Wall time: {meta['wall_s']:.0f} s.")
+    return "\n".join(out)
+
+
+def profile_markdown(blocks: list[dict], top: int = 15) -> str:
+    out = ["### Where the optimizer step's time goes (rank 0, one profiled step, torch.profiler self CPU time)"]
+    for block in blocks:
+        for name, e in block["variants"].items():
+            prof = e.get("profile")
+            if not prof:
+                continue
+            out += ["", (f"**{block['precision']} gas {block['gas']} {name}**: opt step {prof['opt_step_s']:.3f} s under "
+                    f"the profiler, {prof['total']:.3f} s of self CPU time attributed."), "",
+                    "| function (innermost vrgd_ds, else DeepSpeed frame) | s | share |", "|---|---|---|"]
+            for owner, t in prof["functions"][:top]:
+                out.append(f"| {owner} | {t:.3f} | {t / prof['total']:.1%} |")
+            out += ["", "| function | op | s | calls |", "|---|---|---|---|"]
+            for owner, op, t, n in prof["rows"][:top]:
+                out.append(f"| {owner} | {op} | {t:.3f} | {n} |")
+    return "\n".join(out)
+
+
+def _target_row(check, r, wall, cpu, target):
+    if cpu is None:  # bytes: one number
+        return f"| {check} | {r['precision']} | {wall:.3f} | – | ≤ {target} | {'yes' if wall <= target else 'NO'} |"
+    met = "/".join("yes" if v <= target else "NO" for v in (wall, cpu))
+    return f"| {check} | {r['precision']} | {wall:.3f} | {cpu:.3f} | ≤ {target} | {met} |"
+
+
+def code_version() -> str:
+    """git HEAD of the checkout and whether vrgd_ds/ differs from it (+ a hash of its files)."""
+    import hashlib
+    import subprocess
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "vrgd_ds").glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vrgd_ds"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        head, dirty = "unknown", ""
+    return f"git {head}{' + uncommitted vrgd_ds changes' if dirty else ''} (vrgd_ds sha256 {digest.hexdigest()[:12]})"
+
+
+def machine_text(bf16_matmul: str) -> str:
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {WORLD_SIZE} ranks × 1 thread, "
+            f"gloo; torch {torch.__version__}, Python {platform.python_version()}; "
+            f"bf16 matmuls {'in fp32 (--bf16-matmul fp32)' if bf16_matmul == 'fp32' else 'native'}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (CI smoke run)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default: 6; quick: 2)")
+    parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both)")
+    parser.add_argument("--accumulations", default=None, help="comma list of gradient accumulation steps (default: 1,4)")
+    parser.add_argument("--bf16-matmul", choices=("fp32", "native"), default="fp32",
+                        help="compute bf16 matrix products in fp32 (default; see the docstring) or natively")
+    parser.add_argument("--json", type=Path, default=None, help="write raw per-rank results and the summary here")
+    parser.add_argument("--report", type=Path, default=None, help="write the markdown tables here too")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, profile one optimizer step per variant on rank 0 (torch.profiler)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
+    args = parser.parse_args(argv)
+
+    cfg = QUICK if args.quick else FULL
+    changes = {}
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
+    if args.precisions:
+        changes["precisions"] = tuple(p.strip() for p in args.precisions.split(","))
+        bad = set(changes["precisions"]) - {"fp32", "bf16"}
+        if bad:
+            parser.error(f"unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
+    if args.accumulations:
+        changes["accumulations"] = tuple(int(a) for a in args.accumulations.split(","))
+        if any(a < 1 for a in changes["accumulations"]):
+            parser.error("accumulation steps must be >= 1")
+    cfg = dataclasses.replace(cfg, **changes)
+    if BASELINE not in {v.name for v in VARIANTS}:
+        raise RuntimeError("the baseline variant is missing")
+
+    from tests.multiproc import run_ranks
+
+    timeout = args.timeout or (300 if args.quick else 4 * 3600)
+    version = code_version()  # before the ranks import vrgd_ds
+    start = time.time()
+    per_rank = run_ranks(rank_body, WORLD_SIZE, dataclasses.asdict(cfg), args.bf16_matmul, args.profile,
+                         timeout=timeout)
+    wall = time.time() - start
+    blocks = merge_ranks(per_rank)
+    summary = summarize(blocks)
+    meta = {"machine": machine_text(args.bf16_matmul), "max_rss": max(r["max_rss_bytes"] for r in per_rank),
+            "wall_s": wall, "code": version, "command": " ".join([Path(sys.executable).name] + sys.argv),
+            "peak_resettable": all(r["peak_resettable"] for r in per_rank)}
+    if not meta["peak_resettable"]:
+        print("warning: /proc/self/clear_refs is not writable: peak figures include earlier engines", file=sys.stderr)
+    text = markdown(summary, cfg, meta)
+    if args.profile:
+        text += "\n\n" + profile_markdown(blocks)
+    print(text)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(text + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank,
+                                         "summary": summary}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

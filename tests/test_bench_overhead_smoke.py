@@ -1,0 +1,69 @@
+"""Smoke test of scripts/bench_overhead.py --quick: tiny BERT, ZeRO-2 on 2 CPU ranks, 2 rounds.
+
+Checks that every cell of the time, memory and bytes tables is a finite number, that
+collectives were counted (ZeRO's own all-reduce/all-gather and VR's moment reduction), and that
+VR's extra bytes are what the design says: one fp32 reduce-scatter of N per step with
+per_step, one per micro-batch with per_micro_step.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "bench_overhead.py"
+NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def tables(markdown: str) -> dict[str, list[list[str]]]:
+    """Data rows of each markdown table, keyed by the heading line that precedes the table."""
+    out, heading, lines = {}, "", markdown.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("#"):
+            heading = line.lstrip("# ").strip()
+        if not line.startswith("|") or re.fullmatch(r"\|(---\|)+", line):
+            continue
+        if i + 1 < len(lines) and re.fullmatch(r"\|(---\|)+", lines[i + 1]):
+            continue  # header row
+        out.setdefault(heading, []).append([c.strip() for c in line.strip("|").split("|")])
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
+    report, raw = tmp_path / "overhead.md", tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--report", str(report), "--json", str(raw)],
+                          check=False, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    by_heading = tables(report.read_text())
+    numeric = [rows for heading, rows in by_heading.items()
+               if heading.startswith(("Time per training step", "Memory per rank", "Bytes sent per rank"))]
+    assert len(numeric) == 4  # wall clock, CPU time, memory, bytes
+    for rows in numeric:
+        assert len(rows) == 16  # 2 precisions x 2 accumulations x 4 optimizers
+        for row in rows:
+            for cell in row[3:]:
+                values = NUMBER.findall(cell)
+                assert values, f"non-numeric cell {cell!r} in row {row}"
+                assert all(math.isfinite(float(v)) for v in values), f"non-finite cell {cell!r} in row {row}"
+
+    summary = json.loads(raw.read_text())["summary"]["rows"]
+    for row in summary:
+        assert row["ring"] > 0 and row["calls"] > 0, row["variant"]  # ZeRO-2's own collectives were seen
+        assert row["total"] > 0 and row["opt"] > 0 and row["cpu_total"] > 0 and row["cpu_opt"] > 0
+        ops = {c["op"] for c in row["collectives"] if c["origin"] == "deepspeed"}
+        assert {"all_reduce", "all_gather_into_tensor"} <= ops, ops
+        if row["variant"].startswith("VRLamb"):
+            gas = row["gas"] if row["strategy"] == "per_micro_step" else 1
+            assert row["extra_ratio"] == pytest.approx(gas, rel=0.01), row  # tiny layer-sum all-reduces on top
+            assert row["vr_buffer_total"] > 0
+        else:  # vrgd_ds's only collective in plain LAMB: the small all-reduce of per-tensor norms
+            assert abs(row["extra_ratio"]) < 0.01
+            vr_ops = {c["op"] for c in row["collectives"] if c["origin"].startswith("vrgd_ds")}
+            assert vr_ops <= {"all_reduce"}, vr_ops
