@@ -220,7 +220,7 @@ class DeepSpeedMomentSource:
             sq = self.sq[id(p)]
             # DeepSpeed averages over ranks: Σ_samples g = world_size · G (same loss scale, same
             # 1/gas as the samples, so r needs no unscaling).
-            r = gsnr_from_moments(p.grad.reshape(-1).float() * self.world_size, sq, k, self._eps_of(p))
+            r = gsnr_from_moments(p.grad.reshape(-1), sq, k, self._eps_of(p), sum_scale=self.world_size)
             sq.copy_(r)
             self._prepared.add(id(p))
 

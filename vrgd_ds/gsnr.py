@@ -13,7 +13,8 @@ from torch import Tensor
 __all__ = ["gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]
 
 
-def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | float, eps: float) -> Tensor:
+def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | float, eps: float,
+                      sum_scale: float = 1.0) -> Tensor:
     r"""Element-wise GSNR from the first two raw moments of k gradient samples (paper eq. 2, 7).
 
     .. math::
@@ -24,23 +25,28 @@ def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | 
     The variance is the biased 1/k estimator, as in the paper. ``eps`` is a *relative* floor
     (VRGD.md §1): it caps r at 1/eps and keeps r invariant to any common scale of the samples
     (loss scale, 1/gas, 1/world size), so callers may pass moments of scaled samples.
+    Computed as r = S² / max(k·Q − S², ε·k·Q) with S = Σg, Q = Σg² (the same quantity
+    multiplied through by k², in fewer passes over memory); a non-finite sample gives a
+    non-finite r.
 
     Args:
-        grad_sum: Σ_s g_s (any shape; promoted to fp32).
+        grad_sum: Σ_s g_s (any shape; promoted to fp32), or Σ_s g_s / ``sum_scale``.
         grad_sq_sum: Σ_s g_s² (same shape).
         num_samples: k, the number of gradient samples summed.
         eps: relative variance floor (``gsnr_eps``), > 0.
+        sum_scale: Σ_s g_s = sum_scale · grad_sum (e.g. the world size, for an averaged gradient).
     Returns:
         r in fp32, same shape as the inputs.
     """
-    mean = grad_sum.float() / num_samples
-    second = grad_sq_sum.float() / num_samples
-    mean_sq = mean * mean
-    # Rounding can make sq - mean² slightly negative (or zero for identical samples): the
-    # relative floor keeps r finite and scale-invariant there.
-    variance = torch.maximum(second - mean_sq, second * eps)
-    has_signal = second > 0
-    return torch.where(has_signal, mean_sq / torch.where(has_signal, variance, 1.0), 0.0)
+    numerator = grad_sum.float().square()
+    denominator = grad_sq_sum.float() * (num_samples / (sum_scale * sum_scale))
+    floor = denominator * eps
+    # Rounding can make k·Q − S² slightly negative (or zero for identical samples): the
+    # relative floor keeps r finite and scale-invariant there; where Q = 0, S = 0 and 0/tiny = 0.
+    denominator.sub_(numerator)
+    torch.maximum(denominator, floor, out=denominator)
+    denominator.clamp_(min=torch.finfo(torch.float32).tiny)
+    return numerator.div_(denominator)
 
 
 def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .collect import GradientMomentCollector, k_too_small_message
-from .gsnr import normalize_and_clip, update_gsnr_momentum
+from .gsnr import update_gsnr_momentum
 from .segments import SegmentLayout
 
 __all__ = ["VROptimizer"]
@@ -294,13 +294,12 @@ class VROptimizer(Optimizer):
         pieces = [layout.local_sums([raw]).view(-1)]
         if counts is not None:
             pieces.append(counts)
-        if layout.complete is not None:
-            nonfinite = (~torch.isfinite(raw)).sum() + (~torch.isfinite(p.grad)).sum()
-            pieces.append(nonfinite.float().view(1))
         vec = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if layout.complete is not None:
             layout.complete(vec)
-            if vec[-1] > 0:
+            # A non-finite sample or gradient makes r, hence its tensor's sum, non-finite: the
+            # completed sums tell every rank the same thing, at no extra pass over memory.
+            if not bool(torch.isfinite(vec).all()):
                 return None
         n = layout.num_tensors
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
@@ -309,16 +308,19 @@ class VROptimizer(Optimizer):
 
     def _gsnr_scale(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
                     layer_mean: Tensor) -> Tensor:
-        """Phase 2: r ← clip(r / mean, γ, 1), then GSNR momentum; the scale applied to G."""
-        expanded_mean = layout.expand(layer_mean)
-        scale = normalize_and_clip(raw, expanded_mean, group["gamma"])
-        below_gamma = raw < group["gamma"] * expanded_mean if stats else None
+        """Phase 2: r ← clip(r / mean, γ, 1) (:func:`~vrgd_ds.gsnr.normalize_and_clip`, done in
+        place on ``raw``), then GSNR momentum; returns the scale applied to G."""
+        below_gamma = raw < group["gamma"] * layout.expand(layer_mean) if stats else None
+        raw_for_stats = raw.clone() if stats else None
+        # normalize_and_clip, in place on raw (a buffer of this step), one tensor piece at a time
+        safe_mean = torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
+        scale = layout.scale_(raw, safe_mean, divide=True).clamp_(min=group["gamma"], max=1.0)
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
             scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"])
         if stats:
-            self._record_stats(layout, raw, below_gamma, scale, state["step"])
+            self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
         return scale.view_as(p)
 
     def _tensors_with_grad(self):

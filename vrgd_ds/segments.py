@@ -66,25 +66,50 @@ class SegmentLayout:
             self._device = device
         return self._lengths_t, self._keys_t, self._valid
 
-    def local_sums(self, values: Sequence[Tensor]) -> Tensor:
-        """Σ over the local elements of each parameter tensor, for each of ``values``.
+    def _pieces(self):
+        start = 0
+        for length, key in zip(self.piece_lengths, self.piece_keys):
+            if key >= 0:
+                yield key, start, start + length
+            start += length
+
+    def local_sums(self, values: Sequence[Tensor], squares: bool = False) -> Tensor:
+        """Σ (or Σ of squares) over the local elements of each parameter tensor, for each of
+        ``values`` (flat, fp32).
 
         Returns a (len(values), num_tensors) fp32 tensor of *partial* sums (this rank's
         pieces only); pass it (flattened, maybe with extra entries) to :meth:`complete`.
+        A loop over views: no full-size temporaries (a flat shard holds at most a few hundred
+        pieces).
         """
-        if self.is_whole:
-            return torch.stack([v.float().sum() for v in values]).view(len(values), 1)
         device = values[0].device
-        lengths, keys, valid = self._index_tensors(device)
         out = torch.zeros(len(values), self.num_tensors, dtype=torch.float32, device=device)
         for row, v in zip(out, values):
-            piece_sums = torch.segment_reduce(v.reshape(-1).float(), "sum", lengths=lengths)
-            row.index_add_(0, keys[valid], piece_sums[valid])
+            v = v.reshape(-1)
+            if self.is_whole:
+                row[0] = torch.dot(v, v) if squares else v.sum()
+                continue
+            for key, a, b in self._pieces():
+                piece = v[a:b]
+                row[key] += torch.dot(piece, piece) if squares else piece.sum()
         return out
 
-    def tensor_sums(self, values: Sequence[Tensor]) -> Tensor:
+    def scale_(self, x: Tensor, per_tensor: Tensor, divide: bool = False) -> Tensor:
+        """Multiply (or divide) each parameter tensor's elements of flat ``x`` by its value of
+        ``per_tensor``, in place; padding is left alone."""
+        x = x.view(-1)
+        if self.is_whole:
+            return x.div_(per_tensor[0]) if divide else x.mul_(per_tensor[0])
+        for key, a, b in self._pieces():
+            if divide:
+                x[a:b].div_(per_tensor[key])
+            else:
+                x[a:b].mul_(per_tensor[key])
+        return x
+
+    def tensor_sums(self, values: Sequence[Tensor], squares: bool = False) -> Tensor:
         """:meth:`local_sums` completed across ranks: (len(values), num_tensors) fp32."""
-        sums = self.local_sums(values)
+        sums = self.local_sums(values, squares)
         if self.complete is not None:
             self.complete(sums)
         return sums
@@ -102,4 +127,4 @@ class SegmentLayout:
 
     def tensor_norms(self, values: Sequence[Tensor]) -> Tensor:
         """L2 norm of every parameter tensor, for each of ``values`` (one collective)."""
-        return self.tensor_sums([v.float() * v.float() for v in values]).sqrt_()
+        return self.tensor_sums([v.float() for v in values], squares=True).sqrt_()

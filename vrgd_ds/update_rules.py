@@ -120,7 +120,7 @@ def lamb_update(
     if trust_ratio:
         norms = layout.tensor_norms([param, update])
         ratio = _trust_ratio(norms[0], norms[1], min_trust_ratio, max_trust_ratio)
-        update.mul_(layout.expand(ratio))
+        layout.scale_(update, ratio)
     param.add_(update, alpha=-lr)
 
 
@@ -154,7 +154,7 @@ def lars_update(
         )
     d = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
     if trust_ratio:
-        d.mul_(layout.expand(local_lr))
+        layout.scale_(d, local_lr)
     if momentum != 0:
         buf = state.get("momentum_buffer")
         if buf is None:
