@@ -4,8 +4,8 @@ Every variant trains the same BERT-shaped masked-LM (transformers ``BertForMaske
 ``BertConfig``; no download) under DeepSpeed ZeRO-2 on 2 CPU ranks (gloo), in fp32 and bf16, with
 gradient accumulation 1 and 4. One run measures everything:
 
-    # the numbers in docs/results_overhead.md (~25 min on 2 busy cores)
-    python scripts/bench_overhead.py --json runs/overhead.json --report runs/overhead.md
+    # the numbers in docs/results_overhead.md (~45 min on 2 busy cores)
+    python scripts/bench_overhead.py --profile --json runs/overhead.json --report runs/overhead.md
     # smoke run (tiny model, 2 rounds; tests/test_bench_overhead_smoke.py)
     python scripts/bench_overhead.py --quick
 
@@ -52,7 +52,10 @@ Protocol
     ``bytes/rank`` is what a ring algorithm sends per rank, on average over ranks:
     payload·2(w−1)/w for all-reduce, payload·(w−1)/w for reduce-scatter, all-gather, reduce,
     broadcast (w = group size). VR's extra bytes = the VR variant's minus LAMB's; the limit is
-    one extra fp32 reduce-scatter of all N parameters per step: 4·N·(w−1)/w.
+    one extra fp32 reduce-scatter of all N parameters per step: 4·N·(w−1)/w. ``TCP sent`` is
+    what gloo really sent in that step (acknowledged bytes of the rank's TCP sockets, from
+    ``ss -tinp``; mean of the ranks): gloo implements some collectives differently from the
+    ring model (reduce-scatter as an all-reduce of a full copy, for one).
 """
 from __future__ import annotations
 
@@ -239,6 +242,26 @@ class CollectiveCounter:
 COUNTER = CollectiveCounter()
 
 
+def tcp_bytes_sent() -> int | None:
+    """Bytes this process's TCP sockets have sent and had acknowledged (``ss -tinpH``,
+    iproute2), i.e. what gloo really put on the wire; None where ``ss`` is unavailable."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("ss") is None:
+        return None
+    lines = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True, check=False).stdout.splitlines()
+    total, mine, tag = 0, False, f"pid={os.getpid()},"
+    for line in lines:
+        if not line[:1].isspace():  # a socket line; its details follow on the next line
+            mine = tag in line
+        elif mine:
+            match = re.search(r"bytes_acked:(\d+)", line)
+            total += int(match.group(1)) if match else 0
+    return total
+
+
 # ---- memory -------------------------------------------------------------------------------------
 def _status_kib(field: str) -> int | None:
     try:
@@ -380,7 +403,7 @@ _PY_FRAME = re.compile(r"^(.*\.py)\((\d+)\): (.*)$")
 
 
 def attribute_profile(prof, top: int = 40) -> dict:
-    """Self CPU time of a profiled optimizer step, by (innermost vrgd_ds or DeepSpeed function, op).
+    """Self time (elapsed, torch.profiler) of a profiled optimizer step, by (function, op).
 
     Every operator (aten::, c10d::, ...) and every Python frame's own time goes to the innermost
     Python frame of vrgd_ds or DeepSpeed around it (itself, for a Python frame of theirs), else
@@ -467,15 +490,21 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
     engine = build_engine(variant, precision, gas, cfg, world)
     for _ in range(cfg.warmup):
         train_step(engine, batches, mode)
+    dist.barrier()
+    tcp0 = tcp_bytes_sent()
     COUNTER.enabled = True
     train_step(engine, batches, mode)
     COUNTER.enabled = False
+    dist.barrier()
+    time.sleep(0.2)  # let the last acknowledgements arrive
+    tcp1 = tcp_bytes_sent()
     collectives = COUNTER.take()
     gc.collect()
     entry = {
         "peak_bytes": peak_bytes() - rss0,
         "held_bytes": rss_bytes() - rss0,
         "collectives": collectives,
+        "tcp_bytes": None if tcp0 is None else tcp1 - tcp0,
         "vr_buffers": vr_buffer_bytes(engine),
         "num_params": sum(p.numel() for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
@@ -544,7 +573,8 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
                 for variant in VARIANTS:
                     dist.barrier()
                     if rank == 0:
-                        block["variants"][variant.name]["profile"] = profiled_step(engines[variant.name], batches[:gas], mode)
+                        block["variants"][variant.name]["profile"] = profiled_step(
+                            engines[variant.name], batches[:gas], mode)
                     else:
                         train_step(engines[variant.name], batches[:gas], mode)
             results["blocks"].append(block)
@@ -576,6 +606,8 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
                       for k in ("cpu_" + t for t in TIMES)})
             for k in ("peak_bytes", "held_bytes"):
                 m[k] = max(e[k] for e in entries)
+            tcp = [e["tcp_bytes"] for e in entries]
+            m["tcp_bytes"] = None if None in tcp else statistics.fmean(tcp)
             m["vr_buffers"] = {k: max(e["vr_buffers"].get(k, 0) for e in entries) for k in entry["vr_buffers"]}
             m["num_params"] = entry["num_params"]
             m["num_tensors"] = entry["num_tensors"]
@@ -588,7 +620,8 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
                     acc[0] += c["calls"] / len(entries)
                     acc[1] += c["payload"] / len(entries)
                     acc[2] += c["ring"] / len(entries)
-            m["collectives"] = [{"op": op, "origin": o, "calls": v[0], "payload": v[1], "ring": v[2]} for (op, o), v in sorted(coll.items())]
+            m["collectives"] = [{"op": op, "origin": o, "calls": v[0], "payload": v[1], "ring": v[2]}
+                                for (op, o), v in sorted(coll.items())]
             merged["variants"][name] = m
         blocks.append(merged)
     return blocks
@@ -621,6 +654,8 @@ def summarize(blocks: list[dict]) -> dict:
                 "ring": ring, "payload": sum(c["payload"] for c in e["collectives"]),
                 "calls": sum(c["calls"] for c in e["collectives"]),
                 "extra_ring": ring - base_ring, "limit": limit, "extra_ratio": (ring - base_ring) / limit,
+                "tcp": e["tcp_bytes"],
+                "tcp_extra_ratio": None if e["tcp_bytes"] is None else (e["tcp_bytes"] - base["tcp_bytes"]) / limit,
                 "vr_ring": sum(c["ring"] for c in e["collectives"] if c["origin"].startswith("vrgd_ds")),
                 "num_params": n, "collectives": e["collectives"], "profile": e.get("profile"),
             }
@@ -666,7 +701,8 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
         out.append("")
     out.append("### Memory per rank (MiB; larger rank; see the docstring for definitions)")
     out.append("")
-    out.append("| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers | VR buffers / (4N/w) |")
+    out.append("| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers "
+               "| VR buffers / (4N/w) |")
     out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         part = 4 * r["num_params"] / WORLD_SIZE
@@ -686,12 +722,13 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     out.append("### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N, 4N(w-1)/w)")
     out.append("")
     out.append("| precision | gas | optimizer | collectives | sent MiB | extra vs LAMB MiB | by vrgd_ds MiB "
-               "| limit MiB | extra / limit |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+               "| limit MiB | extra / limit | TCP sent MiB (gloo) | TCP extra / limit |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        tcp = "n/a | n/a" if r["tcp"] is None else f"{_mib(r['tcp']):.3f} | {r['tcp_extra_ratio']:.3f}"
         out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {r['calls']:.0f} | {_mib(r['ring']):.3f} "
                    f"| {_mib(r['extra_ring']):.3f} | {_mib(r['vr_ring']):.3f} | {_mib(r['limit']):.3f} "
-                   f"| {r['extra_ratio']:.3f} |")
+                   f"| {r['extra_ratio']:.3f} | {tcp} |")
     out.append("")
     out.append("#### Collectives of one step, VRLamb vs LAMB (calls, payload MiB, origin)")
     out.append("")
@@ -720,6 +757,11 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
         if r["variant"].startswith("VRLamb"):
             out.append(_target_row(f"extra bytes / limit, gas {r['gas']}, {r['strategy']}{' (auto)' if r['auto'] else ''}",
                                    r, r["extra_ratio"], None, TARGETS["extra_bytes_ratio"]))
+    for r in rows:
+        if r["variant"].startswith("VRLamb") and r["tcp"] is not None:
+            out.append(_target_row(f"extra TCP bytes on gloo / limit, gas {r['gas']}, {r['strategy']}"
+                                   f"{' (auto)' if r['auto'] else ''}", r, r["tcp_extra_ratio"], None,
+                                   TARGETS["extra_bytes_ratio"]))
     out.append("")
     out.append(f"Code: {meta['code']}. Machine: {meta['machine']}. Max RSS of a rank over the whole run: {_mib(meta['max_rss']):.0f} MiB "
                f"(getrusage ru_maxrss). Wall time: {meta['wall_s']:.0f} s.")
@@ -727,14 +769,14 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
 
 
 def profile_markdown(blocks: list[dict], top: int = 15) -> str:
-    out = ["### Where the optimizer step's time goes (rank 0, one profiled step, torch.profiler self CPU time)"]
+    out = ["### Where the optimizer step's time goes (rank 0, one profiled step; torch.profiler self time of ops, s)"]
     for block in blocks:
         for name, e in block["variants"].items():
             prof = e.get("profile")
             if not prof:
                 continue
             out += ["", (f"**{block['precision']} gas {block['gas']} {name}**: opt step {prof['opt_step_s']:.3f} s under "
-                    f"the profiler, {prof['total']:.3f} s of self CPU time attributed."), "",
+                    f"the profiler, {prof['total']:.3f} s of op self time attributed."), "",
                     "| function (innermost vrgd_ds, else DeepSpeed frame) | s | share |", "|---|---|---|"]
             for owner, t in prof["functions"][:top]:
                 out.append(f"| {owner} | {t:.3f} | {t / prof['total']:.1%} |")

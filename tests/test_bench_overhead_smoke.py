@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,8 @@ def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
         assert len(rows) == 16  # 2 precisions x 2 accumulations x 4 optimizers
         for row in rows:
             for cell in row[3:]:
+                if cell == "n/a" and shutil.which("ss") is None:
+                    continue  # measured TCP bytes need iproute2's ss
                 values = NUMBER.findall(cell)
                 assert values, f"non-numeric cell {cell!r} in row {row}"
                 assert all(math.isfinite(float(v)) for v in values), f"non-finite cell {cell!r} in row {row}"
@@ -59,6 +62,8 @@ def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
         assert row["total"] > 0 and row["opt"] > 0 and row["cpu_total"] > 0 and row["cpu_opt"] > 0
         ops = {c["op"] for c in row["collectives"] if c["origin"] == "deepspeed"}
         assert {"all_reduce", "all_gather_into_tensor"} <= ops, ops
+        if shutil.which("ss") is not None:
+            assert row["tcp"] > 0, row["variant"]
         if row["variant"].startswith("VRLamb"):
             gas = row["gas"] if row["strategy"] == "per_micro_step" else 1
             assert row["extra_ratio"] == pytest.approx(gas, rel=0.01), row  # tiny layer-sum all-reduces on top
