@@ -4,7 +4,7 @@ Every variant trains the same BERT-shaped masked-LM (transformers ``BertForMaske
 ``BertConfig``; no download) under DeepSpeed ZeRO-2 on 2 CPU ranks (gloo), in fp32 and bf16, with
 gradient accumulation 1 and 4. One run measures everything:
 
-    # the numbers in docs/results_overhead.md (~45 min on 2 busy cores)
+    # the numbers in docs/results_overhead.md (30–45 min on 2 busy cores)
     python scripts/bench_overhead.py --profile --json runs/overhead.json --report runs/overhead.md
     # smoke run (tiny model, 2 rounds; tests/test_bench_overhead_smoke.py)
     python scripts/bench_overhead.py --quick
