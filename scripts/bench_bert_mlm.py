@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -196,9 +197,12 @@ def code_snapshot(ref: str, out: Path) -> tuple[Path, str]:
                              capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError) as err:
         raise SystemExit(f"error: --code-ref {ref}: not a commit of the git repository at {ROOT} ({err}).") from None
-    folder = out / f"code-{sha[:12]}"
+    # Named by the content of the exported paths, so that commits that leave them alone share runs.
+    tree = subprocess.run(["git", "ls-tree", sha, *SNAPSHOT_PATHS], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout
+    folder = out / f"code-{hashlib.sha1(tree.encode()).hexdigest()[:12]}"
     if not (folder / "pretrain_bert.py").exists():
-        tmp = out / f"code-{sha[:12]}.tmp{os.getpid()}"
+        tmp = out / f"{folder.name}.tmp{os.getpid()}"
         tmp.mkdir(parents=True)
         archive = subprocess.run(["git", "archive", "--format=tar", sha, *SNAPSHOT_PATHS], cwd=ROOT, check=True,
                                  capture_output=True).stdout
@@ -209,7 +213,8 @@ def code_snapshot(ref: str, out: Path) -> tuple[Path, str]:
 
 def code_description(args) -> str:
     if args.code_ref is not None:
-        return f"pretrain_bert.py and vrgd_ds at commit {args.code_sha[:12]} (--code-ref {args.code_ref})"
+        return (f"pretrain_bert.py and vrgd_ds at commit {args.code_sha[:12]} (--code-ref {args.code_ref}; "
+                f"exported to {args.code_dir.name}, named by the content of {', '.join(SNAPSHOT_PATHS)})")
     try:
         described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, check=True,
                                    capture_output=True, text=True).stdout.strip()
@@ -222,7 +227,7 @@ def do_run(run: Run, s: Settings, args, out: Path, index: str) -> dict:
     """Run (or reuse) one pretrain_bert.py process; returns its bench_done.json contents."""
     folder = out / run.name
     done = folder / DONE
-    code = args.code_sha or "worktree"
+    code = args.code_dir.name if args.code_sha else "worktree"
     if done.exists() and json.loads(done.read_text()).get("code") != code:
         print(f"[{index}] {run.name}: finished with other code ({json.loads(done.read_text()).get('code')}), "
               f"running it again", flush=True)
