@@ -196,8 +196,22 @@ def test_gsnr_functions_against_reference():
     out = normalize_and_clip(r, r.mean(), 0.1)
     torch.testing.assert_close(out.double(), reference_gsnr(samples, 0.1), rtol=1e-6, atol=1e-7)
     # identical samples: variance 0, r capped at 1/eps, still finite
-    r_same = gsnr_from_moments(torch.full((3,), 4.0), torch.full((3,), 8.0), 4, 1e-6)
-    assert torch.isfinite(r_same).all() and r_same.max() <= 1e6 * (1 + 1e-5)
+    r_same = gsnr_from_moments(torch.full((3,), 4.0), torch.full((3,), 4.0), 4, 1e-6)
+    torch.testing.assert_close(r_same, torch.full((3,), 1e6), rtol=2e-6, atol=0)
+    # samples 0, 0, 2, 2: mean 1, second moment 2, variance 1, r = 1
+    torch.testing.assert_close(gsnr_from_moments(torch.tensor([4.0]), torch.tensor([8.0]), 4, 1e-6), torch.tensor([1.0]))
+    # in place of the second moment (what the optimizers do), same values; inputs scaled by any
+    # common factor (loss scale) or passed as an average (sum_scale) give the same r
+    s2_copy = s2.clone()
+    assert gsnr_from_moments(s1, s2_copy, 6, 1e-6, out=s2_copy) is s2_copy
+    torch.testing.assert_close(s2_copy, r, rtol=0, atol=0)
+    torch.testing.assert_close(gsnr_from_moments(s1 * 512 / 3, s2 * 512**2, 6, 1e-6, sum_scale=3), r, rtol=1e-6, atol=0)
+    # a non-finite sample makes r non-finite (the optimizer then skips the step)
+    bad = s2.clone()
+    bad[10] = float("inf")
+    s1_bad = s1.clone()
+    s1_bad[10] = float("inf")
+    assert not torch.isfinite(gsnr_from_moments(s1_bad, bad, 6, 1e-6)[10])
     # no signal anywhere: r = gamma everywhere
     zero = normalize_and_clip(torch.zeros(4), torch.tensor(0.0), 0.2)
     assert torch.all(zero == 0.2)
@@ -219,6 +233,8 @@ def test_k_less_than_two_is_a_clear_error():
     (lambda p: VRAdam(p, betas=(1.0, 0.999)), r"Invalid beta parameter at index 0: 1.0"),
     (lambda p: VRLamb(p, betas=(0.9, -0.1)), r"Invalid beta parameter at index 1: -0.1"),
     (lambda p: VRLamb(p, gsnr_beta=1.0), r"Invalid gsnr_beta: 1.0.*or None"),
+    (lambda p: VRAdam(p, gsnr_eps=0.0), r"Invalid gsnr_eps: 0.0; it must be in \(0.0, 1.0\)"),
+    (lambda p: VRSGD(p, lr=0.1, gsnr_eps=1.0), r"Invalid gsnr_eps: 1.0.*Use 0 < gsnr_eps < 1"),
     (lambda p: VRLars(p, lr=0.1, trust_coefficient=0.0), r"Invalid trust_coefficient"),
     (lambda p: VRSGD(p, lr=0.1, nesterov=True), r"Nesterov momentum requires"),
     (lambda p: VRLamb(p, min_trust_ratio=2.0, max_trust_ratio=1.0), r"min_trust_ratio=2.0 > max_trust_ratio=1.0"),

@@ -55,6 +55,13 @@ VARIANT_CASES = [
     dict(name="adamw-z1-unused", type="VRAdamW", params={"lr": 1e-2}, stage=1, model=dict(hidden=11, with_unused=True)),
     dict(name="sgd-z0-unused", type="VRSGD", params={"lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, stage=0,
          model=dict(hidden=11, with_unused=True)),
+    # A tensor with gradients at steps 0 and 2 but none at step 1: skipped at step 1, and step 2
+    # must not see step 0's g² (the per_step buffer is overwritten, not zeroed, between steps).
+    # SGD: its update does not depend on t (a flat ZeRO shard has one step count, see README).
+    dict(name="sgd-z2-extra_off", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=2, extra_off_step=1),
+    dict(name="sgd-z1-extra_off", type="VRSGD", params={"lr": 0.1, "weight_decay": 0.1}, stage=1, extra_off_step=1),
+    dict(name="sgd-z2-extra_off-per_micro_step", type="VRSGD",
+         params={"lr": 0.1, "momentum": 0.9, "moment_reduction": "per_micro_step"}, stage=2, extra_off_step=1),
     dict(name="lamb-z2-client-instance", type="VRLamb", params=LAMB, stage=2, client="instance"),
     dict(name="lars-z1-client-callable", type="VRLars", params={"lr": 0.5}, stage=1, client="callable"),
     dict(name="sgd-z0-client-instance", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, client="instance"),

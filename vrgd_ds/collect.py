@@ -102,12 +102,13 @@ class GradientMomentCollector:
         return self._buffer is None or bool(torch.isfinite(self._buffer).all())
 
     def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
-        """Element-wise r for parameter ``p`` (flat fp32), after :meth:`finalize`."""
+        """Element-wise r for parameter ``p`` (flat fp32, a view of the buffer that the optimizer
+        may overwrite), after :meth:`finalize`; once per parameter per step."""
         offset, numel = self._offsets[id(p)]
         buf = self._buffer
-        return gsnr_from_moments(
-            buf[offset : offset + numel], buf[self.numel + offset : self.numel + offset + numel], self._finalized_k, eps
-        )
+        # In place of Σg², which nothing reads after r (the buffer is reset after the step).
+        grad_sq_sum = buf[self.numel + offset : self.numel + offset + numel]
+        return gsnr_from_moments(buf[offset : offset + numel], grad_sq_sum, self._finalized_k, eps, out=grad_sq_sum)
 
     def reset(self) -> None:
         """Forget this step's samples (after step(), zero_grad(), or a skipped step)."""

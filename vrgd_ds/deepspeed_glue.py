@@ -220,8 +220,7 @@ class DeepSpeedMomentSource:
             sq = self.sq[id(p)]
             # DeepSpeed averages over ranks: Σ_samples g = world_size · G (same loss scale, same
             # 1/gas as the samples, so r needs no unscaling).
-            r = gsnr_from_moments(p.grad.reshape(-1), sq, k, self._eps_of(p), sum_scale=self.world_size)
-            sq.copy_(r)
+            gsnr_from_moments(p.grad.reshape(-1), sq, k, self._eps_of(p), sum_scale=self.world_size, out=sq)
             self._prepared.add(id(p))
 
     def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
@@ -234,7 +233,7 @@ class DeepSpeedMomentSource:
         pass
 
     def clear(self) -> None:
-        for buf in self._buffers():
+        for buf in self._buffers_to_zero():
             buf.zero_()
         self._hook_counts.clear()
         self.local_samples = 0
@@ -249,7 +248,7 @@ class DeepSpeedMomentSource:
     def ensure_reduced(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _buffers(self):  # pragma: no cover - overridden
+    def _buffers_to_zero(self):  # pragma: no cover - overridden
         raise NotImplementedError
 
     def extra_buffer_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
@@ -300,7 +299,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
                 dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
             self._reduced = True
 
-    def _buffers(self):
+    def _buffers_to_zero(self):
         return [self.buffer]
 
     def extra_buffer_bytes(self):
@@ -318,7 +317,11 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         self.zero_opt = zero_opt
         self.strategy = strategy
         self.rank = dist.get_rank(group=group0)
+        # gloo implements reduce_scatter_tensor as an all-reduce of a full copy (2x the bytes of a
+        # reduce-scatter on the wire, plus a full-size temporary): use point-to-point there.
+        self.pairwise_exchange = dist.get_backend(group0) == "gloo"
         self.full: list[Tensor | None] = []
+        self.views: list[list[tuple[Tensor, Tensor]]] = []
         self.partitions: list[Tensor] = []
         self.group_tensors: dict[int, list[Tensor]] = {}
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
@@ -334,6 +337,8 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.full.append(full)
             self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
             offsets = zero_opt.round_robin_bit16_offsets[i]
+            if full is not None:
+                self.views.append([(p, full[offset:offset + p.numel()]) for p, offset in zip(tensors, offsets)])
             for p, offset in zip(tensors, offsets):
                 self.handles.append(p.register_hook(self._make_hook(i, p, offset, part_size, group)))
 
@@ -344,7 +349,10 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
             def hook(grad):
                 g = grad.detach().reshape(-1).float()
-                view.addcmul_(g, g)
+                if self._hook_counts.get(id(p), 0) == 0:
+                    torch.mul(g, g, out=view)  # the step's first sample: no zeroing pass needed
+                else:
+                    view.addcmul_(g, g)
                 self._count(p)
             return hook
 
@@ -372,12 +380,49 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             return
         if self.strategy == "per_step":
             for i, (full, partition) in enumerate(zip(self.full, self.partitions)):
-                dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM,
-                                           group=self.zero_opt.real_dp_process_group[i])
+                # The hooks overwrite a tensor's slice at its first sample of the step; the slices
+                # of tensors with no gradient this step still hold an earlier step's g².
+                for p, view in self.views[i]:
+                    if self._hook_counts.get(id(p), 0) == 0:
+                        view.zero_()
+                group = self.zero_opt.real_dp_process_group[i]
+                if self.world_size == 1:
+                    partition.copy_(full)
+                elif self.pairwise_exchange:
+                    self._exchange(full, partition, group, tag=i)
+                else:
+                    dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
 
-    def _buffers(self):
-        return [b for b in self.full if b is not None] + self.partitions
+    def _exchange(self, full: Tensor, partition: Tensor, group, tag: int) -> None:
+        """Reduce-scatter of ``full`` into ``partition`` by point-to-point transfers: in round s
+        this rank sends rank (r+s) mod w its slice and receives its own slice from rank
+        (r−s) mod w — 4·N·(w−1)/w bytes per rank, the reduce-scatter minimum."""
+        size, w, r = partition.numel(), self.world_size, self.rank
+
+        def peer(q):
+            return dist.get_global_rank(group, q) if group is not None else q
+
+        def slice_of(q):
+            return full[q * size:(q + 1) * size]
+
+        incoming = partition if w == 2 else torch.empty_like(partition)
+        if w > 2:
+            partition.copy_(slice_of(r))
+        for s in range(1, w):
+            dst, src = (r + s) % w, (r - s) % w
+            sent = dist.isend(slice_of(dst), dst=peer(dst), group=group, tag=tag)
+            dist.irecv(incoming, src=peer(src), group=group, tag=tag).wait()
+            sent.wait()
+            if w > 2:
+                partition.add_(incoming)
+        if w == 2:
+            partition.add_(slice_of(r))
+
+    def _buffers_to_zero(self):
+        # per_step: ``full`` is overwritten by each step's first samples (see the hook) and the
+        # partition by the reduction; per_micro_step adds into the partition.
+        return [] if self.strategy == "per_step" else self.partitions
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
         """This rank's gradient-sample count of every tensor of ``inner``'s group (completed by

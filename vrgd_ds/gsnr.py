@@ -14,39 +14,50 @@ __all__ = ["gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]
 
 
 def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | float, eps: float,
-                      sum_scale: float = 1.0) -> Tensor:
+                      sum_scale: float = 1.0, out: Tensor | None = None) -> Tensor:
     r"""Element-wise GSNR from the first two raw moments of k gradient samples (paper eq. 2, 7).
 
     .. math::
         \mu_j = \tfrac1k \textstyle\sum_s g_{s,j},\quad
         q_j = \tfrac1k \textstyle\sum_s g_{s,j}^2,\quad
-        r_j = \frac{\mu_j^2}{\max(q_j - \mu_j^2,\ \epsilon q_j)},\qquad r_j = 0 \text{ where } q_j = 0.
+        r_j = \frac{\mu_j^2}{\max(q_j - \mu_j^2,\ \epsilon q_j)}
+            = \frac{u_j}{\max(1 - u_j,\ \epsilon)},\quad u_j = \frac{\mu_j^2}{q_j},
+        \qquad r_j = 0 \text{ where } q_j = 0.
 
     The variance is the biased 1/k estimator, as in the paper. ``eps`` is a *relative* floor
-    (VRGD.md §1): it caps r at 1/eps and keeps r invariant to any common scale of the samples
+    (VRGD.md §1): it caps r near 1/eps and keeps r invariant to any common scale of the samples
     (loss scale, 1/gas, 1/world size), so callers may pass moments of scaled samples.
-    Computed as r = S² / max(k·Q − S², ε·k·Q) with S = Σg, Q = Σg² (the same quantity
-    multiplied through by k², in fewer passes over memory); a non-finite sample gives a
-    non-finite r.
+
+    Computed in place in ``out`` with no temporary (this runs on every element of the model
+    every step): with c = sum_scale²/k and y = Q/S'² (S' = ``grad_sum``, so u = c/y),
+    r = c / max(y − c, c·ε/(1−ε)). That is u/max(1−u, ε) exactly where the floor is not active;
+    where it is (u ≥ 1−ε: all samples nearly equal), r = (1−ε)/ε instead of u/ε, a relative
+    difference ≤ ε. u ≤ 1 by Cauchy–Schwarz; rounding above 1 also lands on the cap. S = 0 gives
+    y = ∞, r = 0; Q = 0 (then S = 0) gives r = 0; a non-finite sample gives a non-finite r.
+    Near the cap fp32 cancellation in 1 − u limits r's precision (as in any fp32 form of the
+    variance); the relative error is ~1e-7 where r ≪ 1/ε.
 
     Args:
         grad_sum: Σ_s g_s (any shape; promoted to fp32), or Σ_s g_s / ``sum_scale``.
         grad_sq_sum: Σ_s g_s² (same shape).
         num_samples: k, the number of gradient samples summed.
-        eps: relative variance floor (``gsnr_eps``), > 0.
+        eps: relative variance floor (``gsnr_eps``), 0 < eps < 1.
         sum_scale: Σ_s g_s = sum_scale · grad_sum (e.g. the world size, for an averaged gradient).
+        out: fp32 tensor to write r into; may be ``grad_sq_sum`` itself (then it is consumed).
+            Default: a new tensor.
     Returns:
-        r in fp32, same shape as the inputs.
+        r in fp32, same shape as the inputs (``out`` when given).
     """
-    numerator = grad_sum.float().square()
-    denominator = grad_sq_sum.float() * (num_samples / (sum_scale * sum_scale))
-    floor = denominator * eps
-    # Rounding can make k·Q − S² slightly negative (or zero for identical samples): the
-    # relative floor keeps r finite and scale-invariant there; where Q = 0, S = 0 and 0/tiny = 0.
-    denominator.sub_(numerator)
-    torch.maximum(denominator, floor, out=denominator)
-    denominator.clamp_(min=torch.finfo(torch.float32).tiny)
-    return numerator.div_(denominator)
+    if out is None:
+        out = grad_sq_sum.to(torch.float32, copy=True)
+    elif out is not grad_sq_sum:
+        out.copy_(grad_sq_sum)
+    s = grad_sum.float()
+    c = (sum_scale * sum_scale) / num_samples
+    # y = Q / S²; Q is floored at the smallest normal so that Q = S = 0 gives y = tiny/0 = ∞.
+    out.clamp_(min=torch.finfo(torch.float32).tiny).div_(s).div_(s)
+    # y − c = c·(1 − u)/u: the relative variance floor is a clamp of it; then r = c / (y − c).
+    return out.sub_(c).clamp_(min=c * eps / (1.0 - eps)).reciprocal_().mul_(c)
 
 
 def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float) -> Tensor:
@@ -62,12 +73,15 @@ def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float) -> Tensor
     return (gsnr / safe_mean).clamp_(min=gamma, max=1.0)
 
 
-def update_gsnr_momentum(momentum: Tensor, gsnr: Tensor, beta: float, step: int) -> Tensor:
+def update_gsnr_momentum(momentum: Tensor, gsnr: Tensor, beta: float, step: int, out: Tensor | None = None) -> Tensor:
     r"""GSNR momentum with bias correction (VRGD.md §3), updating ``momentum`` in place.
 
     .. math:: p_t = \beta_3 p_{t-1} + (1-\beta_3)\, r_t,\qquad \hat p_t = p_t / (1 - \beta_3^t)
 
-    Returns p̂_t (a new tensor). ``step`` is t ≥ 1, the optimizer's step count for the tensor.
+    Returns p̂_t, written into ``out`` (which may be ``gsnr``: r_t is no longer needed) or, by
+    default, a new tensor. ``step`` is t ≥ 1, the optimizer's step count for the tensor.
     """
-    momentum.mul_(beta).add_(gsnr, alpha=1.0 - beta)
-    return momentum / (1.0 - beta**step)
+    momentum.lerp_(gsnr, 1.0 - beta)
+    if out is None:
+        return momentum / (1.0 - beta**step)
+    return torch.mul(momentum, 1.0 / (1.0 - beta**step), out=out)

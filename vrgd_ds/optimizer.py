@@ -93,7 +93,7 @@ class VROptimizer(Optimizer):
         gamma (float): lower clip of normalized r, 0 < γ ≤ 1 (default: 0.1). γ = 1 gives r ≡ 1.
         gsnr_beta (float or None): GSNR momentum β3 in [0, 1), ``None`` = off (default depends
             on the optimizer: 0.9 for VRAdam/VRLamb, None for VRSGD/VRLars).
-        gsnr_eps (float): relative variance floor, > 0 (default: 1e-6).
+        gsnr_eps (float): relative variance floor, 0 < gsnr_eps < 1 (default: 1e-6).
         process_group: torch.distributed group over which plain-PyTorch moments are summed
             (default: the world group when initialized with > 1 rank).
         stats_interval (int): compute GSNR statistics every N steps, 0 = never (default: 0).
@@ -193,7 +193,8 @@ class VROptimizer(Optimizer):
         if group["gsnr_beta"] is not None:
             _check_range("gsnr_beta", group["gsnr_beta"], 0.0, 1.0, high_open=True,
                          fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.")
-        _check_range("gsnr_eps", group["gsnr_eps"], 0.0, math.inf, low_open=True)
+        _check_range("gsnr_eps", group["gsnr_eps"], 0.0, 1.0, low_open=True, high_open=True,
+                     fix="Use 0 < gsnr_eps < 1 (a floor on the variance relative to the second moment; default 1e-6).")
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - overridden
         pass
@@ -306,22 +307,23 @@ class VROptimizer(Optimizer):
         absent = vec[n:2 * n] == 0 if counts is not None else None
         return raw, layer_mean, absent
 
-    def _gsnr_scale(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
-                    layer_mean: Tensor) -> Tensor:
-        """Phase 2: r ← clip(r / mean, γ, 1) (:func:`~vrgd_ds.gsnr.normalize_and_clip`, done in
-        place on ``raw``), then GSNR momentum; returns the scale applied to G."""
+    def _scaled_gradient(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
+                         layer_mean: Tensor) -> Tensor:
+        """Phase 2: r ← clip(r / mean, γ, 1) (:func:`~vrgd_ds.gsnr.normalize_and_clip`), GSNR
+        momentum, then g' = scale ⊙ G — all in place in ``raw`` (a buffer of this step's moments,
+        free once r is used), so the step makes no full-size temporary here."""
         below_gamma = raw < group["gamma"] * layout.expand(layer_mean) if stats else None
         raw_for_stats = raw.clone() if stats else None
-        # normalize_and_clip, in place on raw (a buffer of this step), one tensor piece at a time
+        # normalize_and_clip, one tensor piece at a time (a flat shard holds several tensors)
         safe_mean = torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
         scale = layout.scale_(raw, safe_mean, divide=True).clamp_(min=group["gamma"], max=1.0)
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
-            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"])
+            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"], out=scale)
         if stats:
             self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
-        return scale.view_as(p)
+        return scale.mul_(p.grad.reshape(-1)).view_as(p)
 
     def _tensors_with_grad(self):
         """(tensor, its group, its state, its layout) for every tensor with a gradient; state is
@@ -381,8 +383,7 @@ class VROptimizer(Optimizer):
             state["step"] += 1
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
             keep = _ElementsKept(p, state, layout, absent) if absent is not None and bool(absent.any()) else None
-            scale = self._gsnr_scale(p, group, layout, state, stats, raw, layer_mean)
-            self._base_update(p, p.grad * scale, state, group, layout)
+            self._base_update(p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout)
             if keep is not None:
                 keep.restore()
         source.reset()

@@ -111,10 +111,13 @@ def lamb_update(
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # One full-size temporary: √v̂ + ε, then m̂ / (√v̂ + ε) written over it.
+    update = exp_avg_sq.sqrt()
     if bias_correction:
-        update = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt_().add_(eps))
+        update.div_((1 - beta2**step) ** 0.5).add_(eps)
+        torch.div(exp_avg, update, out=update).div_(1 - beta1**step)
     else:
-        update = exp_avg / exp_avg_sq.sqrt().add_(eps)
+        torch.div(exp_avg, update.add_(eps), out=update)
     if weight_decay != 0:
         update.add_(param, alpha=weight_decay)
     if trust_ratio:
