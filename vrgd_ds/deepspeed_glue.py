@@ -21,7 +21,10 @@ What :func:`attach` installs (VRGD.md §1, DEEPSPEED_NOTES.md):
   ``"per_micro_step"``: only partition-sized buffers, the g² of each parameter reduced to its
   owning rank(s) as backward produces it (one reduction per parameter per micro-batch; needs
   every rank to produce gradients for the same parameters in the same order, as ZeRO-2's own
-  bucketing does). Stage 0: one full-size buffer, all-reduced once per step.
+  bucketing does). Stage 0: one full-size buffer, all-reduced once per step. On gloo (CPU) both
+  ZeRO strategies use point-to-point sends instead (gloo's reduce-scatter is an all-reduce of a
+  full copy and its reduce sends ~2.2× a reduce's share): each rank sends every other rank
+  exactly the g² of the elements that rank owns, the reduce-scatter minimum 4·N·(w−1)/w bytes.
 * The first moment is the gradient DeepSpeed already reduced: r is computed from it just
   before DeepSpeed unscales and clips it (wrapping ``unscale_and_clip_grads`` of the ZeRO /
   fp16 wrapper, or ``clip_fp32_gradients`` at stage 0 fp32), so r is independent of the loss
@@ -318,8 +321,10 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         self.strategy = strategy
         self.rank = dist.get_rank(group=group0)
         # gloo implements reduce_scatter_tensor as an all-reduce of a full copy (2x the bytes of a
-        # reduce-scatter on the wire, plus a full-size temporary): use point-to-point there.
+        # reduce-scatter on the wire, plus a full-size temporary) and its reduce sends ~2.2x a
+        # reduce's share: use point-to-point transfers there (sends still pending: _pending).
         self.pairwise_exchange = dist.get_backend(group0) == "gloo"
+        self._pending: list = []
         self.full: list[Tensor | None] = []
         self.views: list[list[tuple[Tensor, Tensor]]] = []
         self.partitions: list[Tensor] = []
@@ -363,6 +368,28 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             owners.append((owner, lo - offset, hi - offset, lo - owner * part_size))
         partition = self.partitions[i]
         global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
+        tag = len(self.handles)  # this hook's index: the same on every rank
+
+        if self.pairwise_exchange or self.world_size == 1:
+            def hook(grad):
+                g = grad.detach().reshape(-1).float()
+                for owner, a, b, dst_offset in owners:
+                    piece = g[a:b]
+                    if owner == self.rank:
+                        target = partition[dst_offset:dst_offset + (b - a)]
+                        target.addcmul_(piece, piece)
+                        for src in range(self.world_size):
+                            if src != self.rank:
+                                incoming = torch.empty_like(target)
+                                dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
+                                target.add_(incoming)
+                    else:
+                        # Sent without waiting (backward goes on); kept alive until delivered.
+                        sq = piece * piece
+                        self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
+                self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+                self._count(p)
+            return hook
 
         def hook(grad):
             g = grad.detach().reshape(-1).float()
@@ -378,6 +405,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
     def ensure_reduced(self):
         if self._reduced:
             return
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []
         if self.strategy == "per_step":
             for i, (full, partition) in enumerate(zip(self.full, self.partitions)):
                 # The hooks overwrite a tensor's slice at its first sample of the step; the slices
@@ -418,6 +448,12 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 partition.add_(incoming)
         if w == 2:
             partition.add_(slice_of(r))
+
+    def clear(self) -> None:
+        for work, _ in self._pending:  # a step skipped on overflow never reduced its moments
+            work.wait()
+        self._pending = []
+        super().clear()
 
     def _buffers_to_zero(self):
         # per_step: ``full`` is overwritten by each step's first samples (see the hook) and the
