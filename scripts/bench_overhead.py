@@ -51,7 +51,8 @@ Protocol
     each call the payload is the tensor size (input of reduce-scatter, output of all-gather);
     ``bytes/rank`` is what a ring algorithm sends per rank, on average over ranks:
     payload·2(w−1)/w for all-reduce, payload·(w−1)/w for reduce-scatter, all-gather, reduce,
-    broadcast (w = group size). VR's extra bytes = the VR variant's minus LAMB's; the limit is
+    broadcast (w = group size); a point-to-point send (``isend``/``send``) counts its payload.
+    VR's extra bytes = the VR variant's minus LAMB's; the limit is
     one extra fp32 reduce-scatter of all N parameters per step: 4·N·(w−1)/w. ``TCP sent`` is
     what gloo really sent in that step (acknowledged bytes of the rank's TCP sockets, from
     ``ss -tinp``; mean of the ranks): gloo implements some collectives differently from the
@@ -152,6 +153,9 @@ _COLLECTIVES = {
     "all_gather_single": ("output_tensor", 1),
     "all_gather": ("tensor_list", 1),
     "all_to_all_single": ("input", 1),
+    # point-to-point (vrgd_ds's reduce-scatter on gloo): the sender sends exactly the payload
+    "send": ("tensor", None),
+    "isend": ("tensor", None),
 }
 
 
@@ -205,7 +209,7 @@ class CollectiveCounter:
                 import torch.distributed as dist
 
                 world = dist.get_world_size(group=bound.arguments.get("group"))
-                ring = payload * factor * (world - 1) / world
+                ring = payload if factor is None else payload * factor * (world - 1) / world
                 key = (name, counter._origin())
                 entry = counter.records.setdefault(key, [0, 0, 0])
                 entry[0] += 1
