@@ -65,6 +65,9 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
                          else (lambda params: cls(params, **kwargs)))
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                               model_parameters=_param_groups(model, case), config=cfg)
+    if case.get("collectives"):
+        # The NCCL code path (reduce_scatter_tensor / reduce) instead of gloo's point-to-point one.
+        engine.vrgd_moment_source.pairwise_exchange = False
     batches = batches or micro_batches(SAMPLES_PER_STEP * (start_step + steps), skip_extra=False)
     dtype = next(engine.module.parameters()).dtype
     for step in range(start_step, start_step + steps):

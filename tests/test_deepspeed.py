@@ -46,6 +46,10 @@ VARIANT_CASES = [
     dict(name="lamb-z2-per_micro_step", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"), stage=2),
     dict(name="lamb-z1-per_micro_step", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"), stage=1),
     dict(name="sgd-z2-per_micro_step", type="vrsgd", params={"lr": 0.1, "moment_reduction": "per_micro_step"}, stage=2),
+    # The collectives used on NCCL (gloo itself gets point-to-point sends), both strategies.
+    dict(name="lamb-z2-collectives", type="VRLamb", params=LAMB, stage=2, collectives=True),
+    dict(name="lamb-z1-per_micro_step-collectives", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"),
+         stage=1, collectives=True),
     dict(name="lamb-z2-clip", type="VRLamb", params=LAMB, stage=2, clip=0.05),
     dict(name="sgd-z0-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, clip=0.05),
     dict(name="sgd-z1-clip", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=1, clip=0.05),
@@ -113,7 +117,10 @@ def test_per_micro_step_on_four_ranks():
     by point-to-point sends, 3 peers per owner), equal to the single-process run."""
     cases = [dict(name="lamb-z2-pms", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"), stage=2),
              dict(name="sgd-z1-pms", type="VRSGD", params={"lr": 0.1, "momentum": 0.9, "moment_reduction": "per_micro_step"},
-                  stage=1)]
+                  stage=1),
+             dict(name="lamb-z2-pms-collectives", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"),
+                  stage=2, collectives=True),
+             dict(name="lamb-z2-collectives", type="VRLamb", params=LAMB, stage=2, collectives=True)]
     results = run_ranks(run_cases, 4, cases, timeout=300, init="deepspeed")
     for case in cases:
         expected = train_plain(case)

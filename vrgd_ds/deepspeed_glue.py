@@ -323,6 +323,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         # gloo implements reduce_scatter_tensor as an all-reduce of a full copy (2x the bytes of a
         # reduce-scatter on the wire, plus a full-size temporary) and its reduce sends ~2.2x a
         # reduce's share: use point-to-point transfers there (sends still pending: _pending).
+        # (An attribute read at every use, so tests can run the collective path on gloo too.)
         self.pairwise_exchange = dist.get_backend(group0) == "gloo"
         self._pending: list = []
         self.full: list[Tensor | None] = []
@@ -370,35 +371,32 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
         tag = len(self.handles)  # this hook's index: the same on every rank
 
-        if self.pairwise_exchange or self.world_size == 1:
-            def hook(grad):
-                g = grad.detach().reshape(-1).float()
-                for owner, a, b, dst_offset in owners:
-                    piece = g[a:b]
-                    if owner == self.rank:
-                        target = partition[dst_offset:dst_offset + (b - a)]
-                        target.addcmul_(piece, piece)
-                        for src in range(self.world_size):
-                            if src != self.rank:
-                                incoming = torch.empty_like(target)
-                                dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
-                                target.add_(incoming)
-                    else:
-                        # Sent without waiting (backward goes on); kept alive until delivered.
-                        sq = piece * piece
-                        self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
-                self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
-                self._count(p)
-            return hook
-
         def hook(grad):
             g = grad.detach().reshape(-1).float()
-            sq = g * g
+            if not self.pairwise_exchange and self.world_size > 1:
+                sq = g * g
+                for owner, a, b, dst_offset in owners:
+                    piece = sq[a:b].contiguous()
+                    dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
+                    if owner == self.rank:
+                        partition[dst_offset:dst_offset + (b - a)].add_(piece)
+                self._count(p)
+                return
             for owner, a, b, dst_offset in owners:
-                piece = sq[a:b].contiguous()
-                dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
+                piece = g[a:b]
                 if owner == self.rank:
-                    partition[dst_offset:dst_offset + (b - a)].add_(piece)
+                    target = partition[dst_offset:dst_offset + (b - a)]
+                    target.addcmul_(piece, piece)
+                    for src in range(self.world_size):
+                        if src != self.rank:
+                            incoming = torch.empty_like(target)
+                            dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
+                            target.add_(incoming)
+                else:
+                    # Sent without waiting (backward goes on); kept alive until delivered.
+                    sq = piece * piece
+                    self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
+            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
             self._count(p)
         return hook
 
