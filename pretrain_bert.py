@@ -722,8 +722,17 @@ class Metrics:
             self.monitor.write_events([(name, value, step) for name, value in values.items()])
 
 
+def eval_masks(ids, first_index: int, vocab_size: int, seed: int):
+    """:func:`mask_tokens` for held-out sequences ``first_index``, ``first_index + 1``, ...: one
+    generator per sequence, so a sequence's masks do not depend on the micro-batch size or the
+    world size, and runs with different configs are scored on the same task."""
+    masked = [mask_tokens(ids[i:i + 1], vocab_size, generator("eval", seed, first_index + i)) for i in range(len(ids))]
+    return torch.cat([m[0] for m in masked]), torch.cat([m[1] for m in masked])
+
+
 def evaluate(engine, sequences, phase: Phase, args, vocab_size: int) -> dict[str, float]:
-    """MLM loss and masked-token accuracy on the first --eval-samples held-out sequences, fixed masks."""
+    """MLM loss and masked-token accuracy on the first --eval-samples held-out sequences, with fixed
+    masks (a function of the seed and the sequence's index only)."""
     n = min(args.eval_samples, len(sequences))
     mbs = phase.micro_batch_size
     world, me = dist.get_world_size(), rank()
@@ -732,7 +741,7 @@ def evaluate(engine, sequences, phase: Phase, args, vocab_size: int) -> dict[str
     with torch.no_grad():
         for start in range(me * mbs, n, world * mbs):
             ids = sequences[start:min(start + mbs, n)]["input_ids"].long()
-            inputs, labels = mask_tokens(ids, vocab_size, generator("eval", args.seed, start))
+            inputs, labels = eval_masks(ids, start, vocab_size, args.seed)
             logits = engine(input_ids=inputs.to(engine.device)).logits.float()
             labels = labels.to(engine.device)
             picked = labels != -100

@@ -324,6 +324,17 @@ def test_mask_tokens():
     assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
 
 
+def test_eval_masks_do_not_depend_on_micro_batch_size():
+    vocab = 1000
+    ids = torch.randint(len(pb.SPECIAL_PIECES), vocab, (8, 32))
+    whole = pb.eval_masks(ids, 0, vocab, seed=3)
+    for chunk in (1, 2, 3):
+        parts = [pb.eval_masks(ids[a:a + chunk], a, vocab, seed=3) for a in range(0, len(ids), chunk)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
+    assert not torch.equal(pb.eval_masks(ids, 0, vocab, seed=4)[1], whole[1])
+
+
 def test_train_batches():
     """A pure function of (step, micro-batch); an epoch is a permutation: no row repeats within it."""
     rows = {"input_ids": torch.arange(5, 105)[:, None].repeat(1, 16)}  # row i is all token i + 5
