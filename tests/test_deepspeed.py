@@ -61,11 +61,15 @@ VARIANT_CASES = [
          model=dict(hidden=11, with_unused=True)),
     # A tensor with gradients at steps 0 and 2 but none at step 1: skipped at step 1, and step 2
     # must not see step 0's g² (the per_step buffer is overwritten, not zeroed, between steps).
-    # SGD: its update does not depend on t (a flat ZeRO shard has one step count, see README).
+    # LAMB/Adam bias corrections and GSNR momentum use each tensor's own t inside the flat shard.
+    dict(name="lamb-z2-extra_off", type="VRLamb", params=LAMB, stage=2, extra_off_step=1),
+    dict(name="adamw-z1-extra_off", type="VRAdamW", params={"lr": 1e-2, "gsnr_beta": 0.5}, stage=1, extra_off_step=1),
     dict(name="sgd-z2-extra_off", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=2, extra_off_step=1),
     dict(name="sgd-z1-extra_off", type="VRSGD", params={"lr": 0.1, "weight_decay": 0.1}, stage=1, extra_off_step=1),
     dict(name="sgd-z2-extra_off-per_micro_step", type="VRSGD",
          params={"lr": 0.1, "momentum": 0.9, "moment_reduction": "per_micro_step"}, stage=2, extra_off_step=1),
+    dict(name="lamb-z2-extra_off-per_micro_step", type="VRLamb", params=dict(LAMB, moment_reduction="per_micro_step"),
+         stage=2, extra_off_step=1),
     dict(name="lamb-z2-client-instance", type="VRLamb", params=LAMB, stage=2, client="instance"),
     dict(name="lars-z1-client-callable", type="VRLars", params={"lr": 0.5}, stage=1, client="callable"),
     dict(name="sgd-z0-client-instance", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=0, client="instance"),
@@ -138,7 +142,8 @@ def test_fp16_overflow_skips_step_without_touching_vr_state():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_checkpoint_resume_in_new_processes_is_exact(stage, tmp_path):
-    case = dict(name="ckpt", type="VRLamb", params=LAMB, stage=stage)
+    # A tensor without gradients at step 1: its own step count must survive the checkpoint too.
+    case = dict(name="ckpt", type="VRLamb", params=LAMB, stage=stage, extra_off_step=1)
     full = run_ranks(checkpoint_case, 2, case, str(tmp_path), "full", timeout=120, init="deepspeed")
     resumed = run_ranks(checkpoint_case, 2, case, str(tmp_path), "resume", timeout=120, init="deepspeed")
     for a, b in zip(full[0], resumed[0]):

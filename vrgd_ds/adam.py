@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from .optimizer import VROptimizer, check_adam_like, init_adam_state
+from .optimizer import VROptimizer, check_adam_like, init_adam_state, tensor_steps
 from .update_rules import adam_update
 
 __all__ = ["VRAdam", "VRAdamW"]
@@ -45,8 +45,19 @@ class VRAdam(VROptimizer):
 
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]
-        adam_update(p, grad, state, state["step"], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"])
+        hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                  decoupled_weight_decay=group["decoupled_weight_decay"])
+        steps = tensor_steps(state)
+        if steps is None:
+            adam_update(p, grad, state, state["step"], **hp)
+            return
+        # A flat ZeRO shard whose tensors have different t: Adam is element-wise, so each piece
+        # is its own small Adam step with its tensor's t.
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
+        exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        for key, a, b in layout.pieces():
+            adam_update(flat_p[a:b], flat_g[a:b], {"exp_avg": exp_avg[a:b], "exp_avg_sq": exp_avg_sq[a:b]},
+                        int(steps[key]), **hp)
 
 
 class VRAdamW(VRAdam):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state
+from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state, tensor_steps
 from .update_rules import lamb_update
 
 __all__ = ["VRLamb"]
@@ -62,7 +62,7 @@ class VRLamb(VROptimizer):
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]
         lamb_update(p.view(-1), grad.reshape(-1), {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
-                    state["step"], layout, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    state["step"] if tensor_steps(state) is None else tensor_steps(state), layout, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
                     trust_ratio=group["trust_ratio"], min_trust_ratio=group["min_trust_ratio"],
                     max_trust_ratio=group["max_trust_ratio"])

@@ -73,16 +73,24 @@ class _ElementsKept:
         self.state = state
         self.numel = p.numel()
         self.saved = [(p, p.view(-1)[self.mask].clone())]
-        self.saved += [(t, t.view(-1)[self.mask].clone()) for t in state.values()
-                       if torch.is_tensor(t) and t.numel() == self.numel]
+        self.saved += [(t, t.view(-1)[self.mask].clone()) for k, t in state.items()
+                       if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel]
         self.known = {id(t) for t, _ in self.saved}
 
     def restore(self) -> None:
         for t, values in self.saved:
             t.view(-1)[self.mask] = values
-        for t in self.state.values():
-            if torch.is_tensor(t) and t.numel() == self.numel and id(t) not in self.known:
+        for k, t in self.state.items():
+            if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel and id(t) not in self.known:
                 t.view(-1)[self.mask] = 0
+
+
+def tensor_steps(state: dict) -> Tensor | None:
+    """The step count t of every parameter tensor of a flat ZeRO shard, where they differ (some
+    tensor got no gradient in some step: VRGD.md §0, t counts the tensor's own steps), else None
+    (every tensor's t is ``state["step"]``). At least 1, as bias corrections need."""
+    steps = state.get("tensor_step")
+    return None if steps is None else steps.clamp(min=1.0)
 
 
 class VROptimizer(Optimizer):
@@ -320,7 +328,13 @@ class VROptimizer(Optimizer):
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
-            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"], out=scale)
+            steps = tensor_steps(state)
+            if steps is None:
+                scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"], out=scale)
+            else:  # the same p̂ = p / (1 − β3^t), with each tensor's own t
+                beta = group["gsnr_beta"]
+                scale = scale.copy_(state["gsnr_momentum"].lerp_(scale, 1.0 - beta))
+                layout.scale_(scale, 1.0 - torch.pow(beta, steps.to(scale.device)), divide=True)
         if stats:
             self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
         return scale.mul_(p.grad.reshape(-1)).view_as(p)
@@ -381,6 +395,12 @@ class VROptimizer(Optimizer):
             if absent is not None and bool(absent.all()):
                 continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
             state["step"] += 1
+            if absent is not None and ("tensor_step" in state or bool(absent.any())):
+                # Tensors of this flat shard with no gradient this step keep their own t.
+                if "tensor_step" not in state:
+                    state["tensor_step"] = torch.full((layout.num_tensors,), float(state["step"] - 1),
+                                                      dtype=torch.float32, device=p.device)
+                state["tensor_step"] += (~absent).to(state["tensor_step"])
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
             keep = _ElementsKept(p, state, layout, absent) if absent is not None and bool(absent.any()) else None
             self._base_update(p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout)

@@ -66,6 +66,10 @@ class SegmentLayout:
             self._device = device
         return self._lengths_t, self._keys_t, self._valid
 
+    def pieces(self):
+        """(tensor index, start, end) of every non-padding piece of the flat tensor."""
+        return self._pieces()
+
     def _pieces(self):
         start = 0
         for length, key in zip(self.piece_lengths, self.piece_keys):

@@ -107,13 +107,18 @@ def lamb_update(
     m = β1 m + (1−β1) g';  v = β2 v + (1−β2) g'²;  u = m̂/(√v̂ + ε) + λθ;
     θ ← θ − lr · (‖θ‖/‖u‖) · u, the ratio 1 where either norm is 0, optionally clamped.
     With ``trust_ratio=False`` the ratio is 1 (an AdamW-like step for excluded tensors).
+    ``step`` is t, or a tensor of one t per parameter tensor of ``layout``.
     """
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     # One full-size temporary: √v̂ + ε, then m̂ / (√v̂ + ε) written over it.
     update = exp_avg_sq.sqrt()
-    if bias_correction:
+    if bias_correction and torch.is_tensor(step):  # one t per parameter tensor of a flat shard
+        step = step.to(update.device)
+        layout.scale_(update, (1 - torch.pow(beta2, step)).sqrt_(), divide=True).add_(eps)
+        layout.scale_(torch.div(exp_avg, update, out=update), 1 - torch.pow(beta1, step), divide=True)
+    elif bias_correction:
         update.div_((1 - beta2**step) ** 0.5).add_(eps)
         torch.div(exp_avg, update, out=update).div_(1 - beta1**step)
     else:
