@@ -65,6 +65,10 @@ VARIANT_CASES = [
     dict(name="lamb-z2-extra_off", type="VRLamb", params=LAMB, stage=2, extra_off_step=1),
     dict(name="adamw-z1-extra_off", type="VRAdamW", params={"lr": 1e-2, "gsnr_beta": 0.5}, stage=1, extra_off_step=1),
     dict(name="sgd-z2-extra_off", type="VRSGD", params={"lr": 0.1, "momentum": 0.9}, stage=2, extra_off_step=1),
+    # ... and a tensor whose first gradient comes at step 1 (SGD's dampened buffer starts at d).
+    dict(name="sgd-z2-extra_late", type="VRSGD", params={"lr": 0.1, "momentum": 0.9, "dampening": 0.3}, stage=2,
+         extra_off_step=0),
+    dict(name="lamb-z1-extra_late", type="VRLamb", params=dict(LAMB, gsnr_beta=0.5), stage=1, extra_off_step=0),
     dict(name="sgd-z1-extra_off", type="VRSGD", params={"lr": 0.1, "weight_decay": 0.1}, stage=1, extra_off_step=1),
     dict(name="sgd-z2-extra_off-per_micro_step", type="VRSGD",
          params={"lr": 0.1, "momentum": 0.9, "moment_reduction": "per_micro_step"}, stage=2, extra_off_step=1),

@@ -1,7 +1,7 @@
 """VR-SGD: VRGD in front of torch.optim.SGD (momentum, dampening, nesterov, weight decay)."""
 from __future__ import annotations
 
-from .optimizer import VROptimizer, _check_range
+from .optimizer import VROptimizer, _check_range, tensor_steps
 from .update_rules import sgd_update
 
 __all__ = ["VRSGD"]
@@ -48,5 +48,20 @@ class VRSGD(VROptimizer):
         state["step"] = 0
 
     def _base_update(self, p, grad, state, group, layout):
-        sgd_update(p, grad, state, lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                   weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+        hp = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                  weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+        steps = tensor_steps(state)
+        buf = state.get("momentum_buffer")
+        if steps is None or buf is None or group["dampening"] == 0 or bool((steps > 1).all()):
+            sgd_update(p, grad, state, **hp)
+            return
+        # A flat ZeRO shard holding a tensor at its first step while the shard's momentum buffer
+        # exists: torch.optim starts that tensor's buffer at d (not (1 − τ)·d), so give the
+        # update rule no buffer for its piece and keep what it creates.
+        flat_p, flat_g, flat_buf = p.view(-1), grad.reshape(-1), buf.view(-1)
+        for key, a, b in layout.pieces():
+            first = bool(steps[key] <= 1)
+            piece_state = {"momentum_buffer": None if first else flat_buf[a:b]}
+            sgd_update(flat_p[a:b], flat_g[a:b], piece_state, **hp)
+            if first:
+                flat_buf[a:b].copy_(piece_state["momentum_buffer"])
