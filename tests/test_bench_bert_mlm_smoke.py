@@ -5,7 +5,6 @@ that the pipeline runs end to end and that the report is well formed, not what t
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import subprocess
@@ -14,16 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from .script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_bert_mlm.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_bert_mlm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def tables(markdown: str) -> list[list[list[str]]]:
@@ -75,7 +68,7 @@ def test_missing_corpus_says_how_to_prepare_it(tmp_path):
 
 @pytest.mark.timeout(300)  # ~65 s alone on 2 cores; slack for a loaded machine
 def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
-    bench = load_script()
+    bench = load_script("bench_bert_mlm")
     report = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "runs"),
                            "--report", str(report)], check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)

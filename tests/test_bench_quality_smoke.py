@@ -6,7 +6,6 @@ mode on them, and checks that every cell of every table it prints is a finite nu
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 import subprocess
@@ -16,16 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .script_loader import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "bench_quality.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("bench_quality", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_fake_fashion_mnist(folder: Path, bench, n_train: int = 1024, n_test: int = 512) -> None:
@@ -52,7 +45,7 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 
 def test_idx_roundtrip(tmp_path):
-    bench = load_script()
+    bench = load_script("bench_quality")
     array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     bench.write_idx(tmp_path / "a-idx3-ubyte.gz", array)
     np.testing.assert_array_equal(bench.read_idx(tmp_path / "a-idx3-ubyte.gz"), array)
@@ -68,7 +61,7 @@ def test_missing_data_says_how_to_get_it(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
-    bench = load_script()
+    bench = load_script("bench_quality")
     make_fake_fashion_mnist(tmp_path, bench)
     report, plot = tmp_path / "report.md", tmp_path / "plot.png"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path),
