@@ -395,14 +395,15 @@ class VROptimizer(Optimizer):
             if absent is not None and bool(absent.all()):
                 continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
             state["step"] += 1
-            if absent is not None and ("tensor_step" in state or bool(absent.any())):
+            some_absent = absent is not None and bool(absent.any())
+            if some_absent or (absent is not None and "tensor_step" in state):
                 # Tensors of this flat shard with no gradient this step keep their own t.
                 if "tensor_step" not in state:
                     state["tensor_step"] = torch.full((layout.num_tensors,), float(state["step"] - 1),
                                                       dtype=torch.float32, device=p.device)
                 state["tensor_step"] += (~absent).to(state["tensor_step"])
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
-            keep = _ElementsKept(p, state, layout, absent) if absent is not None and bool(absent.any()) else None
+            keep = _ElementsKept(p, state, layout, absent) if some_absent else None
             self._base_update(p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout)
             if keep is not None:
                 keep.restore()
