@@ -72,6 +72,7 @@ REPO_DIR = Path(__file__).resolve().parent
 SPECIAL_PIECES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_PIECES))
 MLM_PROBABILITY = 0.15
+ERROR_PAUSE_S = 5.0  # see exit_with_error
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,21 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _txt_files(directory: Path) -> list[Path]:
+    """The .txt files under ``directory`` (recursively); directories named *.txt and broken links are not files."""
+    return sorted(f for f in directory.rglob("*.txt") if f.is_file())
+
+
+def _no_txt_files(directory: Path) -> str:
+    """Why ``directory`` gave no documents, naming a few of the files it does hold."""
+    others = sorted(str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file())
+    if not others:
+        return f"{directory} holds no files"
+    shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+    return (f"{directory} holds no .txt files ({len(others)} other file(s): {shown}); documents must be "
+            f"plain-text files whose names end in .txt")
+
+
 def find_documents(paths: list[Path], eval_fraction: float) -> tuple[list[Path], list[Path]]:
     """(train, eval) .txt documents: train/ and eval/ of a single directory, else a split by whole document."""
     missing = [str(p) for p in paths if not p.exists()]
@@ -190,13 +206,19 @@ def find_documents(paths: list[Path], eval_fraction: float) -> tuple[list[Path],
         raise InputError(f"--data {' '.join(missing)}: no such file or directory. Run scripts/prepare_corpus.py "
                          f"for the Shakespeare corpus, or pass your own .txt files or a directory of them.")
     if len(paths) == 1 and (paths[0] / "train").is_dir():
-        train = sorted((paths[0] / "train").rglob("*.txt"))
-        evals = sorted((paths[0] / "eval").rglob("*.txt")) if (paths[0] / "eval").is_dir() else []
+        train = _txt_files(paths[0] / "train")
+        if not train:
+            raise InputError(f"--data {paths[0]}: {_no_txt_files(paths[0] / 'train')}. Put the training documents "
+                             f"there.")
+        evals = _txt_files(paths[0] / "eval") if (paths[0] / "eval").is_dir() else []
         if not evals:
             raise InputError(f"{paths[0] / 'eval'} holds no .txt files: put held-out documents there, or pass the "
                              f"documents without a train/ directory to hold out --eval-fraction of them.")
     else:
-        docs = sorted({f.resolve() for p in paths for f in ([p] if p.is_file() else p.rglob("*.txt"))})
+        docs = sorted({f.resolve() for p in paths for f in ([p] if p.is_file() else _txt_files(p))})
+        if not docs:
+            why = "; ".join(_no_txt_files(p) for p in paths if p.is_dir())
+            raise InputError(f"--data {' '.join(map(str, paths))}: no .txt documents ({why}).")
         if len(docs) < 2:
             raise InputError(f"--data {' '.join(map(str, paths))}: found {len(docs)} .txt document(s); need at least 2 "
                              f"to hold whole documents out for evaluation (or a train/ and eval/ directory).")
@@ -204,11 +226,54 @@ def find_documents(paths: list[Path], eval_fraction: float) -> tuple[list[Path],
         docs.sort(key=lambda f: hashlib.sha1(f.name.encode()).hexdigest())
         n_eval = min(len(docs) - 1, max(1, round(eval_fraction * len(docs))))
         evals, train = sorted(docs[:n_eval]), sorted(docs[n_eval:])
-    if not train:
-        raise InputError(f"--data {' '.join(map(str, paths))}: no training .txt documents found.")
     if sum(f.stat().st_size for f in train) == 0:
         raise InputError(f"--data {' '.join(map(str, paths))}: the training documents are empty.")
     return train, evals
+
+
+def check_text(path: Path, chunk_size: int = 1 << 20) -> bool:
+    """Whether ``path`` holds a non-blank line; an InputError naming the file and the fix if it is not
+    UTF-8 text (what the tokenizer and `datasets` read) or cannot be read. Streams: any file size."""
+    offset, line, carry, has_text = 0, 1, b"", False  # offset and line of carry's first byte
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(chunk_size)
+                data = carry + chunk
+                if not data:
+                    return has_text
+                try:
+                    text = data.decode("utf-8")
+                    carry = b""
+                except UnicodeDecodeError as err:
+                    if chunk and err.reason == "unexpected end of data":  # a character cut by the chunk end
+                        text, carry = data[:err.start].decode("utf-8"), data[err.start:]
+                    else:
+                        at_line = line + data.count(b"\n", 0, err.start)
+                        raise InputError(
+                            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {at_line}, byte offset "
+                            f"{offset + err.start}): convert it to UTF-8 (from Latin-1: iconv -f latin1 -t utf-8 IN > OUT) "
+                            f"or remove it from --data.") from None
+                has_text = has_text or not text.isspace() and text != ""
+                consumed = len(data) - len(carry)
+                offset, line = offset + consumed, line + data.count(b"\n", 0, consumed)
+                if not chunk:
+                    return has_text
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror or err}). Fix its permissions or remove it "
+                         f"from --data.") from None
+
+
+def check_documents(train: list[Path], evals: list[Path]) -> None:
+    """Every document is readable UTF-8 text, and each split holds some non-blank text: found here with
+    the file's name, instead of in the tokenizer or `datasets` with a traceback that names no file."""
+    for files, split, fix in ((train, "training", "nothing to train the tokenizer and the model on"),
+                              (evals, "held-out", "nothing to evaluate on")):
+        blank = [f for f in files if not check_text(f)]
+        if len(blank) == len(files):
+            shown = " ".join(map(str, blank[:3])) + (" ..." if len(blank) > 3 else "")
+            raise InputError(f"the {len(files)} {split} document(s) hold only blank lines ({shown}): {fix}. Put "
+                             f"text in them, or point --data at the right files.")
 
 
 def resolve_batch(config: dict, world_size: int, adapt: bool, name: str) -> tuple[int, int, int]:
@@ -245,8 +310,11 @@ def load_phase(number: int, args, world_size: int) -> Phase:
         raise InputError(f"--phase{number}-config {path}: no such file (see configs/ for examples).")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise InputError(f"--phase{number}-config {path}: not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--phase{number}-config {path}: a DeepSpeed config is a JSON object {{...}}, not a "
+                         f"{type(config).__name__}.")
 
     tbs, mbs, gas = resolve_batch(config, world_size, args.adapt_accumulation, f"--phase{number}-config {path}")
     config.update(train_batch_size=tbs, train_micro_batch_size_per_gpu=mbs, gradient_accumulation_steps=gas)
@@ -299,13 +367,26 @@ def check_inputs(args) -> list[Phase]:
         raise InputError("give exactly one of --data (local text files) and --dataset (a `datasets` name).")
     if not 0 < args.eval_fraction < 1:
         raise InputError(f"--eval-fraction {args.eval_fraction}: must be in (0, 1).")
+    if args.tokenizer is not None:
+        if not args.tokenizer.is_file():
+            raise InputError(f"--tokenizer {args.tokenizer}: no such file (leave it out to train one on the corpus).")
+        try:
+            load_sentencepiece(args.tokenizer)
+        except (RuntimeError, OSError):
+            raise InputError(f"--tokenizer {args.tokenizer}: not a sentencepiece model. Pass a .model file this "
+                             f"script trained (it is kept in --cache-dir), or leave --tokenizer out.") from None
+    if args.vocab_size < 100:
+        raise InputError(f"--vocab-size {args.vocab_size}: too small for a useful tokenizer (>= 100).")
     if args.data is not None:
         args.train_files, args.eval_files = find_documents(args.data, args.eval_fraction)
         args.corpus_bytes = sum(f.stat().st_size for f in args.train_files)
-    if args.tokenizer is not None and not args.tokenizer.is_file():
-        raise InputError(f"--tokenizer {args.tokenizer}: no such file (leave it out to train one on the corpus).")
-    if args.vocab_size < 100:
-        raise InputError(f"--vocab-size {args.vocab_size}: too small for a useful tokenizer (>= 100).")
+        # Read every document once, unless this corpus (same paths, sizes and modification
+        # times) was tokenized before: then it passed already and nothing needs reading.
+        seq_lens = [args.phase1_seq_len] + ([args.phase2_seq_len] if args.phase2_config is not None else [])
+        cached = data_files(args, seq_lens).sequences.values()
+        if not all((path / "dataset_dict.json").exists() for path in cached):
+            check_documents(args.train_files, args.eval_files)
+        args.documents_checked = True
     for name in ("log_interval", "eval_interval", "eval_samples", "save_interval", "preprocess_workers"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1.")
@@ -333,6 +414,8 @@ def check_inputs(args) -> list[Phase]:
                              f"training text < train_batch_size {phase.train_batch_size} x {phase.seq_len - 2} tokens. "
                              f"Add text, or lower train_batch_size in {phase.config_path}.")
 
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise InputError(f"--output-dir {args.output_dir}: exists and is not a directory.")
     checkpoints = args.output_dir / "checkpoints"
     if not args.resume and (checkpoints / "latest").exists():
         raise InputError(f"{args.output_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -515,6 +598,8 @@ def prepare_data(args, files: DataFiles) -> None:
         log(f"tokenizer: reusing {files.tokenizer}")
     if not todo:
         return
+    if args.data is not None and not getattr(args, "documents_checked", False):
+        check_documents(args.train_files, args.eval_files)  # callers that skipped check_inputs
     text = load_text(args)
     if not files.tokenizer.exists():
         files.tokenizer.parent.mkdir(parents=True, exist_ok=True)
@@ -753,6 +838,28 @@ def evaluate(engine, sequences, phase: Phase, args, vocab_size: int) -> dict[str
     return {"eval/loss": totals[0].item() / totals[1].item(), "eval/accuracy": totals[2].item() / totals[1].item()}
 
 
+def unigram_baseline(train, held_out, n_eval: int, vocab_size: int, seed: int,
+                     max_train: int = 100_000) -> tuple[int, float]:
+    """(token, accuracy) of always predicting the most frequent label token of the training set,
+    scored like :func:`evaluate` on the masked positions of the first ``n_eval`` held-out sequences.
+
+    Masking picks non-special positions uniformly, so the most frequent label is the most
+    frequent non-special token; it is counted on at most ``max_train`` evenly spaced training
+    sequences (all of them in the demo). A model that has learned only the token frequencies
+    (the "unigram plateau" early in training) scores about this.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    rows = range(0, len(train), max(1, len(train) // max_train))
+    for start in range(0, len(rows), 8192):
+        ids = train[list(rows[start:start + 8192])]["input_ids"].long()
+        counts += torch.bincount(ids.flatten(), minlength=vocab_size)[:vocab_size]
+    counts[:len(SPECIAL_PIECES)] = 0
+    token = int(counts.argmax())
+    ids = held_out[:min(n_eval, len(held_out))]["input_ids"].long()
+    _, labels = eval_masks(ids, 0, vocab_size, seed)
+    return token, (labels == token).sum().item() / (labels != -100).sum().item()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
@@ -794,8 +901,10 @@ class Stop(Exception):
 
 
 def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, metrics: Metrics,
-                checkpoints: Path, resume_tag: str | None, init_tag: str | None):
-    """Train one phase from ``resume_tag`` (same phase), else from ``init_tag`` (the previous phase's end)."""
+                checkpoints: Path, resume_tag: str | None, init_tag: str | None, baseline: dict[str, float]):
+    """Train one phase from ``resume_tag`` (same phase), else from ``init_tag`` (the previous phase's end).
+
+    ``baseline``: metrics logged once at the phase's start (the unigram baseline)."""
     engine = build_engine(args, phase, vocab_size)
     metrics.monitor = engine.monitor
     start, loss_sum, steps_since_log = 0, 0.0, 0
@@ -825,6 +934,8 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
 
     if args.stop_at_step is not None and step_offset + start >= args.stop_at_step:
         raise Stop(f"--stop-at-step {args.stop_at_step}: the run is there already (checkpoint {resume_tag})")
+    if start == 0:
+        metrics.write(step_offset, phase.number, baseline)
     if start == 0 and phase.number == 1:
         metrics.write(0, phase.number, evaluate(engine, eval_set, phase, args, vocab_size))
     bar = tqdm(total=phase.steps, initial=start, desc=f"phase {phase.number} seq {phase.seq_len}",
@@ -881,21 +992,31 @@ def train_phase(args, phase: Phase, step_offset: int, data, vocab_size: int, met
     return engine
 
 
+def exit_with_error(err: InputError, me: int):
+    """One line on stderr, exit code 2: the same on every rank, never a traceback.
+
+    Rank 0 prints at once. The other ranks print the same line after a pause, unless the launcher
+    has ended them by then (the deepspeed launcher and torchrun do when rank 0 exits): the line
+    appears once, and still appears when rank 0 is slower, or its node's launcher is not ours.
+    """
+    if me != 0:
+        time.sleep(ERROR_PAUSE_S)
+    print(f"error: {err}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
         phases = check_inputs(args)
     except InputError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        exit_with_error(err, int(os.environ.get("RANK", "0")))
 
     init_distributed()
     try:
         return run(args, phases)
     except InputError as err:
-        log(f"error: {err}")
-        raise SystemExit(2) from None
+        exit_with_error(err, rank())
     except Stop as stop:
         log(stop)
     finally:
@@ -915,7 +1036,7 @@ def run(args, phases: list[Phase]):
     if rank() == 0:
         checkpoints.mkdir(parents=True, exist_ok=True)
         run_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                    if k not in ("train_files", "eval_files", "corpus_bytes")}
+                    if k not in ("train_files", "eval_files", "corpus_bytes", "documents_checked")}
         (out / "run_args.json").write_text(json.dumps(run_args, indent=2, default=str) + "\n")
 
     files = data_files(args, [p.seq_len for p in phases])
@@ -932,6 +1053,14 @@ def run(args, phases: list[Phase]):
         if len(held_out) == 0:
             raise InputError(f"the held-out documents give no complete {phase.seq_len}-token sequence: hold out "
                              f"more text (--eval-fraction, or more files in eval/).")
+    baselines = {}
+    for phase in phases:
+        if rank() == 0:  # only rank 0 writes metrics
+            token, accuracy = unigram_baseline(data[phase.seq_len]["train"], data[phase.seq_len]["eval"],
+                                               args.eval_samples, vocab_size, args.seed)
+            log(f"phase {phase.number}: always predicting the most frequent token {sp.id_to_piece(token)!r} scores "
+                f"{accuracy:.3f} held-out masked-token accuracy (the unigram baseline)")
+            baselines[phase.number] = {"eval/unigram_accuracy": accuracy}
 
     resume_tag = latest_checkpoint(checkpoints) if args.resume else None
     if args.resume:
@@ -954,7 +1083,7 @@ def run(args, phases: list[Phase]):
         engine = train_phase(args, phase, offset, data, vocab_size, metrics, checkpoints,
                              resume_tag if phase.number == done_phase else None,
                              init_tag=checkpoint_tag(phase.number - 1, phases[phase.number - 2].steps)
-                             if phase.number > 1 else None)
+                             if phase.number > 1 else None, baseline=baselines.get(phase.number, {}))
 
     if rank() == 0:
         if engine is not None:

@@ -9,7 +9,8 @@ The CSV is in long form, one scalar per row (the same names TensorBoard gets)::
     10,1,gsnr/gsnr_mean,0.42                      optimizer-wide GSNR summary
     10,1,gsnr_layer/encoder.layer.0/gsnr_mean,0.38  per layer (mean over its tensors)
 
-Three panels: train and held-out loss (with held-out masked-token accuracy on a second axis),
+Three panels: train and held-out loss (with held-out masked-token accuracy on a second axis, and
+the unigram baseline, ``eval/unigram_accuracy``, as a dotted horizontal line),
 then, when the optimizer reported GSNR statistics, the per-layer mean GSNR and the per-layer
 fraction of elements whose normalized GSNR was clipped. A dashed line marks the start of phase 2.
 
@@ -28,6 +29,7 @@ from pathlib import Path
 # Per-layer statistics to plot, first match wins: the names the VR optimizers report.
 GSNR_KEYS = ("gsnr_mean", "gsnr")
 CLIP_KEYS = ("gsnr_clip_frac", "clip_frac", "clip_fraction")
+BASELINE = "eval/unigram_accuracy"  # accuracy of always predicting the most frequent token
 
 
 def read_metrics(csv_path) -> tuple[dict[str, list[tuple[int, float]]], dict[int, int]]:
@@ -82,6 +84,14 @@ def _plot_layers(ax, key, layers, title, ylabel, log=False):
     ax.legend(fontsize=7, ncol=2 if len(names) > 8 else 1, loc="best")
 
 
+def _plot_baseline(ax, points, last_step):
+    """The unigram baseline as a horizontal line, each value from its step (a phase's start) to the next."""
+    for i, (step, value) in enumerate(points):
+        end = points[i + 1][0] if i + 1 < len(points) else last_step
+        ax.hlines(value, step, max(end, step + 1), colors="tab:red", linestyles=":", lw=1.5,
+                  label="unigram baseline (always the most frequent token)" if i == 0 else None)
+
+
 def plot_metrics(csv_path, png_path=None) -> Path:
     """Write the figure for ``csv_path`` to ``png_path`` (default: next to the CSV) and return its path."""
     import matplotlib
@@ -105,7 +115,9 @@ def plot_metrics(csv_path, png_path=None) -> Path:
         acc_ax = ax.twinx()
         steps, values = zip(*series["eval/accuracy"])
         acc_ax.plot(steps, values, "s--", color="tab:green", ms=3, lw=1, label="held-out masked-token accuracy")
+        _plot_baseline(acc_ax, series.get(BASELINE, []), max(phase_end.values()))
         acc_ax.set_ylabel("accuracy")
+        acc_ax.set_ylim(bottom=0)
         lines, labels = ax.get_legend_handles_labels()
         more_lines, more_labels = acc_ax.get_legend_handles_labels()
         ax.legend(lines + more_lines, labels + more_labels, loc="center right", fontsize=8)

@@ -293,6 +293,126 @@ def test_empty_corpus_and_existing_run(tmp_path, monkeypatch):
         check(tmp_path)
 
 
+def write_corpus(root: Path, train: dict[str, bytes], held_out: dict[str, bytes]) -> Path:
+    for split, docs in (("train", train), ("eval", held_out)):
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for name, data in docs.items():
+            (root / split / name).write_bytes(data)
+    return root
+
+
+PROSE = DATA.joinpath("train", "tempest.txt").read_bytes()  # ~98 KB: more than one batch of text
+
+
+def test_blank_corpus_is_named_before_the_tokenizer(tmp_path, monkeypatch):
+    """Only blank lines (once: a sentencepiece INTERNAL "!sentences_.empty()" traceback)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    blank = b"\n  \n\t\r\n" * 2000  # 14 KB: passes the byte bound of one batch
+    data = write_corpus(tmp_path / "blank", {"a.txt": blank, "b.txt": b"\n" * 5000}, {"c.txt": PROSE})
+    with pytest.raises(pb.InputError, match=r"the 2 training document\(s\) hold only blank lines "
+                                            r"\(\S+/train/a.txt \S+/train/b.txt\): nothing to train") as err:
+        check(tmp_path, data=data)
+    assert "\n" not in str(err.value)
+    # A blank file among others is fine; blank held-out documents are named too.
+    write_corpus(data, {"a.txt": PROSE}, {"c.txt": b" \n\n"})
+    with pytest.raises(pb.InputError, match=r"the 1 held-out document\(s\) hold only blank lines \(\S+/eval/c.txt\)"):
+        check(tmp_path, data=data)
+
+
+def test_file_not_utf8_is_named(tmp_path, monkeypatch):
+    """Latin-1 text (once: a `datasets` DatasetGenerationError that named no file)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    data = write_corpus(tmp_path / "latin", {"a.txt": PROSE, "b.txt": PROSE + "Caf\u00e9 noir\n".encode("latin-1")},
+                        {"c.txt": PROSE})
+    with pytest.raises(pb.InputError) as err:
+        check(tmp_path, data=data)
+    line = PROSE.count(b"\n") + 1
+    assert str(err.value).startswith(f"{data / 'train' / 'b.txt'}: not UTF-8 text (byte 0xe9 at line {line}, "
+                                     f"byte offset {len(PROSE) + 3}): convert it to UTF-8")
+    assert "\n" not in str(err.value)
+
+
+def test_check_text_streams_in_chunks(tmp_path):
+    """A character cut by a chunk boundary is fine; a cut-off one at the end, or a stray byte, is not."""
+    f = tmp_path / "doc.txt"
+    f.write_text("\u00e9t\u00e9 \u20ac \U0001f600\n" * 50, encoding="utf-8")
+    assert all(pb.check_text(f, chunk_size=size) for size in (1, 2, 3, 5, 7))
+    f.write_bytes(b"  \n\n")
+    assert not pb.check_text(f, chunk_size=1)
+    f.write_bytes(b"ok\nok\n\xe2\x82")  # a euro sign without its last byte
+    for size in (1, 2, 4, 100):
+        with pytest.raises(pb.InputError, match=r"byte 0xe2 at line 3, byte offset 6\)"):
+            pb.check_text(f, chunk_size=size)
+    f.write_bytes(b"ok\n\xff ok\n")
+    with pytest.raises(pb.InputError, match=r"byte 0xff at line 2, byte offset 3\)"):
+        pb.check_text(f, chunk_size=2)
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, r"--data \S+: no .txt documents \(\S+ holds no files\)"),
+    ({"notes.md": b"x", "data.csv": b"x"}, r"holds no .txt files \(2 other file\(s\): data.csv, notes.md\); documents "
+                                           r"must be plain-text files whose names end in .txt"),
+    ({"train/x.txt/": b"", "eval/c.txt": b"held out"}, r"\S+/train holds no files. Put the training documents there"),
+    ({"train/a.txt": b"text", "eval/notes.md": b"x"}, r"\S+/eval holds no .txt files: put held-out documents there"),
+])
+def test_corpus_without_documents(tmp_path, monkeypatch, layout, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name, data in layout.items():
+        (corpus / name).parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith("/"):
+            (corpus / name).mkdir()  # a directory named like a document
+        else:
+            (corpus / name).write_bytes(data)
+    with pytest.raises(pb.InputError, match=message):
+        check(tmp_path, data=corpus)
+
+
+def test_documents_are_read_once_per_corpus(tmp_path, monkeypatch):
+    """A corpus already tokenized into the cache (same paths, sizes, times) is not read again."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    read = []
+    monkeypatch.setattr(pb, "check_text", lambda path: read.append(path) or True)
+    check(tmp_path)
+    assert len(read) == 3
+    args = pb.parse_args(run_args(tmp_path / "out", tmp_path / "cache"))
+    pb.check_inputs(args)
+    for path in pb.data_files(args, [64, 128]).sequences.values():
+        path.mkdir(parents=True)
+        (path / "dataset_dict.json").write_text("{}")
+    check(tmp_path)
+    assert len(read) == 6
+
+
+def test_bad_tokenizer_and_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "x.model").write_text("not a model")
+    with pytest.raises(pb.InputError, match="x.model: not a sentencepiece model"):
+        check(tmp_path, tokenizer=tmp_path / "x.model")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(pb.InputError, match="list.json: a DeepSpeed config is a JSON object"):
+        check(tmp_path, phase1_config=tmp_path / "list.json")
+
+
+@pytest.mark.parametrize("case", ["not_utf8", "blank"])
+def test_bad_corpus_ends_in_one_line(tmp_path, case):
+    """The script itself (1 rank): exit code 2 and one error line naming the file, no traceback."""
+    bad = PROSE + b"\xe9\n" if case == "not_utf8" else b"\n" * 5000
+    data = write_corpus(tmp_path / "corpus", {"a.txt": PROSE, "b.txt": bad} if case == "not_utf8" else {"b.txt": bad},
+                        {"c.txt": PROSE})
+    args = run_args(tmp_path / "out", tmp_path / "cache", "--adapt-accumulation")
+    args[args.index("--data") + 1] = str(data)
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(), cwd=REPO,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    expected = "not UTF-8 text" if case == "not_utf8" else "hold only blank lines"
+    assert len(errors) == 1 and str(data / "train" / "b.txt") in errors[0] and expected in errors[0], proc.stderr
+    assert not (tmp_path / "cache").exists()  # found before the tokenizer or `datasets` ran
+
+
 def test_documents_held_out_whole(tmp_path):
     for i in range(20):
         (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
