@@ -94,7 +94,7 @@ GAMMA_ONE_CASES = [
 ]
 PRECISION_CASES = [
     dict(name=f"lamb-z{s}-{prec}", type="VRLamb", params=LAMB, stage=s, precision=prec)
-    for s in (0, 1, 2) for prec in ("bf16", "fp16")
+    for s in (0, 1, 2) for prec in ("bf16", "fp16") if (s, prec) != (0, "fp16")  # refused (test_update_matrix)
 ]
 # bf16/fp16 runs track fp32 within this relative error on the parameters after 3 steps (bf16
 # parameters carry ~4e-3 relative rounding; r is computed from fp32 moments of 16-bit samples).

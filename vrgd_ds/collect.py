@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .gsnr import gsnr_from_moments
+from .samples import MicroBatchSamples
 
 __all__ = ["GradientMomentCollector", "k_too_small_message"]
 
@@ -38,12 +39,13 @@ class GradientMomentCollector:
         params: the parameters to watch (those of the optimizer).
         process_group: sum moments and counts over this group at :meth:`finalize`. ``None``:
             the default group if ``torch.distributed`` is initialized with > 1 rank, else none.
+        names: ``{id(param): name}`` for error messages.
     """
 
     # The moments are complete after finalize(), so a non-finite check is the same on every rank.
     checks_finite_locally = True
 
-    def __init__(self, params: Iterable[Tensor], process_group=None):
+    def __init__(self, params: Iterable[Tensor], process_group=None, names: dict[int, str] | None = None):
         self.params = [p for p in params if p.requires_grad]
         self.process_group = process_group
         self._offsets = {}
@@ -55,12 +57,14 @@ class GradientMomentCollector:
         self._buffer: Tensor | None = None  # [Σg | Σg² | k]
         self._samples_per_param = [0] * len(self.params)
         self._finalized_k: int | None = None
-        self._handles = [p.register_hook(self._make_hook(i)) for i, p in enumerate(self.params)]
+        # One sample per micro-batch (one outermost backward pass), see samples.py.
+        self.samples = MicroBatchSamples(names)
+        self._handles = [p.register_hook(self.samples.hook(p, self._make_sink(i))) for i, p in enumerate(self.params)]
 
-    def _make_hook(self, index: int):
+    def _make_sink(self, index: int):
         p = self.params[index]
 
-        def hook(grad: Tensor) -> None:
+        def add_sample(grad: Tensor) -> None:
             if self._finalized_k is not None:
                 self.reset()
             buf = self._ensure_buffer(grad.device)
@@ -70,7 +74,7 @@ class GradientMomentCollector:
             buf[self.numel + offset : self.numel + offset + numel].addcmul_(g, g)
             self._samples_per_param[index] += 1
 
-        return hook
+        return add_sample
 
     def _ensure_buffer(self, device) -> Tensor:
         if self._buffer is None:
@@ -87,6 +91,7 @@ class GradientMomentCollector:
         """Complete the moments across ranks (once per step); returns k."""
         if self._finalized_k is not None:
             return self._finalized_k
+        self.samples.end_micro_batch()
         device = self.params[0].device if self.params else torch.device("cpu")
         buf = self._ensure_buffer(device)
         # A parameter unused in some micro-batches counts zeros for them: k is the number of
@@ -112,6 +117,7 @@ class GradientMomentCollector:
 
     def reset(self) -> None:
         """Forget this step's samples (after step(), zero_grad(), or a skipped step)."""
+        self.samples.discard()
         if self._buffer is not None:
             self._buffer.zero_()
         self._samples_per_param = [0] * len(self.params)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import functools
 import os
 
+import logging
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -46,6 +48,7 @@ from torch import Tensor
 from .collect import k_too_small_message
 from .gsnr import gsnr_from_moments
 from .optimizer import VROptimizer
+from .samples import MicroBatchSamples
 from .segments import SegmentLayout
 
 TESTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))  # [low, high)
@@ -53,6 +56,7 @@ TESTED_RANGE_TEXT = ">=0.19.8,<0.20"
 MOMENT_REDUCTIONS = ("auto", "per_step", "per_micro_step")
 
 _registered = False
+logger = logging.getLogger("vrgd_ds")
 
 
 def _version_tuple(text: str):
@@ -176,10 +180,12 @@ class DeepSpeedMomentSource:
 
     checks_finite_locally = False
 
-    def __init__(self, optimizer: VROptimizer, world_size: int, group):
+    def __init__(self, optimizer: VROptimizer, world_size: int, group, names: dict[int, str] | None = None):
         self.optimizer = optimizer
         self.world_size = world_size
         self.group = group
+        # Gradient pieces → one sample per micro-batch (reentrant activation checkpointing).
+        self.samples = MicroBatchSamples(names)
         self.local_samples = 0
         self._hook_counts: dict[int, int] = {}
         self._prepared: set[int] = set()
@@ -236,6 +242,7 @@ class DeepSpeedMomentSource:
         pass
 
     def clear(self) -> None:
+        self.samples.discard()
         for buf in self._buffers_to_zero():
             buf.zero_()
         self._hook_counts.clear()
@@ -264,8 +271,11 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
     checks_finite_locally = True
 
-    def __init__(self, optimizer, world_size, group, model_params, inner_params):
-        super().__init__(optimizer, world_size, group)
+    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None):
+        super().__init__(optimizer, world_size, group, names)
+        # Frozen tensors (requires_grad=False) never get a gradient: nothing to collect or hook.
+        pairs = [(mp, ip) for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
+        model_params, inner_params = [mp for mp, _ in pairs], [ip for _, ip in pairs]
         numel = sum(p.numel() for p in model_params)
         # [Σg² of every parameter | gradient-sample count of every parameter], one all-reduce.
         self.buffer = torch.zeros(numel + len(model_params), dtype=torch.float32, device=model_params[0].device)
@@ -278,14 +288,14 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             offset += mp.numel()
             self.sq[id(ip)] = view
             self.count_index[id(ip)] = index
-            self.handles.append(mp.register_hook(self._make_hook(mp, view)))
+            self.handles.append(mp.register_hook(self.samples.hook(mp, self._make_sink(mp, view))))
 
-    def _make_hook(self, p, view):
-        def hook(grad):
+    def _make_sink(self, p, view):
+        def add_sample(grad):
             g = grad.detach().reshape(-1).float()
             view.addcmul_(g, g)
             self._count(p)
-        return hook
+        return add_sample
 
     def all_finite(self) -> bool:
         return bool(torch.isfinite(self.buffer).all())
@@ -296,6 +306,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
 
     def ensure_reduced(self):
         if not self._reduced:
+            self.samples.end_micro_batch()
             for i, p in enumerate(self.model_params):
                 self.counts[i] = float(self._hook_counts.get(id(p), 0))
             if self.world_size > 1:
@@ -314,9 +325,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     checks_finite_locally = False
 
-    def __init__(self, optimizer, zero_opt, strategy: str):
+    def __init__(self, optimizer, zero_opt, strategy: str, names=None):
         group0 = zero_opt.real_dp_process_group[0]
-        super().__init__(optimizer, dist.get_world_size(group=group0), group0)
+        super().__init__(optimizer, dist.get_world_size(group=group0), group0, names)
         self.zero_opt = zero_opt
         self.strategy = strategy
         self.rank = dist.get_rank(group=group0)
@@ -346,21 +357,21 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             if full is not None:
                 self.views.append([(p, full[offset:offset + p.numel()]) for p, offset in zip(tensors, offsets)])
             for p, offset in zip(tensors, offsets):
-                self.handles.append(p.register_hook(self._make_hook(i, p, offset, part_size, group)))
+                self.handles.append(p.register_hook(self.samples.hook(p, self._make_sink(i, p, offset, part_size, group))))
 
-    def _make_hook(self, i, p, offset, part_size, group):
+    def _make_sink(self, i, p, offset, part_size, group):
         numel = p.numel()
         if self.strategy == "per_step":
             view = self.full[i][offset:offset + numel]
 
-            def hook(grad):
+            def add_sample(grad):
                 g = grad.detach().reshape(-1).float()
                 if self._hook_counts.get(id(p), 0) == 0:
                     torch.mul(g, g, out=view)  # the step's first sample: no zeroing pass needed
                 else:
                     view.addcmul_(g, g)
                 self._count(p)
-            return hook
+            return add_sample
 
         # per_micro_step: reduce g² of this parameter to the rank(s) owning its elements.
         owners = []
@@ -371,7 +382,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
         tag = len(self.handles)  # this hook's index: the same on every rank
 
-        def hook(grad):
+        def add_sample(grad):
             g = grad.detach().reshape(-1).float()
             if not self.pairwise_exchange and self.world_size > 1:
                 sq = g * g
@@ -398,11 +409,12 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
             self._count(p)
-        return hook
+        return add_sample
 
     def ensure_reduced(self):
         if self._reduced:
             return
+        self.samples.end_micro_batch()
         for work, _ in self._pending:
             work.wait()
         self._pending = []
@@ -520,18 +532,84 @@ def _wrap_method(obj, name: str, before=None, after=None):
     setattr(obj, name, wrapper)
 
 
+def _model_parallel_size(mpu) -> int:
+    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
+    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
+    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+        fn = getattr(mpu, getter, None)
+        if fn is not None:
+            return int(fn())
+    return 1
+
+
+def unsupported_parallelism(engine) -> str | None:
+    """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
+
+    Data parallelism (ZeRO 0/1/2) and pipeline parallelism without weights tied across stages
+    are exact: every collective of ours runs over the data-parallel group and k counts
+    data-parallel ranks only. Everything else is refused at ``deepspeed.initialize``.
+    """
+    mpu = getattr(engine, "mpu", None)
+    if mpu is not None and _model_parallel_size(mpu) > 1:
+        return (f"tensor (model) parallelism with {_model_parallel_size(mpu)} shards per tensor: the layer mean of r "
+                "and the LAMB/LARS norms of a sharded tensor would be per shard. Use tensor-model-parallel size 1 "
+                "(data and pipeline parallelism, with ZeRO 0/1/2, are supported).")
+    if getattr(engine, "sequence_parallel_size", 1) > 1:
+        return ("sequence parallelism (sequence_parallel_size > 1): the gradient samples of one micro-batch are "
+                "split over the sequence-parallel ranks. Set sequence_parallel_size to 1.")
+    if getattr(engine, "has_moe_layers", False):
+        return ("mixture-of-experts layers: expert parameters are reduced over expert-data-parallel groups of other "
+                "sizes than the dense ones. Use a dense model, or a non-VR optimizer for MoE.")
+    zero = engine._config.zero_config
+    if (getattr(zero, "mics_shard_size", -1) or -1) > 0 or (getattr(zero, "zero_hpz_partition_size", 1) or 1) > 1:
+        return "MiCS / hpZ (mics_shard_size, zero_hpz_partition_size): remove them from zero_optimization."
+    for key, comm in (getattr(engine.module, "tied_comms", None) or {}).items():
+        if len(comm.get("ranks", ())) > 1:
+            return (f"weights tied across pipeline stages (TiedLayerSpec key {key!r}): each stage would apply its own "
+                    "r to its copy. Put the tied layers on one stage, or untie them.")
+    return None
+
+
+def _warn_flat_weight_decay(opt: VROptimizer) -> None:
+    """The HF Trainer (and anyone passing model.parameters()) gives one flat list: biases and
+    LayerNorm weights then get weight decay, unlike the Trainer's own optimizer."""
+    if opt.weight_decay_exclude_1d or not opt.built_from_flat_list:
+        return
+    if any(g.get("weight_decay", 0) > 0 and any(p.dim() <= 1 for p in g["params"]) for g in opt.param_groups):
+        logger.warning(
+            "vrgd_ds: %s got one flat parameter list with weight_decay > 0, so 1-D tensors (biases, LayerNorm "
+            "weights) get weight decay too. To exclude them as the HF Trainer and NVIDIA's BERT recipe do, set "
+            "\"weight_decay_exclude_1d\": true in optimizer.params (or pass parameter groups).",
+            type(opt).__name__)
+
+
 def attach(engine) -> None:
     """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see module docstring)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     opt: VROptimizer = engine.basic_optimizer
     stage = engine.zero_optimization_stage()
     if stage > 2:
         raise ValueError(_STAGE3_MESSAGE)
+    reason = unsupported_parallelism(engine)
+    if reason is not None:
+        raise ValueError(f"vrgd_ds does not support {reason}")
     wrapper = engine.optimizer
+    if isinstance(wrapper, FP16_UnfusedOptimizer) and engine.fp16_enabled():
+        raise ValueError(
+            "vrgd_ds refuses fp16 at ZeRO stage 0: DeepSpeed 0.19.8's stage-0 fp16 wrapper (FP16_UnfusedOptimizer) "
+            "divides the gradients by the loss scale although engine.backward did not scale the loss, so every "
+            "update would be off by the loss scale (DeepSpeed's own SGD is wrong the same way). Use "
+            "\"zero_optimization\": {\"stage\": 1} (or 2) with fp16, or bf16 at stage 0."
+        )
+    _warn_flat_weight_decay(opt)
     names = {id(p): n for n, p in engine.module.named_parameters()}
     gas = engine.gradient_accumulation_steps()
-    dp_world = engine.dp_world_size if hasattr(engine, "dp_world_size") else dist.get_world_size()
+    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
+    # the world holds other stages' tensors); sequence parallelism is refused above.
+    dp_group = engine.seq_data_parallel_group
+    dp_world = engine.seq_dp_world_size
     strategy = getattr(opt, "moment_reduction", "auto")
     if strategy not in MOMENT_REDUCTIONS:
         raise ValueError(f"Invalid moment_reduction: {strategy!r}; use one of {MOMENT_REDUCTIONS}.")
@@ -558,7 +636,7 @@ def attach(engine) -> None:
         )
 
     if stage in (1, 2):
-        source = ZeroMomentSource(opt, wrapper, strategy)
+        source = ZeroMomentSource(opt, wrapper, strategy, names)
         fp32_partitions = wrapper.single_partition_of_fp32_groups
 
         def before_unscale(grad_groups_flat, total_norm, *a, **k):
@@ -567,8 +645,6 @@ def attach(engine) -> None:
 
         _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
     else:
-        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-
         if isinstance(wrapper, FP16_UnfusedOptimizer):
             model_params = [p for g in wrapper.fp16_groups for p in g]
             inner_params = [p for g in wrapper.fp32_groups for p in g]
@@ -576,14 +652,14 @@ def attach(engine) -> None:
             def before_unscale(*a, **k):
                 source.prepare(inner_params)
 
-            source = Stage0MomentSource(opt, dp_world, None, model_params, inner_params)
+            source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
             for mp, ip in zip(model_params, inner_params):
                 if id(mp) in names:
                     opt._names.setdefault(id(ip), names[id(mp)])
             _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
         elif wrapper is opt:
             params = [p for g in opt.param_groups for p in g["params"]]
-            source = Stage0MomentSource(opt, dp_world, None, params, params)
+            source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names)
             for p in params:
                 if id(p) in names:
                     opt._names.setdefault(id(p), names[id(p)])

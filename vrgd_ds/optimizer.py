@@ -132,6 +132,9 @@ class VROptimizer(Optimizer):
             raise ValueError(f"Invalid vr: {vr!r}; it must be True or False.")
         if not isinstance(stats_interval, int) or stats_interval < 0:
             raise ValueError(f"Invalid stats_interval: {stats_interval!r}; it must be an int >= 0 (0 = off).")
+        params = list(params) if not isinstance(params, Tensor) else params
+        #: True when the user passed one flat list of tensors (no parameter groups).
+        self.built_from_flat_list = isinstance(params, list) and bool(params) and not isinstance(params[0], dict)
         groups, names = self._normalize_params(params, weight_decay_exclude_1d)
         if param_names:
             names.update({id(p): n for p, n in param_names.items()})
@@ -144,7 +147,8 @@ class VROptimizer(Optimizer):
         self._layouts: dict[int, SegmentLayout] = {}
         self._last_stats: dict[str, dict[str, float]] = {}
         self.moment_source = (
-            GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group) if vr else None
+            GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group, self._names)
+            if vr else None
         )
 
     # ---- construction -------------------------------------------------------------------
@@ -191,7 +195,7 @@ class VROptimizer(Optimizer):
             # A group added after construction: watch its parameters too (between steps).
             source.remove()
             self.moment_source = GradientMomentCollector(
-                [p for g in self.param_groups for p in g["params"]], source.process_group)
+                [p for g in self.param_groups for p in g["params"]], source.process_group, self._names)
 
     @staticmethod
     def _validate_common(group: dict) -> None:
