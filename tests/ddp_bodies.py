@@ -60,3 +60,22 @@ def k_too_small_ddp(rank: int, world: int):
     except RuntimeError as exc:
         return str(exc)
     return None
+
+
+def noise_stats_ddp(rank: int, world: int):
+    """One VRLamb step under DDP (each rank's loss divided by its own micro-batch count, as
+    noise_stats() assumes): the statistics of that step."""
+    model = TinyNet(with_unused=False)
+    ddp = DDP(model, find_unused_parameters=True)
+    opt = make_optimizer("vrlamb", model.named_parameters(), lr=1e-2, micro_batch_size=4)
+    gas = SAMPLES_PER_STEP // world
+    batches = micro_batches(SAMPLES_PER_STEP)
+    for a in range(gas):
+        b = batches[a * world + rank]
+        if a < gas - 1:
+            with ddp.no_sync():
+                (mb_loss(ddp, b) / gas).backward()
+        else:
+            (mb_loss(ddp, b) / gas).backward()
+    opt.step()
+    return opt.noise_stats()

@@ -136,6 +136,7 @@ def overflow_case(rank: int, world: int):
     before_params = [p.detach().clone() for p in engine.module.parameters()]
     before_state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     before_steps = [s["step"] for s in opt.state.values()]
+    before_noise = opt.state_dict()["vrgd"]["noise_ema"]
     batches = micro_batches(SAMPLES_PER_STEP * 3, skip_extra=False)
     for a in range(gas):
         x, y, use_extra = batches[SAMPLES_PER_STEP + a * world + rank]
@@ -147,7 +148,8 @@ def overflow_case(rank: int, world: int):
     unchanged = all(torch.equal(a, b) for a, b in zip(before_params, engine.module.parameters()))
     after_state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     state_unchanged = all(torch.equal(before_state[k], after_state[k]) for k in before_state)
-    steps_unchanged = before_steps == [s["step"] for s in opt.state.values()]
+    steps_unchanged = (before_steps == [s["step"] for s in opt.state.values()]
+                       and before_noise == opt.state_dict()["vrgd"]["noise_ema"])  # noise averages too
     source = engine.vrgd_moment_source
     # Nothing of the skipped step's samples may reach the next step: no counts (per_step hooks
     # then overwrite, not add to, the full-size buffer) and zeroed accumulation buffers.

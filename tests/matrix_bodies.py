@@ -123,7 +123,8 @@ def run_case(case: dict, rank: int, world: int) -> dict:
             x, y, _ = batches[step * SAMPLES_PER_STEP + a * world + rank]
             engine.backward(case_loss(engine, x.to(dtype), y.to(dtype)))
             engine.step()
-        steps.append({"before": before, "after": master_params(engine), "lr": lrs})
+        noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
+        steps.append({"before": before, "after": master_params(engine), "lr": lrs, "noise": dict(noise)})
     return {"error": None, "steps": steps}
 
 

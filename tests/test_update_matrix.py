@@ -71,6 +71,10 @@ def _cases():
                    model="reentrant") for opt in ("VRLamb", "VRSGD") for stage in (0, 1)]
     cases += [dict(name=f"VRLamb-z{stage}-{red}", type="VRLamb", params=dict(lamb, moment_reduction=red), stage=stage,
                    clip=0.05) for stage in (1, 2) for red in ("per_step", "per_micro_step")]
+    # Any optimizer gets the noise statistics: vr=False with gradient_stats is exactly the base.
+    cases += [dict(name=f"{opt}-z{stage}-{prec}-vr_false-stats", type=opt,
+                   params=dict(OPTIMIZERS[opt][1], vr=False, gradient_stats=True), stage=stage, precision=prec)
+              for opt in ("VRLamb", "VRAdamW") for stage, prec in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "fp16"))]
     cases += [dict(name="VRLamb-z1-per_micro_step-reentrant_ckpt", type="VRLamb",
                    params=dict(lamb, moment_reduction="per_micro_step"), stage=1, model="reentrant")]
     return cases
@@ -84,11 +88,14 @@ def matrix():
     return run_ranks(run_matrix, 2, CASES, timeout=1200, init="deepspeed")
 
 
-def reference_updates(case: dict, ds_steps: list[dict]) -> list[list[torch.Tensor | None]]:
+def reference_updates(case: dict, ds_steps: list[dict]):
     """Per step, per module tensor: the reference update from the run's own θ_before (None for
-    frozen tensors)."""
+    frozen tensors); and per step {tensor name: (Σ_j S_j², Σ_j Q_j)} of the samples in the units
+    of one micro-batch's loss gradient (VRGD.md §5)."""
     kind, _, defaults = OPTIMIZERS[case["type"]]
-    hp = {k: v for k, v in case["params"].items() if k != "moment_reduction"}
+    hp = {k: v for k, v in case["params"].items() if k not in ("moment_reduction", "gradient_stats")}
+    if hp.get("vr") is False:
+        defaults = dict(defaults, vr=hp.pop("vr"))
     model = build_model(case.get("model", "tiny")).double()
     if hasattr(model, "checkpointing"):
         model.checkpointing = None  # the reference takes whole per-micro-batch gradients
@@ -106,7 +113,8 @@ def reference_updates(case: dict, ds_steps: list[dict]) -> list[list[torch.Tenso
         groups, overrides = [trainable], [{}]
     refs = [ReferenceVR([params[i] for i in idx], kind, **defaults, **dict(hp, **ov)) for idx, ov in zip(groups, overrides)]
     batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)
-    out = []
+    names = [n for n, _ in model.named_parameters()]
+    out, moments = [], []
     for step, rec in enumerate(ds_steps):
         with torch.no_grad():
             for p, q, value in zip(params, sample_params, rec["before"]):
@@ -120,6 +128,10 @@ def reference_updates(case: dict, ds_steps: list[dict]) -> list[list[torch.Tenso
             for i, g in zip(trainable, grads):
                 samples[i].append(torch.zeros_like(params[i]) if g is None else g.double())
         G = {i: sum(samples[i]) for i in trainable}
+        # Samples are gradients of loss / SAMPLES_PER_STEP: the user's units are SAMPLES_PER_STEP × that.
+        moments.append({names[i]: ((G[i] * SAMPLES_PER_STEP).pow(2).sum().item(),
+                                   sum((s * SAMPLES_PER_STEP).pow(2) for s in samples[i]).sum().item())
+                        for i in trainable})
         if case.get("clip"):  # DeepSpeed's gradient_clipping: max_norm / (‖G‖ + 1e-6) when < 1
             norm = torch.sqrt(sum((g * g).sum() for g in G.values())).item()
             coef = case["clip"] / (norm + 1e-6)
@@ -129,7 +141,7 @@ def reference_updates(case: dict, ds_steps: list[dict]) -> list[list[torch.Tenso
             ref.hp["lr"] = lr
             ref.step([samples[i] for i in idx], [G[i] for i in idx])
         out.append([(p.detach() - b) if p.requires_grad else None for p, b in zip(params, rec["before"])])
-    return out
+    return out, moments
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -146,7 +158,7 @@ def test_update_matches_reference(case, matrix):
     for rec0, rec1 in zip(results[0]["steps"], results[1]["steps"]):
         assert all(torch.equal(a, b) for a, b in zip(rec0["after"], rec1["after"]))
     steps = results[0]["steps"]
-    expected = reference_updates(case, steps)
+    expected, _ = reference_updates(case, steps)
     tol = UPDATE_RTOL_FP32 if case.get("precision", "fp32") == "fp32" else UPDATE_RTOL_16BIT
     errors = []
     for step, (rec, ref) in enumerate(zip(steps, expected)):
@@ -162,3 +174,37 @@ def test_update_matches_reference(case, matrix):
             errors.append(err)
             assert err <= tol, f"step {step} tensor {t}: update relative error {err:.2e} > {tol:.0e}"
     assert errors, "nothing was compared"
+
+
+NOISE_RTOL_FP32 = 1e-4   # |G|² and tr Σ are differences of fp32 sums: ~1e-7·(k + B_simple/b)/(k−1) relative
+NOISE_RTOL_16BIT = 3e-2
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.get("refused")],
+                         ids=[c["name"] for c in CASES if not c.get("refused")])
+def test_noise_stats_match_reference(case, matrix):
+    """opt.noise_stats() of every step (VRGD.md §5), global and per tensor, against the formulas
+    applied to the reference's per-micro-batch gradients: units of one micro-batch's loss
+    gradient whatever the loss scale, accumulation and world size."""
+    res = matrix[0][case["name"]]
+    assert res["error"] is None, res["error"]
+    _, moments = reference_updates(case, res["steps"])
+    k, b = SAMPLES_PER_STEP, 4
+    tol = NOISE_RTOL_FP32 if case.get("precision", "fp32") == "fp32" else NOISE_RTOL_16BIT
+    for step, (rec, ref) in enumerate(zip(res["steps"], moments)):
+        stats = rec["noise"]
+        assert stats["k"] == k and stats["micro_batch_size"] == b, f"step {step}: {stats['k']}, {stats['micro_batch_size']}"
+        assert set(stats["per_tensor"]) == set(ref), f"step {step}: tensors {sorted(stats['per_tensor'])}"
+        s2, q = sum(v[0] for v in ref.values()), sum(v[1] for v in ref.values())
+        expect = {"grad_norm_sq": (s2 - q) / (k * (k - 1)), "noise_trace": b * (k * q - s2) / (k * (k - 1))}
+        expect["b_simple"] = expect["noise_trace"] / expect["grad_norm_sq"]
+        for key, value in expect.items():
+            assert abs(stats[key] - value) <= tol * abs(value), f"step {step} {key}: {stats[key]} vs {value}"
+        for name, (ts2, tq) in ref.items():
+            got = stats["per_tensor"][name]
+            g2 = (ts2 - tq) / (k * (k - 1))
+            tr = b * (k * tq - ts2) / (k * (k - 1))
+            # A tensor's two estimates can nearly cancel: compare on the scale of their parts.
+            scale = max(ts2, tq * k) / (k * (k - 1))
+            assert abs(got["grad_norm_sq"] - g2) <= tol * scale, f"step {step} {name} grad_norm_sq"
+            assert abs(got["noise_trace"] - tr) <= tol * b * scale, f"step {step} {name} noise_trace"

@@ -44,6 +44,8 @@ class GradientMomentCollector:
 
     # The moments are complete after finalize(), so a non-finite check is the same on every rank.
     checks_finite_locally = True
+    # Each step() is a whole optimizer step: the optimizer finishes its statistics inside it.
+    ends_step_in_step = True
 
     def __init__(self, params: Iterable[Tensor], process_group=None, names: dict[int, str] | None = None):
         self.params = [p for p in params if p.requires_grad]
@@ -105,6 +107,19 @@ class GradientMomentCollector:
 
     def all_finite(self) -> bool:
         return self._buffer is None or bool(torch.isfinite(self._buffer).all())
+
+    def moment_sums(self, p: Tensor, layout) -> Tensor:
+        """[Σ_j S_j², Σ_j Q_j] of ``p`` (complete after :meth:`finalize`); call before
+        :meth:`raw_gsnr`, which overwrites Q."""
+        offset, numel = self._offsets[id(p)]
+        buf = self._buffer
+        s, q = buf[offset:offset + numel], buf[self.numel + offset:self.numel + offset + numel]
+        return torch.cat([layout.local_sums([s], squares=True).view(-1), layout.local_sums([q]).view(-1)])
+
+    def sample_scale(self) -> float:
+        """c with sample = c · (gradient of one micro-batch's loss): the loss of each backward is
+        taken to be divided by the number of micro-batches this rank runs per step."""
+        return 1.0 / max(max(self._samples_per_param, default=1), 1)
 
     def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
         """Element-wise r for parameter ``p`` (flat fp32, a view of the buffer that the optimizer

@@ -179,9 +179,16 @@ class DeepSpeedMomentSource:
     """
 
     checks_finite_locally = False
+    # ZeRO calls the inner step() once per param group: statistics are finished in clear().
+    ends_step_in_step = False
 
     def __init__(self, optimizer: VROptimizer, world_size: int, group, names: dict[int, str] | None = None):
         self.optimizer = optimizer
+        # c of sample = c · (gradient of one micro-batch's loss): loss scale / gas, set by attach.
+        self.loss_scale_fn = lambda: 1.0
+        self.gas = 1
+        self._sample_loss_scale = 1.0
+        self._moment_sums: dict[int, Tensor] = {}
         self.world_size = world_size
         self.group = group
         # Gradient pieces → one sample per micro-batch (reentrant activation checkpointing).
@@ -195,6 +202,8 @@ class DeepSpeedMomentSource:
 
     # -- hooks -------------------------------------------------------------------------------
     def _count(self, p: Tensor) -> None:
+        if self.local_samples == 0:  # the scale the samples carry (DeepSpeed may change it in step())
+            self._sample_loss_scale = float(self.loss_scale_fn())
         c = self._hook_counts.get(id(p), 0) + 1
         self._hook_counts[id(p)] = c
         if c > self.local_samples:
@@ -219,6 +228,15 @@ class DeepSpeedMomentSource:
                 return group["gsnr_eps"]
         return self.optimizer.defaults["gsnr_eps"]
 
+    def sample_scale(self) -> float:
+        return self._sample_loss_scale / self.gas
+
+    def moment_sums(self, p: Tensor, layout: SegmentLayout) -> Tensor:
+        """[Σ_j S_j², Σ_j Q_j] of this rank's elements of ``p``, formed in :meth:`prepare`."""
+        if id(p) not in self._prepared:
+            self.prepare([p])
+        return self._moment_sums[id(p)]
+
     def prepare(self, inner_params) -> None:
         """Raw r from the reduced, not yet unscaled or clipped gradient; in place of Σg²."""
         self.ensure_reduced()
@@ -227,6 +245,16 @@ class DeepSpeedMomentSource:
             if p.grad is None or id(p) in self._prepared or id(p) not in self.sq:
                 continue
             sq = self.sq[id(p)]
+            if self.optimizer.gradient_stats:
+                layout = self.optimizer.layout_of(p)
+                grad = p.grad.reshape(-1)
+                # S = world size · G (DeepSpeed averages over ranks), same units as the samples.
+                self._moment_sums[id(p)] = torch.cat([
+                    layout.local_sums([grad.float()], squares=True).view(-1) * float(self.world_size) ** 2,
+                    layout.local_sums([sq]).view(-1)])
+            if not self.optimizer.vr:
+                self._prepared.add(id(p))
+                continue
             # DeepSpeed averages over ranks: Σ_samples g = world_size · G (same loss scale, same
             # 1/gas as the samples, so r needs no unscaling).
             gsnr_from_moments(p.grad.reshape(-1), sq, k, self._eps_of(p), sum_scale=self.world_size, out=sq)
@@ -242,6 +270,9 @@ class DeepSpeedMomentSource:
         pass
 
     def clear(self) -> None:
+        # After the wrapper's whole step (every param group): one set of noise statistics.
+        self.optimizer._finish_noise_stats()
+        self._moment_sums.clear()
         self.samples.discard()
         for buf in self._buffers_to_zero():
             buf.zero_()
@@ -627,7 +658,9 @@ def attach(engine) -> None:
             raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
         _zero_layouts(opt, wrapper, names)
 
-    if not opt.vr:
+    if opt.micro_batch_size is None:
+        opt.micro_batch_size = engine.train_micro_batch_size_per_gpu()
+    if not (opt.vr or opt.gradient_stats):
         return
     if gas * dp_world < 2:
         raise ValueError(
@@ -674,6 +707,13 @@ def attach(engine) -> None:
                 "use ZeRO stage 1 or 2 for fp16/bf16."
             )
 
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    # engine.backward scales the loss by the loss scale only for ZeRO wrappers (see the fp16
+    # stage-0 refusal above), and always divides it by gradient_accumulation_steps.
+    if isinstance(wrapper, ZeROOptimizer):
+        source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
+    source.gas = gas
     opt.set_moment_source(source)
     _wrap_method(wrapper, "step", after=source.clear)
     engine.vrgd_moment_source = source

@@ -23,11 +23,13 @@ from torch.optim import Optimizer
 
 from .collect import GradientMomentCollector, k_too_small_message
 from .gsnr import update_gsnr_momentum
+from .noise import NoiseScaleEMA, build_noise_stats, unbiased_from_paper_r
 from .segments import SegmentLayout
 
 __all__ = ["VROptimizer"]
 
 _QUANTILES = (0.1, 0.5, 0.9)
+GSNR_ESTIMATORS = ("paper", "unbiased")
 _QUANTILE_SAMPLE = 65536
 
 
@@ -127,9 +129,22 @@ class VROptimizer(Optimizer):
         stats_interval: int = 0,
         weight_decay_exclude_1d: bool = False,
         param_names: dict | None = None,
+        gradient_stats: bool | None = None,
+        micro_batch_size: int | None = None,
+        noise_ema_decay: float = 0.99,
+        gsnr_estimator: str = "paper",
     ):
         if not isinstance(vr, bool):
             raise ValueError(f"Invalid vr: {vr!r}; it must be True or False.")
+        if gradient_stats is not None and not isinstance(gradient_stats, bool):
+            raise ValueError(f"Invalid gradient_stats: {gradient_stats!r}; it must be True, False or None (= vr).")
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+                                             or micro_batch_size < 1):
+            raise ValueError(f"Invalid micro_batch_size: {micro_batch_size!r}; it must be an int >= 1 (examples per "
+                             "backward pass), or None (statistics per micro-batch).")
+        if gsnr_estimator not in GSNR_ESTIMATORS:
+            raise ValueError(f"Invalid gsnr_estimator: {gsnr_estimator!r}; use one of {GSNR_ESTIMATORS} "
+                             "(\"paper\": r of eq. 7; \"unbiased\": r~ = ((k-1)r - 1)/k, VRGD.md §5).")
         if not isinstance(stats_interval, int) or stats_interval < 0:
             raise ValueError(f"Invalid stats_interval: {stats_interval!r}; it must be an int >= 0 (0 = off).")
         params = list(params) if not isinstance(params, Tensor) else params
@@ -140,6 +155,16 @@ class VROptimizer(Optimizer):
             names.update({id(p): n for p, n in param_names.items()})
         super().__init__(groups, defaults)
         self.vr = vr
+        #: Gradient-noise statistics every step (:meth:`noise_stats`); default: on with VR.
+        self.gradient_stats = vr if gradient_stats is None else gradient_stats
+        #: Examples per gradient sample (b of VRGD.md §5); DeepSpeed sets train_micro_batch_size_per_gpu.
+        self.micro_batch_size = micro_batch_size
+        self.gsnr_estimator = gsnr_estimator
+        self._noise_ema = NoiseScaleEMA(noise_ema_decay)
+        self._noise_parts: list[tuple[list[str], Tensor, Tensor, Tensor | None, Tensor]] = []
+        self._noise_k = 0
+        self._noise_scale = 1.0
+        self._last_noise: dict = {}
         self.stats_interval = stats_interval
         self.weight_decay_exclude_1d = weight_decay_exclude_1d
         self.skipped_steps = 0
@@ -148,7 +173,7 @@ class VROptimizer(Optimizer):
         self._last_stats: dict[str, dict[str, float]] = {}
         self.moment_source = (
             GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group, self._names)
-            if vr else None
+            if vr or self.gradient_stats else None
         )
 
     # ---- construction -------------------------------------------------------------------
@@ -238,7 +263,7 @@ class VROptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["vrgd"] = {"skipped_steps": self.skipped_steps}
+        sd["vrgd"] = {"skipped_steps": self.skipped_steps, "noise_ema": self._noise_ema.state_dict()}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -246,6 +271,8 @@ class VROptimizer(Optimizer):
         extra = state_dict.pop("vrgd", {})
         super().load_state_dict(state_dict)
         self.skipped_steps = extra.get("skipped_steps", 0)
+        if "noise_ema" in extra:  # absent in checkpoints of vrgd_ds before the noise statistics
+            self._noise_ema.load_state_dict(extra["noise_ema"])
 
     # ---- statistics ----------------------------------------------------------------------
     def gsnr_stats(self) -> dict[str, dict[str, float]]:
@@ -254,6 +281,37 @@ class VROptimizer(Optimizer):
         whole on this rank), ``clip_frac`` (fraction of elements whose normalized r fell below
         γ), ``scale_mean`` (mean scale applied to the gradient, after momentum)."""
         return self._last_stats
+
+    def noise_stats(self) -> dict:
+        """Gradient-noise statistics of the last applied step (VRGD.md §5), ``{}`` before one.
+
+        ``k``, ``micro_batch_size``; unbiased ``grad_norm_sq`` |G|² = (ΣS² − ΣQ)/(k(k−1)) and
+        ``noise_trace`` tr Σ = b·(kΣQ − ΣS²)/(k(k−1)) over all tensors; ``b_simple`` = tr Σ/|G|²
+        this step and ``b_simple_ema`` (ratio of EMAs, decay ``noise_ema_decay``); ``per_tensor``
+        {name: grad_norm_sq, noise_trace, b_simple, gsnr_unbiased_mean}. Units: the gradient of
+        the loss of one micro-batch — under DeepSpeed the loss scale and 1/gradient_accumulation
+        are removed; in plain PyTorch each backward's loss is taken to be divided by the number of
+        micro-batches this rank runs per step (as in the README example). See README
+        "Gradient-noise statistics". Needs ``gradient_stats`` (on by default with ``vr=True``).
+        """
+        return self._last_noise
+
+    def _finish_noise_stats(self) -> None:
+        """Turn the per-tensor sums gathered during this step into :meth:`noise_stats` (once per
+        optimizer step: plain step() calls it; under DeepSpeed, after the wrapper's step)."""
+        parts, self._noise_parts = self._noise_parts, []
+        if not parts or self._noise_k < 2:
+            return
+        names = [n for part in parts for n in part[0]]
+        s2 = torch.cat([part[1].double().cpu() for part in parts])
+        q = torch.cat([part[2].double().cpu() for part in parts])
+        numels = torch.cat([part[4].double().cpu() for part in parts])
+        unbiased = None
+        if all(part[3] is not None for part in parts):
+            unbiased = torch.cat([part[3].double().cpu() for part in parts])
+        self._last_noise = build_noise_stats(names, s2, q, self._noise_k, self.micro_batch_size, self._noise_ema,
+                                             sample_scale=self._noise_scale, gsnr_unbiased_mean=unbiased,
+                                             numels=numels)
 
     def gsnr_summary(self) -> dict[str, float]:
         """Element-weighted means over all tensors of :meth:`gsnr_stats` (empty if none)."""
@@ -302,11 +360,19 @@ class VROptimizer(Optimizer):
         saw a non-finite value (then every rank skips: the decision rides in the same collective).
         """
         source = self.moment_source
-        raw = source.raw_gsnr(p, eps).view(-1)
+        n = layout.num_tensors
+        # ΣS², ΣQ per tensor for the noise statistics: before r overwrites Q.
+        moments = source.moment_sums(p, layout).view(-1) if self.gradient_stats else None
+        raw = source.raw_gsnr(p, eps).view(-1) if self.vr else None
+        if raw is not None and self.gsnr_estimator == "unbiased":
+            # r~ = ((k−1)r − 1)/k (VRGD.md §5), no k-dependent floor; negative estimates are 0.
+            raw.mul_((self._noise_k - 1) / self._noise_k).sub_(1.0 / self._noise_k).clamp_(min=0.0)
         counts = source.tensor_sample_counts(p, layout) if hasattr(source, "tensor_sample_counts") else None
-        pieces = [layout.local_sums([raw]).view(-1)]
+        pieces = [layout.local_sums([raw]).view(-1)] if raw is not None else [torch.zeros(n, device=p.device)]
         if counts is not None:
             pieces.append(counts)
+        if moments is not None:
+            pieces.append(moments)
         vec = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if layout.complete is not None:
             layout.complete(vec)
@@ -314,9 +380,18 @@ class VROptimizer(Optimizer):
             # completed sums tell every rank the same thing, at no extra pass over memory.
             if not bool(torch.isfinite(vec).all()):
                 return None
-        n = layout.num_tensors
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
         absent = vec[n:2 * n] == 0 if counts is not None else None
+        if moments is not None:
+            m = vec[-2 * n:]
+            present = ~absent if absent is not None else torch.ones(n, dtype=torch.bool, device=vec.device)
+            keep = present.nonzero().view(-1).tolist()
+            unbiased = None
+            if self.vr:
+                unbiased = layer_mean if self.gsnr_estimator == "unbiased" else unbiased_from_paper_r(layer_mean, self._noise_k)
+                unbiased = unbiased[keep]
+            self._noise_parts.append(([layout.names[t] for t in keep], m[:n][keep], m[n:][keep], unbiased,
+                                      layout.tensor_numels.to(vec.device)[keep]))
         return raw, layer_mean, absent
 
     def _scaled_gradient(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
@@ -364,7 +439,7 @@ class VROptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self.vr:
+        if self.moment_source is None:
             for p, group, state, layout in self._tensors_with_grad():
                 state["step"] += 1
                 self._base_update(p, p.grad, state, group, layout)
@@ -372,6 +447,8 @@ class VROptimizer(Optimizer):
 
         source = self.moment_source
         k = source.finalize()
+        self._noise_k = k
+        self._noise_scale = source.sample_scale()
         has_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
         if not has_grads:
             source.reset()
@@ -382,7 +459,7 @@ class VROptimizer(Optimizer):
         # Checked before any tensor is touched; the result is the same on every rank because
         # the moments were just summed across ranks and DDP's .grad is identical everywhere.
         # (Sources over flat ZeRO shards agree on it inside the layer-mean all-reduce instead.)
-        if source.checks_finite_locally and not (
+        if self.vr and source.checks_finite_locally and not (
             source.all_finite()
             and all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"] if p.grad is not None)
         ):
@@ -392,6 +469,10 @@ class VROptimizer(Optimizer):
 
         for p, group, state, layout in self._tensors_with_grad():
             phase1 = self._layer_gsnr(p, layout, group["gsnr_eps"])
+            if not self.vr:  # gradient_stats only: the moments were summed; the update is the base one
+                state["step"] += 1
+                self._base_update(p, p.grad, state, group, layout)
+                continue
             if phase1 is None:
                 self.skipped_steps += 1
                 continue
@@ -412,4 +493,6 @@ class VROptimizer(Optimizer):
             if keep is not None:
                 keep.restore()
         source.reset()
+        if source.ends_step_in_step:
+            self._finish_noise_stats()
         return loss
