@@ -62,7 +62,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
+import importlib
 import inspect
 import json
 import os
@@ -167,20 +169,64 @@ def _nbytes(obj) -> int:
     return 0
 
 
+# ---- whose code is it: vrgd_ds, DeepSpeed or neither --------------------------------------------
+# Decided by module name (collective counter) or by the file's place in the imported package's
+# own directory (profiler frames, which carry only a file name) -- never by a substring of the
+# path: a checkout in a folder named vrgd_ds (or deepspeed) puts that name in every installed
+# package's path (tests/test_bench_overhead_smoke.py once failed that way).
+LIBRARIES = ("vrgd_ds", "deepspeed")
+
+
+def package_of_module(module_name) -> str | None:
+    """``"vrgd_ds"`` / ``"deepspeed"`` when ``module_name`` is that package or one of its
+    submodules, else None."""
+    if not isinstance(module_name, str):
+        return None
+    root = module_name.partition(".")[0]
+    return root if root in LIBRARIES else None
+
+
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> tuple[tuple[str, str], ...]:
+    """(package, real path of its directory + os.sep) of each imported library package."""
+    out = []
+    for name in LIBRARIES:
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:
+                continue
+        for directory in getattr(module, "__path__", ()):
+            out.append((name, os.path.join(os.path.realpath(directory), "")))
+    # Longest first: a package nested in another's directory is matched by the inner one.
+    return tuple(sorted(out, key=lambda item: -len(item[1])))
+
+
+@functools.lru_cache(maxsize=4096)
+def package_of_file(filename: str) -> tuple[str, str] | None:
+    """(package, path relative to the package's parent, "/"-separated) when ``filename`` lies in
+    the directory of the imported ``vrgd_ds`` or ``deepspeed`` package, else None."""
+    real = os.path.realpath(filename)
+    for name, directory in _library_dirs():
+        if real.startswith(directory):
+            return name, name + "/" + real[len(directory):].replace(os.sep, "/")
+    return None
+
+
 class CollectiveCounter:
     """Wraps torch.distributed's collectives; counts payload and ring bytes per rank while enabled.
 
     Installed before DeepSpeed creates its comm backend (which keeps references to
-    ``all_gather_into_tensor`` / ``reduce_scatter_tensor``). Calls are attributed to the first
-    ``vrgd_ds`` function on the stack (``vrgd_ds.<function>``), else to ``deepspeed``.
+    ``all_gather_into_tensor`` / ``reduce_scatter_tensor``). A call is attributed to the innermost
+    frame on the stack whose module belongs to vrgd_ds (``vrgd_ds.<file>.<function>``) or to
+    DeepSpeed (``deepspeed``), else to ``other``.
     """
 
     def __init__(self):
         self.enabled = False
         self.records: dict[tuple[str, str], list[float]] = {}
         self._local = threading.local()
-        self._sep = os.sep + "vrgd_ds" + os.sep
-        self._ds_sep = os.sep + "deepspeed" + os.sep
 
     def install(self) -> None:
         import torch.distributed as dist
@@ -228,10 +274,10 @@ class CollectiveCounter:
         # vrgd_ds frame does not make DeepSpeed's own all-gather a VR collective.
         frame = sys._getframe(2)
         while frame is not None:
-            filename = frame.f_code.co_filename
-            if self._sep in filename:
-                return f"vrgd_ds.{Path(filename).stem}.{frame.f_code.co_name}"
-            if self._ds_sep in filename:
+            package = package_of_module(frame.f_globals.get("__name__"))
+            if package == "vrgd_ds":
+                return f"vrgd_ds.{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}"
+            if package == "deepspeed":
                 return "deepspeed"
             frame = frame.f_back
         return "other"
@@ -406,6 +452,64 @@ def train_step(engine, batches, matmul_mode, around_opt_step=nullcontext) -> dic
 _PY_FRAME = re.compile(r"^(.*\.py)\((\d+)\): (.*)$")
 
 
+@functools.lru_cache(maxsize=1)
+def _profiler_prefixes() -> tuple[str, ...]:
+    """The directory prefixes torch's profiler strips from the file names of Python frames
+    (torch/profiler/python_tracer.py: site-packages, sys.path, ...; the first that matches, in
+    reverse sorted order)."""
+    import site
+
+    raw = list(sys.path) + [os.path.dirname(os.path.dirname(torch.__file__))]
+    for extra in (site.getsitepackages, site.getuserbase, site.getusersitepackages):
+        try:
+            value = extra()
+        except Exception:  # noqa: BLE001 - some virtualenvs lack parts of site
+            continue
+        raw += value if isinstance(value, list) else [value]
+    return tuple(os.path.join(os.path.abspath(p), "") for p in sorted({os.path.abspath(p) for p in raw if
+                                                                       isinstance(p, str)}, reverse=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _profiler_file(shown: str) -> str | None:
+    """Real path of the file a profiler frame names (``deepspeed/runtime/engine.py``, relative to
+    the prefix the profiler stripped, or absolute); None when no such file is found."""
+    if os.path.isabs(shown):
+        return os.path.realpath(shown)
+    for prefix in _profiler_prefixes():
+        if os.path.exists(prefix + shown):
+            return os.path.realpath(prefix + shown)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_profiler_frame(event_name: str) -> bool:
+    """A Python frame of torch's profiler itself (torch/profiler/, torch/autograd/profiler*.py)."""
+    match = _PY_FRAME.match(event_name)
+    if not match:
+        return False
+    import torch.autograd
+    import torch.profiler
+
+    real = _profiler_file(match.group(1))
+    if real is None:
+        return False
+    autograd_dir = os.path.realpath(os.path.dirname(torch.autograd.__file__))
+    return (real.startswith(os.path.join(os.path.realpath(os.path.dirname(torch.profiler.__file__)), ""))
+            or (os.path.dirname(real) == autograd_dir and os.path.basename(real).startswith("profiler")))
+
+
+def _frame_owner(event_name: str) -> str | None:
+    """``"vrgd_ds/optimizer.py(123): step"`` (or ``deepspeed/...``) for a profiler Python frame
+    ``"<path>.py(123): step"`` of vrgd_ds or DeepSpeed, else None."""
+    match = _PY_FRAME.match(event_name)
+    if not match:
+        return None
+    real = _profiler_file(match.group(1))
+    found = None if real is None else package_of_file(real)
+    return None if found is None else f"{found[1]}({match.group(2)}): {match.group(3)}"
+
+
 def attribute_profile(prof, top: int = 40) -> dict:
     """Self time (elapsed, torch.profiler) of a profiled optimizer step, by (function, op).
 
@@ -419,7 +523,7 @@ def attribute_profile(prof, top: int = 40) -> dict:
     total = 0.0
     events = prof.events()
     # Only the training thread (DeepSpeed's step runs there; gloo waits are its own ops).
-    main_thread = next((e.thread for e in events if "deepspeed/" in e.name), None)
+    main_thread = next((e.thread for e in events if (_frame_owner(e.name) or "").startswith("deepspeed/")), None)
     for event in events:
         if event.thread != main_thread:
             continue
@@ -428,14 +532,13 @@ def attribute_profile(prof, top: int = 40) -> dict:
         owner, first_frame, node = None, None, event
         while node is not None:
             name = node.name
-            if "/profiler/" in name or "/profiler.py" in name:
+            if _is_profiler_frame(name):
                 owner = "skip"
                 break
             if _PY_FRAME.match(name):
                 first_frame = first_frame or name
-                if "vrgd_ds/" in name or "deepspeed/" in name:
-                    package = "vrgd_ds/" if "vrgd_ds/" in name else "deepspeed/"
-                    owner = package + name.split(package, 1)[1]
+                owner = _frame_owner(name)
+                if owner is not None:
                     break
             node = node.cpu_parent
         if owner == "skip":

@@ -72,3 +72,50 @@ def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
             assert abs(row["extra_ratio"]) < 0.01
             vr_ops = {c["op"] for c in row["collectives"] if c["origin"].startswith("vrgd_ds")}
             assert vr_ops <= {"all_reduce"}, vr_ops
+
+
+def test_frames_are_classified_by_package_not_by_path_substring(tmp_path):
+    """A checkout in a folder named vrgd_ds puts "/vrgd_ds/" in every installed package's path:
+    only the imported packages' own directories (and module names) decide."""
+    import deepspeed.runtime.engine
+
+    import vrgd_ds.optimizer
+    from tests.script_loader import load_script
+
+    bench = load_script("bench_overhead")
+    assert bench.package_of_file(vrgd_ds.optimizer.__file__) == ("vrgd_ds", "vrgd_ds/optimizer.py")
+    assert bench.package_of_file(deepspeed.runtime.engine.__file__) == ("deepspeed", "deepspeed/runtime/engine.py")
+    decoy = tmp_path / "vrgd_ds" / ".venv" / "lib" / "site-packages" / "deepspeed" / "vrgd_ds" / "x.py"
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text("")
+    assert bench.package_of_file(str(decoy)) is None
+    assert bench._frame_owner(f"{decoy}(3): f") is None
+    assert bench._frame_owner(f"{vrgd_ds.optimizer.__file__}(7): step") == "vrgd_ds/optimizer.py(7): step"
+    assert [bench.package_of_module(m) for m in ("vrgd_ds", "vrgd_ds.optimizer", "deepspeed.runtime.engine",
+                                                 "vrgd_ds_extra", "tests.vrgd_ds", "__main__", None)] == [
+        "vrgd_ds", "vrgd_ds", "deepspeed", None, None, None, None]
+    # The profiler names frames relative to the sys.path entry it stripped.
+    assert bench._frame_owner("vrgd_ds/optimizer.py(7): step") == "vrgd_ds/optimizer.py(7): step"
+    assert bench._frame_owner("deepspeed/runtime/engine.py(9): step") == "deepspeed/runtime/engine.py(9): step"
+    assert bench._frame_owner("vrgd_ds/no_such_file.py(1): f") is None
+    assert bench._is_profiler_frame("torch/profiler/profiler.py(1118): __enter__")
+    assert not bench._is_profiler_frame("vrgd_ds/optimizer.py(7): step")
+
+
+def test_profile_attribution_names_vrgd_ds_and_deepspeed_functions():
+    """attribute_profile on a real torch.profiler trace: the op of a vrgd_ds function is charged
+    to it (the report's profile tables were empty from a checkout in a folder named vrgd_ds)."""
+    import torch
+    from deepspeed.runtime.utils import see_memory_usage
+    from torch.profiler import ProfilerActivity, profile
+
+    from tests.script_loader import load_script
+    from vrgd_ds.gsnr import gsnr_from_moments
+
+    bench = load_script("bench_overhead")
+    g, q = torch.rand(64, 64), torch.rand(64, 64) + 1.0
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        see_memory_usage("bench test", force=False)
+        gsnr_from_moments(g, q, 4, 1e-6)
+    owners = {function for function, _ in bench.attribute_profile(prof)["functions"]}
+    assert any(o.startswith("vrgd_ds/gsnr.py(") and o.endswith("gsnr_from_moments") for o in owners), owners
