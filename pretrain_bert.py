@@ -84,12 +84,13 @@ class ModelSize:
     max_position_embeddings: int
     seq_lens: tuple[int, int]  # default (phase 1, phase 2) sequence lengths
     vocab_size: int  # default sentencepiece vocabulary when one is trained here
+    dropout: float  # hidden and attention dropout
 
 
 MODEL_SIZES = {
-    "tiny": ModelSize(128, 2, 2, 512, 128, (64, 128), 2000),
-    "base": ModelSize(768, 12, 12, 3072, 512, (128, 512), 32000),
-    "large": ModelSize(1024, 24, 16, 4096, 512, (128, 512), 32000),
+    "tiny": ModelSize(128, 2, 2, 512, 128, (64, 128), 2000, 0.1),
+    "base": ModelSize(768, 12, 12, 3072, 512, (128, 512), 32000, 0.1),
+    "large": ModelSize(1024, 24, 16, 4096, 512, (128, 512), 32000, 0.1),
 }
 
 
@@ -104,6 +105,8 @@ def parse_args(argv=None):
     g.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny", help="BERT size")
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="override the size's max_position_embeddings (tiny 128, base/large 512)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="hidden and attention dropout (default: tiny 0, base/large 0.1 as BERT)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="sentencepiece vocabulary to train (default: tiny 2000, base/large 32000)")
 
@@ -361,6 +364,9 @@ def check_inputs(args) -> list[Phase]:
     size = MODEL_SIZES[args.model]
     args.max_position_embeddings = args.max_position_embeddings or size.max_position_embeddings
     args.vocab_size = args.vocab_size or size.vocab_size
+    args.dropout = size.dropout if args.dropout is None else args.dropout
+    if not 0 <= args.dropout < 1:
+        raise InputError(f"--dropout {args.dropout}: must be in [0, 1).")
     args.phase1_seq_len = args.phase1_seq_len or size.seq_lens[0]
     args.phase2_seq_len = args.phase2_seq_len or size.seq_lens[1]
     if (args.data is None) == (args.dataset is None):
@@ -699,11 +705,14 @@ class TrainBatches:
 
 def build_model(args, vocab_size: int):
     size = MODEL_SIZES[args.model]
+    dropout = getattr(args, "dropout", None)  # scripts/hf_trainer_example.py's arguments have none
+    dropout = size.dropout if dropout is None else dropout
     config = BertConfig(
         vocab_size=(vocab_size + 7) // 8 * 8,  # a multiple of 8 for tensor cores; the extra ids never occur
         hidden_size=size.hidden_size, num_hidden_layers=size.num_hidden_layers,
         num_attention_heads=size.num_attention_heads, intermediate_size=size.intermediate_size,
-        max_position_embeddings=args.max_position_embeddings, pad_token_id=PAD_ID)
+        max_position_embeddings=args.max_position_embeddings, pad_token_id=PAD_ID,
+        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     return BertForMaskedLM(config)
 
 

@@ -149,6 +149,10 @@ def test_two_phases_train(reference_run):
     assert eval_loss[8] < eval_loss[0] - 0.05 and eval_loss[12] < eval_loss[0] - 0.05
     assert all(0 <= v <= 1 for _, v in metrics["eval/accuracy"])
     assert {s for s, _ in metrics["train/lr"]} == set(range(1, 13))
+    # The unigram baseline (always the most frequent token), once at the start of each phase.
+    assert [s for s, _ in metrics["eval/unigram_accuracy"]] == [0, PHASE1_STEPS]
+    assert all(0.01 < v < 0.2 for _, v in metrics["eval/unigram_accuracy"])
+    assert "(the unigram baseline)" in output
 
     # VR-LAMB's GSNR statistics, overall and per layer.
     assert len(metrics["gsnr/gsnr_mean"]) == PHASE1_STEPS + PHASE2_STEPS
@@ -467,6 +471,23 @@ def test_train_batches():
     inputs, labels = a(0, 0)
     assert torch.equal(labels[labels != -100], (torch.tensor(a.indices(0, 0)) + 5)[:, None].expand(8, 16)[labels != -100])
     assert a.indices(0, 0) != pb.TrainBatches(a.sequences, phase, 1, 1000).indices(0, 0)  # the seed matters
+
+
+def test_unigram_baseline():
+    """The most frequent non-special token of the training set, scored on evaluate()'s masks."""
+    vocab, seq = 50, 32
+    rows = torch.randint(len(pb.SPECIAL_PIECES), vocab, (40, seq))
+    rows[:, 1:12] = 7  # token 7 is the most frequent by far
+    rows[:, 12:30] = pb.UNK_ID  # specials are never labels, however frequent
+    rows[:, 0], rows[:, -1] = pb.CLS_ID, pb.SEP_ID
+    train = pb.datasets.Dataset.from_dict({"input_ids": rows}).with_format("torch")
+    held_out = pb.datasets.Dataset.from_dict({"input_ids": rows[:10]}).with_format("torch")
+    token, accuracy = pb.unigram_baseline(train, held_out, n_eval=8, vocab_size=vocab, seed=3)
+    assert token == 7
+    _, labels = pb.eval_masks(rows[:8], 0, vocab, seed=3)
+    assert accuracy == pytest.approx((labels == 7).sum().item() / (labels != -100).sum().item())
+    assert 0.4 < accuracy < 1  # 11 of the 12 maskable positions per row hold token 7
+    assert pb.unigram_baseline(train, held_out, 8, vocab, 3, max_train=4) == (token, accuracy)
 
 
 def test_warmup_decay():
