@@ -93,6 +93,8 @@ class ReferenceVR:
         else:
             mh, vh = st["m"], st["v"]
         u = mh / (vh.sqrt() + eps) + wd * theta
+        if not self.hp.get("trust_ratio", True) or not (self.hp.get("use_nvlamb", True) or wd != 0):
+            return theta - lr * u  # apex FusedLAMB's default: no ratio for a no-decay group
         wn, un = theta.norm().item(), u.norm().item()
         ratio = wn / un if wn > 0 and un > 0 else 1.0
         lo, hi = self.hp.get("min_trust_ratio"), self.hp.get("max_trust_ratio")
@@ -113,6 +115,73 @@ class ReferenceVR:
         if self.hp.get("nesterov", False):
             return theta - lr * (d + mu * st["b"])
         return theta - lr * st["b"]
+
+
+class ReferenceFusedLAMB:
+    """apex ``FusedLAMB`` (apex/optimizers/fused_lamb.py + csrc/multi_tensor_lamb.cu), restated
+    element by element in float64 from apex's source, without vrgd_ds code.
+
+    ``groups``: ``[{"params": [tensors], "weight_decay": ...}, ...]``; every other key falls back
+    to the constructor's values (apex's defaults: lr 1e-3, bias_correction, betas (0.9, 0.999),
+    eps 1e-6, weight_decay 0.01, adam_w_mode, grad_averaging, max_grad_norm 1.0,
+    use_nvlamb False). What apex does in ``step()``:
+
+    1. global_grad_norm = ‖all gradients of all groups‖₂ (tensors without a gradient skipped);
+       clip = global_grad_norm / max_grad_norm if global_grad_norm > max_grad_norm else 1 —
+       ``max_grad_norm`` from the optimizer's defaults, not from the group.
+    2. per group: ``step += 1`` (one count per group, also for tensors without a gradient);
+       bias corrections 1 − β^step (1 without bias_correction); β3 = 1 − β1 with
+       grad_averaging, else 1.
+    3. per tensor with a gradient (stage 1): g = grad / clip;
+       adam_w_mode: m = β1 m + β3 g, v = β2 v + (1−β2) g², u = m̂/(√v̂ + eps) + wd·θ;
+       L2 mode: g += wd·θ first, then the same without the wd·θ term.
+    4. stage 2: ‖θ‖ (taken before the update) and ‖u‖; step size lr·‖θ‖/‖u‖ if both are
+       non-zero, else lr — only ``if use_nvlamb or weight_decay != 0``, else lr.
+       θ ← θ − step size · u. No clamp of the ratio.
+    """
+
+    def __init__(self, groups, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False):
+        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
+                        grad_averaging=grad_averaging)
+        self.groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
+        self.max_grad_norm = max_grad_norm
+        self.adam_w_mode = adam_w_mode
+        self.use_nvlamb = use_nvlamb
+        self.state: dict[int, dict] = {}
+
+    def step(self, grads: list[list]) -> None:
+        """grads[i][j]: the gradient of groups[i]["params"][j], or None. Params updated in place."""
+        flat = [g.double() for gs in grads for g in gs if g is not None]
+        global_grad_norm = torch.sqrt(sum((g * g).sum() for g in flat)).item() if flat else 0.0
+        clip = global_grad_norm / self.max_grad_norm if global_grad_norm > self.max_grad_norm else 1.0
+        for group, group_grads in zip(self.groups, grads):
+            group["step"] = group.get("step", 0) + 1
+            t = group["step"]
+            b1, b2 = group["betas"]
+            bc1, bc2 = (1 - b1**t, 1 - b2**t) if group["bias_correction"] else (1.0, 1.0)
+            b3 = 1 - b1 if group["grad_averaging"] else 1.0
+            wd, eps, lr = group["weight_decay"], group["eps"], group["lr"]
+            for p, grad in zip(group["params"], group_grads):
+                if grad is None:
+                    continue
+                st = self.state.setdefault(id(p), {})
+                theta = p.detach().double()
+                g = grad.double() / clip
+                if not self.adam_w_mode:
+                    g = g + wd * theta
+                st["m"] = b1 * st.get("m", torch.zeros_like(theta)) + b3 * g
+                st["v"] = b2 * st.get("v", torch.zeros_like(theta)) + (1 - b2) * g * g
+                u = (st["m"] / bc1) / ((st["v"] / bc2).sqrt() + eps)
+                if self.adam_w_mode:
+                    u = u + wd * theta
+                step_size = lr
+                if self.use_nvlamb or wd != 0:
+                    wn, un = theta.norm().item(), u.norm().item()
+                    if wn != 0 and un != 0:
+                        step_size = lr * (wn / un)
+                with torch.no_grad():
+                    p.copy_((theta - step_size * u).to(p.dtype))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

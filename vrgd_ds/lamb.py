@@ -24,6 +24,18 @@ class VRLamb(VROptimizer):
     Norms are over each whole parameter tensor — under ZeRO 1/2 too, where DeepSpeed's own LAMB
     computes them over flat partitions (DeepSpeed issues #88, #490, #1217).
 
+    Which tensors get the trust ratio: with ``use_nvlamb=True`` (the default, and this class's
+    behaviour before the option existed) every tensor, as in the LAMB paper's algorithm (NVLAMB).
+    With ``use_nvlamb=False`` only the tensors of groups with ``weight_decay != 0``: a no-decay
+    group (biases and LayerNorm weights, e.g. from ``weight_decay_exclude_1d``) steps by
+    ``lr · u`` — apex ``FusedLAMB``'s default, which NVIDIA's BERT recipe runs, and timm's
+    ``Lamb(always_adapt=False)``. FusedLAMB also divides the gradients by
+    ``max(1, ‖G‖/max_grad_norm)`` (global norm) itself; here that is DeepSpeed's
+    ``gradient_clipping`` (or ``torch.nn.utils.clip_grad_norm_`` in plain PyTorch), which scales by
+    ``max_norm/(‖G‖ + 1e-6)``: the same up to that 1e-6. The default keeps existing runs and
+    checkpoints unchanged and never silently turns LAMB into Adam when ``weight_decay=0``
+    everywhere (apex's default does); the paper-recipe configs set ``false``.
+
     Args:
         params: parameters, parameter groups, or named parameters.
         lr (float): learning rate (default: 1e-3).
@@ -34,20 +46,31 @@ class VRLamb(VROptimizer):
         min_trust_ratio, max_trust_ratio (float or None): clamp of the ratio (default: None;
             DeepSpeed's FusedLamb uses 0.01 and 10).
         trust_ratio (bool): per-group switch for the layer-wise ratio (default: True).
+        use_nvlamb (bool): trust ratio on every tensor (True), or only on groups with
+            weight_decay != 0 (False, as apex FusedLAMB's default); per group too (default: True).
         gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
                  *, gamma: float = 0.1, gsnr_beta: float | None = 0.9, bias_correction: bool = True,
                  min_trust_ratio: float | None = None, max_trust_ratio: float | None = None, trust_ratio: bool = True,
-                 gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
+                 use_nvlamb: bool = True, gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, trust_ratio=trust_ratio,
-                        gamma=gamma, gsnr_beta=gsnr_beta, gsnr_eps=gsnr_eps)
+                        use_nvlamb=use_nvlamb, gamma=gamma, gsnr_beta=gsnr_beta, gsnr_eps=gsnr_eps)
         super().__init__(params, defaults, vr=vr, **kwargs)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # Checkpoints from before the option: they were trained with the ratio on every tensor.
+            group.setdefault("use_nvlamb", True)
 
     def _validate_group(self, group):
         check_adam_like(group)
+        for key in ("trust_ratio", "use_nvlamb"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"Invalid {key}: {group[key]!r}; it must be True or False.")
         lo, hi = group["min_trust_ratio"], group["max_trust_ratio"]
         if lo is not None:
             _check_range("min_trust_ratio", lo, 0.0, float("inf"))
@@ -65,4 +88,4 @@ class VRLamb(VROptimizer):
                     state["step"] if tensor_steps(state) is None else tensor_steps(state), layout, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
                     trust_ratio=group["trust_ratio"], min_trust_ratio=group["min_trust_ratio"],
-                    max_trust_ratio=group["max_trust_ratio"])
+                    max_trust_ratio=group["max_trust_ratio"], use_nvlamb=group["use_nvlamb"])

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .segments import SegmentLayout
 
-__all__ = ["sgd_update", "adam_update", "lamb_update", "lars_update"]
+__all__ = ["sgd_update", "adam_update", "lamb_update", "lamb_adapts", "lars_update"]
 
 
 def sgd_update(
@@ -85,6 +85,18 @@ def _trust_ratio(param_norm: Tensor, update_norm: Tensor, min_ratio, max_ratio) 
     return ratio
 
 
+def lamb_adapts(weight_decay: float, trust_ratio: bool, use_nvlamb: bool) -> bool:
+    """Whether LAMB applies its trust ratio to the tensors of a parameter group.
+
+    ``use_nvlamb=False`` is apex ``FusedLAMB``'s default (and timm ``Lamb(always_adapt=False)``):
+    only groups with weight_decay ≠ 0 are adapted, so a no-decay group (biases, LayerNorm) takes
+    a plain ``lr · u`` step. ``use_nvlamb=True`` (NVLAMB, the LAMB paper's algorithm) adapts
+    every group. ``trust_ratio=False`` turns the ratio off regardless. A group-level decision,
+    so it is the same for a whole tensor and for a flat ZeRO shard of the group.
+    """
+    return trust_ratio and (use_nvlamb or weight_decay != 0)
+
+
 def lamb_update(
     param: Tensor,
     grad: Tensor,
@@ -101,12 +113,14 @@ def lamb_update(
     trust_ratio: bool,
     min_trust_ratio: float | None,
     max_trust_ratio: float | None,
+    use_nvlamb: bool = True,
 ) -> None:
     r"""LAMB (You et al. 2019), trust ratio per parameter tensor.
 
     m = β1 m + (1−β1) g';  v = β2 v + (1−β2) g'²;  u = m̂/(√v̂ + ε) + λθ;
     θ ← θ − lr · (‖θ‖/‖u‖) · u, the ratio 1 where either norm is 0, optionally clamped.
-    With ``trust_ratio=False`` the ratio is 1 (an AdamW-like step for excluded tensors).
+    The ratio is 1 (an AdamW-like step) with ``trust_ratio=False``, and with
+    ``use_nvlamb=False`` where ``weight_decay == 0`` (apex FusedLAMB; :func:`lamb_adapts`).
     ``step`` is t, or a tensor of one t per parameter tensor of ``layout``.
     """
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -125,7 +139,7 @@ def lamb_update(
         torch.div(exp_avg, update.add_(eps), out=update)
     if weight_decay != 0:
         update.add_(param, alpha=weight_decay)
-    if trust_ratio:
+    if lamb_adapts(weight_decay, trust_ratio, use_nvlamb):
         norms = layout.tensor_norms([param, update])
         ratio = _trust_ratio(norms[0], norms[1], min_trust_ratio, max_trust_ratio)
         layout.scale_(update, ratio)
