@@ -89,6 +89,22 @@ def test_pretrain_config(path):
     assert params["warmup_max_lr"] == optimizer["params"]["lr"]
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if PAPER.fullmatch(p.name)], ids=lambda p: p.name)
+def test_paper_config_lamb_is_apex_fused_lamb(path):
+    """NVIDIA's recipe runs apex FusedLAMB with its defaults: trust ratio only where weight_decay
+    != 0 (use_nvlamb false; the 1-D tensors get none), global-norm clipping at max_grad_norm 1.0
+    (here DeepSpeed's gradient_clipping; VRGD.md section 3, tests/test_lamb_parity.py)."""
+    config = json.loads(path.read_text())
+    params = config["optimizer"]["params"]
+    assert params["use_nvlamb"] is False and params["weight_decay"] > 0 and params["weight_decay_exclude_1d"]
+    assert config["gradient_clipping"] == 1.0
+    opt = build_from_config(vrgd_ds.OPTIMIZERS["vrlamb"], params, torch.nn.Linear(4, 2).parameters())
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() > 1 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (params["weight_decay"], 0.0)
+    assert decay["use_nvlamb"] is no_decay["use_nvlamb"] is False
+
+
 @pytest.mark.parametrize("recipe", sorted(PAPER_STEPS))
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_paper_recipe(recipe, dtype):
