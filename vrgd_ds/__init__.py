@@ -8,6 +8,8 @@ from .adam import VRAdam, VRAdamW
 from .gsnr import gsnr_from_moments, normalize_and_clip, update_gsnr_momentum
 from .lamb import VRLamb
 from .lars import VRLars
+from .noise import (NoiseScaleEMA, build_noise_stats, critical_batch_summary, noise_from_sums, unbiased_from_paper_r,
+                    unbiased_gsnr)
 from .optimizer import VROptimizer
 from .segments import SegmentLayout
 from .sgd import VRSGD
@@ -35,7 +37,9 @@ def find_vr_optimizer(obj):
 
 
 __all__ = ["VRSGD", "VRAdam", "VRAdamW", "VRLamb", "VRLars", "VROptimizer", "SegmentLayout", "OPTIMIZERS",
-           "find_vr_optimizer", "gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]
+           "find_vr_optimizer", "gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum",
+           "NoiseScaleEMA", "build_noise_stats", "critical_batch_summary", "noise_from_sums", "unbiased_from_paper_r",
+           "unbiased_gsnr"]
 
 from . import deepspeed_glue as _deepspeed_glue  # noqa: E402
 

@@ -60,28 +60,48 @@ def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | 
     return out.sub_(c).clamp_(min=c * eps / (1.0 - eps)).reciprocal_().mul_(c)
 
 
-def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float) -> Tensor:
+def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float, layout=None,
+                       out: Tensor | None = None) -> Tensor:
     r"""Per-tensor normalization then clipping to [γ, 1] (paper eq. 8, 9).
 
     .. math:: r_j \leftarrow \min\!\big(\max(r_j / m,\ \gamma),\ 1\big),\qquad m = \tfrac1J \textstyle\sum_{i\in\theta} r_i
 
-    ``layer_mean`` is m, either a scalar tensor or one value per element (a flat ZeRO shard
-    holding pieces of several tensors). Where m = 0 no element of the tensor has signal and the
-    result is γ everywhere (VRGD.md §2): r/1 = 0 clamps to γ.
+    ``layer_mean`` is m: a scalar tensor, one value per element, or — with ``layout`` (a
+    :class:`~vrgd_ds.segments.SegmentLayout` of a flat ZeRO shard holding pieces of several
+    tensors) — one value per parameter tensor of the layout. Where m = 0 no element of the tensor
+    has signal and the result is γ everywhere (VRGD.md §2): r/1 = 0 clamps to γ.
+    ``out`` may be ``gsnr`` itself (in place; what the optimizer does); default: a new tensor.
     """
     safe_mean = torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
-    return (gsnr / safe_mean).clamp_(min=gamma, max=1.0)
+    if layout is None:
+        if out is None:
+            return (gsnr / safe_mean).clamp_(min=gamma, max=1.0)
+        return torch.div(gsnr, safe_mean, out=out).clamp_(min=gamma, max=1.0)
+    if out is None:
+        out = gsnr.clone()
+    elif out is not gsnr:
+        out.copy_(gsnr)
+    return layout.scale_(out, safe_mean, divide=True).clamp_(min=gamma, max=1.0)
 
 
-def update_gsnr_momentum(momentum: Tensor, gsnr: Tensor, beta: float, step: int, out: Tensor | None = None) -> Tensor:
+def update_gsnr_momentum(momentum: Tensor, gsnr: Tensor, beta: float, step, out: Tensor | None = None,
+                         layout=None) -> Tensor:
     r"""GSNR momentum with bias correction (VRGD.md §3), updating ``momentum`` in place.
 
     .. math:: p_t = \beta_3 p_{t-1} + (1-\beta_3)\, r_t,\qquad \hat p_t = p_t / (1 - \beta_3^t)
 
     Returns p̂_t, written into ``out`` (which may be ``gsnr``: r_t is no longer needed) or, by
-    default, a new tensor. ``step`` is t ≥ 1, the optimizer's step count for the tensor.
+    default, a new tensor. ``step`` is t ≥ 1, the optimizer's step count for the tensor — or,
+    with ``layout`` (a flat ZeRO shard), a tensor of one t per parameter tensor of the layout
+    (tensors of a shard that missed steps have their own t).
     """
     momentum.lerp_(gsnr, 1.0 - beta)
+    if not torch.is_tensor(step):
+        if out is None:
+            return momentum / (1.0 - beta**step)
+        return torch.mul(momentum, 1.0 / (1.0 - beta**step), out=out)
     if out is None:
-        return momentum / (1.0 - beta**step)
-    return torch.mul(momentum, 1.0 / (1.0 - beta**step), out=out)
+        out = momentum.clone()
+    else:
+        out.copy_(momentum)
+    return layout.scale_(out, 1.0 - torch.pow(beta, step.to(out.device)), divide=True)

@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .collect import GradientMomentCollector, k_too_small_message
-from .gsnr import update_gsnr_momentum
+from .gsnr import normalize_and_clip, update_gsnr_momentum
 from .noise import NoiseScaleEMA, build_noise_stats, unbiased_from_paper_r
 from .segments import SegmentLayout
 
@@ -401,19 +401,13 @@ class VROptimizer(Optimizer):
         free once r is used), so the step makes no full-size temporary here."""
         below_gamma = raw < group["gamma"] * layout.expand(layer_mean) if stats else None
         raw_for_stats = raw.clone() if stats else None
-        # normalize_and_clip, one tensor piece at a time (a flat shard holds several tensors)
-        safe_mean = torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
-        scale = layout.scale_(raw, safe_mean, divide=True).clamp_(min=group["gamma"], max=1.0)
+        scale = normalize_and_clip(raw, layer_mean, group["gamma"], layout=layout, out=raw)
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
             steps = tensor_steps(state)
-            if steps is None:
-                scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"], state["step"], out=scale)
-            else:  # the same p̂ = p / (1 − β3^t), with each tensor's own t
-                beta = group["gsnr_beta"]
-                scale = scale.copy_(state["gsnr_momentum"].lerp_(scale, 1.0 - beta))
-                layout.scale_(scale, 1.0 - torch.pow(beta, steps.to(scale.device)), divide=True)
+            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"],
+                                         state["step"] if steps is None else steps, out=scale, layout=layout)
         if stats:
             self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
         return scale.mul_(p.grad.reshape(-1)).view_as(p)
