@@ -115,7 +115,9 @@ def register() -> bool:
     def _configure_optimizer(self, client_optimizer, model_parameters):
         name = str(self.optimizer_name()).lower() if client_optimizer is None else None
         if (name in _optimizer_classes() or isinstance(client_optimizer, VROptimizer)) and self.zero_optimization_stage() > 2:
-            raise ValueError(_STAGE3_MESSAGE)
+            from .zero3 import check_supported
+
+            check_supported(self)  # before DeepSpeed builds its stage-3 optimizer
         # DeepSpeed's fp16/bf16 wrappers "initialize optimizer states" by one step() on zero
         # gradients; for a VR optimizer that step is a no-op (state is created lazily at the
         # first real step, so the first real step is t = 1, as without DeepSpeed).
@@ -132,13 +134,6 @@ def register() -> bool:
     DeepSpeedEngine._configure_optimizer = _configure_optimizer
     _registered = True
     return True
-
-
-_STAGE3_MESSAGE = (
-    "vrgd_ds supports ZeRO stages 0, 1 and 2; ZeRO stage 3 is not supported (its parameters are "
-    "partitioned too, so per-tensor GSNR and trust ratios would need a different layout). "
-    "Set \"zero_optimization\": {\"stage\": 2} in the DeepSpeed config."
-)
 
 
 def build_from_config(cls, params: dict, model_parameters):
@@ -621,8 +616,6 @@ def attach(engine) -> None:
 
     opt: VROptimizer = engine.basic_optimizer
     stage = engine.zero_optimization_stage()
-    if stage > 2:
-        raise ValueError(_STAGE3_MESSAGE)
     reason = unsupported_parallelism(engine)
     if reason is not None:
         raise ValueError(f"vrgd_ds does not support {reason}")
@@ -644,6 +637,12 @@ def attach(engine) -> None:
     strategy = getattr(opt, "moment_reduction", "auto")
     if strategy not in MOMENT_REDUCTIONS:
         raise ValueError(f"Invalid moment_reduction: {strategy!r}; use one of {MOMENT_REDUCTIONS}.")
+    if stage == 3:
+        from .zero3 import attach_zero3
+
+        opt.micro_batch_size = opt.micro_batch_size or engine.train_micro_batch_size_per_gpu()
+        attach_zero3(engine, opt, names, strategy)
+        return
     if strategy == "auto":
         strategy = "per_step" if gas > 1 else "per_micro_step"
 
