@@ -29,6 +29,7 @@ from transformers import Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pretrain_bert as pb  # noqa: E402  the data pipeline and model builder
 import vrgd_ds  # noqa: E402  registers "VRLamb" as a DeepSpeed optimizer type
+from vrgd_ds.cpu_comm import avoid_shm_allreduce  # noqa: E402
 
 
 def deepspeed_config(zero_stage: int, stats_interval: int) -> dict:
@@ -105,7 +106,8 @@ def main(argv=None):
     except pb.InputError as err:
         raise SystemExit(f"error: {err}") from None
 
-    pb.init_distributed()  # before TrainingArguments: skips DeepSpeed's shm kernel build on CPU
+    avoid_shm_allreduce()  # on CPU: no shm op, so no ~69 MB file per rank left in /dev/shm
+    pb.init_distributed()  # before TrainingArguments
     training_args = TrainingArguments(
         output_dir=str(args.output_dir), max_steps=args.max_steps,
         per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,

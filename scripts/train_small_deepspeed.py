@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import vrgd_ds
+from vrgd_ds.cpu_comm import avoid_shm_allreduce
 
 
 def synthetic_classification(num: int, dim: int = 32, classes: int = 10, seed: int = 0):
@@ -35,6 +36,9 @@ def main():
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args()
 
+    # On CPU: keep DeepSpeed from building its shm all-reduce op, whose ~69 MB file per rank in
+    # /dev/shm is never removed (training does not use the op). A no-op on GPUs.
+    avoid_shm_allreduce()
     deepspeed.init_distributed()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.LayerNorm(128), nn.Linear(128, 10))
