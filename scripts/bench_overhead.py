@@ -12,6 +12,16 @@ gradient accumulation 1 and 4. One run measures everything:
 The script spawns its 2 ranks itself (tests/multiproc.py's ``run_ranks``: spawned processes, file
 rendezvous, OMP_NUM_THREADS=1, no JIT build of DeepSpeed's shm op).
 
+On GPUs (scripts/gpu_check.sh; one GPU per rank, NCCL, native bf16 matrix products):
+
+    # BERT-large, bf16, gas 16, ZeRO-2, micro-batch 32, on one GPU (k = 16 samples per step)
+    python scripts/bench_overhead.py --device cuda --size large --json runs/gpu.json --report runs/gpu.md
+
+There every clock is read after ``torch.cuda.synchronize()``, and the memory table is the GPU
+memory allocated by torch (``memory_allocated`` / ``max_memory_allocated``) instead of the
+process's resident memory; TCP bytes are not measured, and with one rank nothing is sent (the
+bytes columns are 0, extra / limit NaN).
+
 Variants (DeepSpeed ``"optimizer"`` sections; lr 1e-3, weight decay 0.01 on ≥2-D tensors, 0 on
 biases and LayerNorm weights, ``gradient_clipping`` 1.0):
   * ``VRLamb per_step`` / ``VRLamb per_micro_step``: ``{"type": "VRLamb"}`` with
@@ -67,6 +77,7 @@ import gc
 import importlib
 import inspect
 import json
+import math
 import os
 import platform
 import re
@@ -124,6 +135,8 @@ class BenchConfig:
     warmup: int
     precisions: tuple = ("fp32", "bf16")
     accumulations: tuple = (1, 4)
+    world: int = 2  # ranks (processes); on CUDA one GPU each
+    device: str = "cpu"  # "cpu": gloo, timings and memory of the processes; "cuda": NCCL, GPU memory
 
     def bert_config(self):
         from transformers import BertConfig
@@ -137,6 +150,17 @@ FULL = BenchConfig(hidden=768, layers=4, heads=12, intermediate=3072, vocab=3052
                    rounds=6, warmup=1)
 QUICK = BenchConfig(hidden=64, layers=2, heads=4, intermediate=128, vocab=512, seq=32, micro_batch=2,
                     rounds=2, warmup=0)
+# BERT-large (335M parameters), phase-1 sequence length; for GPUs (scripts/gpu_check.sh).
+LARGE = BenchConfig(hidden=1024, layers=24, heads=16, intermediate=4096, vocab=30522, seq=128, micro_batch=32,
+                    rounds=5, warmup=1, precisions=("bf16",), accumulations=(16,))
+SIZES = {"full": FULL, "quick": QUICK, "large": LARGE}
+DEVICE = "cpu"  # set in each rank from its BenchConfig
+
+
+def _sync() -> None:
+    """Wait for the GPU's queued work before a clock is read (no-op on CPU)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 # ---- collective accounting ---------------------------------------------------------------------
@@ -348,6 +372,30 @@ def peak_bytes() -> int:
     return rss_bytes() if kib is None else kib * 1024
 
 
+# What the memory table measures: the process's resident memory on CPU, the GPU's allocated
+# memory (torch's caching allocator: memory_allocated / max_memory_allocated) on CUDA.
+def mem_now() -> int:
+    if DEVICE == "cuda":
+        _sync()
+        return torch.cuda.memory_allocated()
+    return rss_bytes()
+
+
+def mem_reset_peak() -> bool:
+    if DEVICE == "cuda":
+        _sync()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return reset_peak()
+
+
+def mem_peak() -> int:
+    if DEVICE == "cuda":
+        _sync()
+        return torch.cuda.max_memory_allocated()
+    return peak_bytes()
+
+
 # ---- bf16 matrix products in fp32 ---------------------------------------------------------------
 def _bf16_matmul_in_fp32_mode():
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -385,7 +433,7 @@ def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, worl
     return out
 
 
-def make_batches(cfg: BenchConfig, rank: int, count: int) -> list[dict]:
+def make_batches(cfg: BenchConfig, rank: int, count: int, device="cpu") -> list[dict]:
     """MLM micro-batches: random tokens, 15% of positions carry a label (the rest -100)."""
     gen = torch.Generator().manual_seed(1000 + rank)
     out = []
@@ -393,7 +441,8 @@ def make_batches(cfg: BenchConfig, rank: int, count: int) -> list[dict]:
         ids = torch.randint(0, cfg.vocab, (cfg.micro_batch, cfg.seq), generator=gen)
         labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
         labels[:, 0] = ids[:, 0]  # at least one label per sequence
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)})
+        out.append({k: v.to(device) for k, v in
+                    {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}.items()})
     return out
 
 
@@ -424,17 +473,21 @@ def train_step(engine, batches, matmul_mode, around_opt_step=nullcontext) -> dic
     ``around_opt_step()`` is entered around the boundary ``engine.step()`` (the profiler).
     """
     out = dict.fromkeys(TIMES + tuple("cpu_" + t for t in TIMES), 0.0)
+    _sync()
     start, cpu_start = time.perf_counter(), time.process_time()
     for batch in batches:
+        _sync()
         t0, c0 = time.perf_counter(), time.process_time()
         with matmul_mode() if matmul_mode is not None else nullcontext():
             loss = engine(**batch).loss
             engine.backward(loss)
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary:
+            _sync()
             t1, c1 = time.perf_counter(), time.process_time()
             with around_opt_step():
                 engine.step()
+            _sync()
             t2, c2 = time.perf_counter(), time.process_time()
             out["fwd_bwd"] += t1 - t0
             out["cpu_fwd_bwd"] += c1 - c0
@@ -442,8 +495,10 @@ def train_step(engine, batches, matmul_mode, around_opt_step=nullcontext) -> dic
             out["cpu_opt"] += c2 - c1
         else:
             engine.step()
+            _sync()
             out["fwd_bwd"] += time.perf_counter() - t0
             out["cpu_fwd_bwd"] += time.process_time() - c0
+    _sync()
     out["total"] = time.perf_counter() - start
     out["cpu_total"] = time.process_time() - cpu_start
     return out
@@ -592,24 +647,24 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
 
     gc.collect()
     dist.barrier()
-    rss0 = rss_bytes()
-    reset_peak()
+    rss0 = mem_now()
+    mem_reset_peak()
     engine = build_engine(variant, precision, gas, cfg, world)
     for _ in range(cfg.warmup):
         train_step(engine, batches, mode)
     dist.barrier()
-    tcp0 = tcp_bytes_sent()
+    tcp0 = tcp_bytes_sent() if DEVICE == "cpu" else None
     COUNTER.enabled = True
     train_step(engine, batches, mode)
     COUNTER.enabled = False
     dist.barrier()
     time.sleep(0.2)  # let the last acknowledgements arrive
-    tcp1 = tcp_bytes_sent()
+    tcp1 = tcp_bytes_sent() if tcp0 is not None else None
     collectives = COUNTER.take()
     gc.collect()
     entry = {
-        "peak_bytes": peak_bytes() - rss0,
-        "held_bytes": rss_bytes() - rss0,
+        "peak_bytes": mem_peak() - rss0,
+        "held_bytes": mem_now() - rss0,
         "collectives": collectives,
         "tcp_bytes": None if tcp0 is None else tcp1 - tcp0,
         "vr_buffers": vr_buffer_bytes(engine),
@@ -627,10 +682,10 @@ def timed_step(engine, entry: dict, batches, mode) -> None:
     import torch.distributed as dist
 
     dist.barrier()
-    before = rss_bytes()
-    reset_peak()
+    before = mem_now()
+    mem_reset_peak()
     times = train_step(engine, batches, mode)
-    entry["transient_bytes"].append(peak_bytes() - before)
+    entry["transient_bytes"].append(mem_peak() - before)
     for key, value in times.items():
         entry[key].append(value)
 
@@ -639,25 +694,32 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
     """One rank of the benchmark: every (precision, accumulation) block in turn (module docstring)."""
     import torch.distributed as dist
 
+    global DEVICE
     COUNTER.install()  # before deepspeed.initialize creates DeepSpeed's comm backend
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = BenchConfig(**cfg_dict)
-    torch.set_num_threads(1)
+    DEVICE = cfg.device
+    if DEVICE == "cuda":  # run_ranks(init="none"): NCCL over the harness's file store, one GPU per rank
+        torch.cuda.set_device(rank)
+        dist.init_process_group("nccl", store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
+                                rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+    else:
+        torch.set_num_threads(1)
     t_start = time.perf_counter()
 
     def say(text):
         if rank == 0:
             print(f"[{time.perf_counter() - t_start:6.0f} s] {text}", flush=True)
 
-    fp32_mode = _bf16_matmul_in_fp32_mode() if bf16_matmul == "fp32" else None
-    batches = make_batches(cfg, rank, max(cfg.accumulations))
+    fp32_mode = _bf16_matmul_in_fp32_mode() if bf16_matmul == "fp32" and DEVICE == "cpu" else None
+    batches = make_batches(cfg, rank, max(cfg.accumulations), DEVICE)
     # Imports and first-call allocations must not count as the first variant's memory.
     warm = build_engine(VARIANTS[-2], "fp32", 1, QUICK, world)
-    train_step(warm, make_batches(QUICK, rank, 1), None)
+    train_step(warm, make_batches(QUICK, rank, 1, DEVICE), None)
     warm.destroy()
     del warm
     say("imports and a throw-away engine done")
-    results = {"blocks": [], "peak_resettable": reset_peak()}
+    results = {"blocks": [], "peak_resettable": mem_reset_peak()}
 
     for precision in cfg.precisions:
         mode = fp32_mode if precision == "bf16" else None
@@ -670,7 +732,8 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
                 block["variants"][variant.name] = entry
                 say(f"[{precision} gas={gas}] {variant.name}: built, {cfg.warmup} warm-up + 1 counted step in "
                     f"{time.perf_counter() - t:.1f} s; held {entry['held_bytes'] / 2**20:.0f} MiB, "
-                    f"RSS {rss_bytes() / 2**20:.0f} MiB")
+                    f"RSS {rss_bytes() / 2**20:.0f} MiB"
+                    + (f", GPU allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB" if DEVICE == "cuda" else ""))
             for r in range(cfg.rounds):
                 for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
                     timed_step(engines[variant.name], block["variants"][variant.name], batches[:gas], mode)
@@ -742,8 +805,9 @@ def _mib(b):
     return b / 2**20
 
 
-def summarize(blocks: list[dict]) -> dict:
-    """Medians, ratios to LAMB and VR's extra bytes per block and variant."""
+def summarize(blocks: list[dict], world: int = 2) -> dict:
+    """Medians, ratios to LAMB and VR's extra bytes per block and variant (extra / limit is NaN
+    for one rank, where nothing is sent)."""
     rows = []
     for block in blocks:
         base = block["variants"][BASELINE]
@@ -751,7 +815,7 @@ def summarize(blocks: list[dict]) -> dict:
         for variant in VARIANTS:
             e = block["variants"][variant.name]
             n = e["num_params"]
-            limit = 4 * n * (WORLD_SIZE - 1) / WORLD_SIZE
+            limit = 4 * n * (world - 1) / world
             ring = sum(c["ring"] for c in e["collectives"])
             row = {
                 "precision": block["precision"], "gas": block["gas"], "variant": variant.name,
@@ -760,9 +824,11 @@ def summarize(blocks: list[dict]) -> dict:
                 "vr_buffers": e["vr_buffers"], "vr_buffer_total": sum(e["vr_buffers"].values()),
                 "ring": ring, "payload": sum(c["payload"] for c in e["collectives"]),
                 "calls": sum(c["calls"] for c in e["collectives"]),
-                "extra_ring": ring - base_ring, "limit": limit, "extra_ratio": (ring - base_ring) / limit,
+                "extra_ring": ring - base_ring, "limit": limit,
+                "extra_ratio": (ring - base_ring) / limit if limit else float("nan"),
                 "tcp": e["tcp_bytes"],
-                "tcp_extra_ratio": None if e["tcp_bytes"] is None else (e["tcp_bytes"] - base["tcp_bytes"]) / limit,
+                "tcp_extra_ratio": None if e["tcp_bytes"] is None else
+                ((e["tcp_bytes"] - base["tcp_bytes"]) / limit if limit else float("nan")),
                 "vr_ring": sum(c["ring"] for c in e["collectives"] if c["origin"].startswith("vrgd_ds")),
                 "num_params": n, "collectives": e["collectives"], "profile": e.get("profile"),
             }
@@ -791,7 +857,8 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     out = []
     out.append(f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
                f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-2, "
-               f"{WORLD_SIZE} CPU ranks (gloo), {cfg.rounds} timed steps per variant (round-robin), "
+               + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
+               + f", {cfg.rounds} timed steps per variant (round-robin), "
                f"{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction \"auto\" picks.")
     out.append("")
     for kind, prefix, who in (("wall clock", "", "slower rank"), ("CPU time", "cpu_", "mean of the ranks")):
@@ -806,13 +873,14 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
                        f"| {r[t + '_ratio']:.3f} | {r[o + '_ratio']:.3f} | {r[t + '_paired_ratio']:.3f} "
                        f"| {r[o + '_paired_ratio']:.3f} | {r[t + '_iqr']:.3f} | {r[o + '_iqr']:.3f} |")
         out.append("")
-    out.append("### Memory per rank (MiB; larger rank; see the docstring for definitions)")
+    out.append("### Memory per rank (MiB; larger rank; see the docstring for definitions"
+               + ("; GPU memory allocated by torch)" if cfg.device == "cuda" else ")"))
     out.append("")
     out.append("| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers "
                "| VR buffers / (4N/w) |")
     out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        part = 4 * r["num_params"] / WORLD_SIZE
+        part = 4 * r["num_params"] / cfg.world
         out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {_mib(r['peak']):.1f} | {_mib(r['held']):.1f} "
                    f"| {_mib(r['transient']):.1f} | {_mib(r['vr_buffer_total']):.1f} | {r['vr_buffer_total'] / part:.2f} |")
     out.append("")
@@ -894,8 +962,9 @@ def profile_markdown(blocks: list[dict], top: int = 15) -> str:
 
 
 def _target_row(check, r, wall, cpu, target):
-    if cpu is None:  # bytes: one number
-        return f"| {check} | {r['precision']} | {wall:.3f} | – | ≤ {target} | {'yes' if wall <= target else 'NO'} |"
+    if cpu is None:  # bytes: one number (NaN with one rank: nothing to send)
+        met = "n/a" if math.isnan(wall) else ("yes" if wall <= target else "NO")
+        return f"| {check} | {r['precision']} | {wall:.3f} | – | ≤ {target} | {met} |"
     met = "/".join("yes" if v <= target else "NO" for v in (wall, cpu))
     return f"| {check} | {r['precision']} | {wall:.3f} | {cpu:.3f} | ≤ {target} | {met} |"
 
@@ -918,16 +987,35 @@ def code_version() -> str:
     return f"git {head}{' + uncommitted vrgd_ds changes' if dirty else ''} (vrgd_ds sha256 {digest.hexdigest()[:12]})"
 
 
-def machine_text(bf16_matmul: str) -> str:
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {WORLD_SIZE} ranks × 1 thread, "
-            f"gloo; torch {torch.__version__}, Python {platform.python_version()}; "
+def machine_text(bf16_matmul: str, cfg: BenchConfig | None = None) -> str:
+    world = WORLD_SIZE if cfg is None else cfg.world
+    versions = f"torch {torch.__version__}, Python {platform.python_version()}"
+    try:
+        import deepspeed
+
+        versions += f", deepspeed {deepspeed.__version__}"
+    except ImportError:
+        pass
+    if cfg is not None and cfg.device == "cuda":
+        return (f"{world} × {torch.cuda.get_device_name(0)} (NCCL), {os.cpu_count()} CPU cores; {versions} "
+                f"(CUDA {torch.version.cuda}); native bf16")
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {world} ranks × 1 thread, "
+            f"gloo; {versions}; "
             f"bf16 matmuls {'in fp32 (--bf16-matmul fp32)' if bf16_matmul == 'fp32' else 'native'}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (CI smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (CI smoke run); = --size quick")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full",
+                        help="full: BERT-base width, 4 layers, fp32+bf16, gas 1,4 (default); large: BERT-large "
+                             "(24 layers), bf16, gas 16, micro-batch 32, for GPUs; quick: the smoke run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: ranks over gloo (default); cuda: one GPU per rank, NCCL")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help=f"ranks (default: {WORLD_SIZE} on CPU, 1 on CUDA); on CUDA at most the GPU count")
+    parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch per rank (default: the size's)")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default: 6; quick: 2)")
     parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both)")
     parser.add_argument("--accumulations", default=None, help="comma list of gradient accumulation steps (default: 1,4)")
@@ -940,8 +1028,18 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
     args = parser.parse_args(argv)
 
-    cfg = QUICK if args.quick else FULL
-    changes = {}
+    cfg = QUICK if args.quick else SIZES[args.size]
+    world = args.world_size or (WORLD_SIZE if args.device == "cpu" else 1)
+    if world < 1:
+        parser.error("--world-size must be >= 1")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        if world > torch.cuda.device_count():
+            parser.error(f"--world-size {world}: only {torch.cuda.device_count()} GPU(s)")
+    changes = {"world": world, "device": args.device}
+    if args.micro_batch is not None:
+        changes["micro_batch"] = args.micro_batch
     if args.rounds is not None:
         changes["rounds"] = args.rounds
     if args.precisions:
@@ -954,6 +1052,10 @@ def main(argv=None) -> int:
         if any(a < 1 for a in changes["accumulations"]):
             parser.error("accumulation steps must be >= 1")
     cfg = dataclasses.replace(cfg, **changes)
+    if cfg.world * min(cfg.accumulations) < 2:
+        parser.error(f"VR needs k = ranks x accumulation steps >= 2 gradient samples per step; world size "
+                     f"{cfg.world} with accumulation {min(cfg.accumulations)} gives k = "
+                     f"{cfg.world * min(cfg.accumulations)} (pass --accumulations)")
     if BASELINE not in {v.name for v in VARIANTS}:
         raise RuntimeError("the baseline variant is missing")
 
@@ -962,12 +1064,15 @@ def main(argv=None) -> int:
     timeout = args.timeout or (300 if args.quick else 4 * 3600)
     version = code_version()  # before the ranks import vrgd_ds
     start = time.time()
-    per_rank = run_ranks(rank_body, WORLD_SIZE, dataclasses.asdict(cfg), args.bf16_matmul, args.profile,
-                         timeout=timeout)
+    per_rank = run_ranks(rank_body, cfg.world, dataclasses.asdict(cfg), args.bf16_matmul, args.profile,
+                         timeout=timeout, init="torch" if cfg.device == "cpu" else "none",
+                         # CPU: 1 thread per rank (2 ranks share 2 busy cores); GPU: the host-side work
+                         # (model construction, DeepSpeed's bookkeeping) may use a few cores.
+                         env=None if cfg.device == "cpu" else {"OMP_NUM_THREADS": str(max(1, min(8, (os.cpu_count() or 1) // cfg.world)))})
     wall = time.time() - start
     blocks = merge_ranks(per_rank)
-    summary = summarize(blocks)
-    meta = {"machine": machine_text(args.bf16_matmul), "max_rss": max(r["max_rss_bytes"] for r in per_rank),
+    summary = summarize(blocks, cfg.world)
+    meta = {"machine": machine_text(args.bf16_matmul, cfg), "max_rss": max(r["max_rss_bytes"] for r in per_rank),
             "wall_s": wall, "code": version, "command": " ".join([Path(sys.executable).name] + sys.argv),
             "peak_resettable": all(r["peak_resettable"] for r in per_rank)}
     if not meta["peak_resettable"]:
