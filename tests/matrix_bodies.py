@@ -77,6 +77,7 @@ def ds_config(case: dict, world: int) -> dict:
         cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {
             "total_num_steps": 6, "warmup_num_steps": 2, "warmup_min_lr": lr / 4, "warmup_max_lr": lr,
             "warmup_type": "linear"}}
+    cfg.update(case.get("extra", {}))
     return cfg
 
 

@@ -51,6 +51,8 @@ def pipeline_case(rank: int, world: int, case: dict):
         "gradient_clipping": case.get("clip", 0.0),
         "steps_per_print": 10**9,
     }
+    if case.get("precision") == "bf16":
+        cfg["bf16"] = {"enabled": True}  # a bf16 pipeline at stage 0: DeepSpeed's BF16_Optimizer
     try:
         engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
                                           config=cfg)
@@ -59,10 +61,16 @@ def pipeline_case(rank: int, world: int, case: dict):
     dp_rank = engine.grid.get_data_parallel_rank()
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
     for step in range(STEPS):
-        mine = [batches[step * MICRO_BATCHES + a * dp + dp_rank][:2] for a in range(gas)]
+        dtype = torch.bfloat16 if case.get("precision") == "bf16" else torch.float32
+        mine = [tuple(t.to(dtype) for t in batches[step * MICRO_BATCHES + a * dp + dp_rank][:2]) for a in range(gas)]
         engine.train_batch(iter(mine))
     # PipelineModule names a stage's parameters by their global layer index ("4.weight").
-    return {"error": None, "params": {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}}
+    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+    if case.get("precision") == "bf16":  # the fp32 master weights (BF16_Optimizer's flat partitions)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        params = {n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in engine.module.named_parameters()}
+    return {"error": None, "wrapper": type(engine.optimizer).__name__, "params": params}
 
 
 def train_reference(case: dict) -> dict:
@@ -82,3 +90,8 @@ def train_reference(case: dict) -> dict:
         opt.step()
         opt.zero_grad()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def pipeline_cases(rank: int, world: int, cases: list[dict]):
+    """Several pipeline cases in one process group: {case name: pipeline_case result}."""
+    return {case["name"]: pipeline_case(rank, world, case) for case in cases}

@@ -22,8 +22,7 @@ def _engine(case: dict, world: int, load_universal: bool = False):
                     case.get("precision", "fp32"), 0.0, **extra)
     model = TinyNet(**case.get("model", DS_MODEL))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    # deepspeed_glue.attach installs it for every VR engine; idempotent.
-    vrgd_ds.universal.install(engine)
+    assert vrgd_ds.universal.installed(engine), "deepspeed_glue.attach installs the universal-checkpoint hook"
     return engine
 
 

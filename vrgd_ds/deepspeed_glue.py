@@ -509,6 +509,29 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         return out
 
 
+class BF16OptimizerLayout:
+    """DeepSpeed's BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient accumulation, and bf16 pipelines)
+    seen through the attributes of DeepSpeedZeroOptimizer that :class:`ZeroMomentSource` and
+    :func:`_zero_layouts` read: its layout is ZeRO-1's without round-robin — per param group the
+    trainable tensors flattened in order, padded at the end to a multiple of the data-parallel
+    size, cut into equal partitions (runtime/bf16_optimizer.py ``_setup_for_real_optimizer``)."""
+
+    def __init__(self, bf16_opt):
+        self.real_dp_process_group = bf16_opt.real_dp_process_group
+        self.round_robin_bit16_groups = bf16_opt.bf16_groups
+        self.bit16_groups_flat = bf16_opt.bf16_groups_flat
+        self.single_partition_of_fp32_groups = bf16_opt.fp32_groups_flat_partition
+        self.partition_size = [flat.numel() // dist.get_world_size(group=g)
+                               for flat, g in zip(bf16_opt.bf16_groups_flat, bf16_opt.real_dp_process_group)]
+        self.round_robin_bit16_offsets = []
+        for tensors in bf16_opt.bf16_groups:
+            offsets, pos = [], 0
+            for t in tensors:
+                offsets.append(pos)
+                pos += t.numel()
+            self.round_robin_bit16_offsets.append(offsets)
+
+
 def _zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
     """Per-tensor segment layouts of every rank-local flat partition."""
     for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
@@ -609,6 +632,12 @@ def _warn_flat_weight_decay(opt: VROptimizer) -> None:
             type(opt).__name__)
 
 
+def _is_bf16_optimizer(wrapper) -> bool:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return isinstance(wrapper, BF16_Optimizer)
+
+
 def attach(engine) -> None:
     """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see module docstring)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
@@ -646,7 +675,11 @@ def attach(engine) -> None:
     if strategy == "auto":
         strategy = "per_step" if gas > 1 else "per_micro_step"
 
-    if stage in (1, 2):
+    bf16_optimizer = _is_bf16_optimizer(wrapper)
+    if bf16_optimizer:
+        zero_view = BF16OptimizerLayout(wrapper)
+        _zero_layouts(opt, zero_view, names)
+    elif stage in (1, 2):
         if not isinstance(wrapper, DeepSpeedZeroOptimizer):
             raise ValueError(
                 f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer, got {type(wrapper).__name__} "
@@ -657,6 +690,9 @@ def attach(engine) -> None:
             raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
         _zero_layouts(opt, wrapper, names)
 
+    from .universal import install as install_universal  # lazy: keeps `python -m vrgd_ds.universal` warning-free
+
+    install_universal(engine)  # universal checkpoints keep the VR state, or are refused
     if opt.micro_batch_size is None:
         opt.micro_batch_size = engine.train_micro_batch_size_per_gpu()
     if not (opt.vr or opt.gradient_stats):
@@ -667,7 +703,18 @@ def attach(engine) -> None:
             + f" (DeepSpeed config: gradient_accumulation_steps={gas}, data-parallel world size={dp_world})."
         )
 
-    if stage in (1, 2):
+    if bf16_optimizer:
+        # BF16_Optimizer clips inside step() and then calls the inner step once for all groups:
+        # r is formed before, from the reduced, unclipped partition views.
+        source = ZeroMomentSource(opt, zero_view, strategy, names)
+
+        def before_step(*a, **k):
+            for part, grad in zip(wrapper.fp32_groups_flat_partition, wrapper.fp32_groups_gradient_flat_partition):
+                part.grad = grad if grad.dtype == part.dtype else grad.to(part.dtype)
+            source.prepare(list(wrapper.fp32_groups_flat_partition))
+
+        _wrap_method(wrapper, "step", before=before_step)
+    elif stage in (1, 2):
         source = ZeroMomentSource(opt, wrapper, strategy, names)
         fp32_partitions = wrapper.single_partition_of_fp32_groups
 
@@ -710,7 +757,7 @@ def attach(engine) -> None:
 
     # engine.backward scales the loss by the loss scale only for ZeRO wrappers (see the fp16
     # stage-0 refusal above), and always divides it by gradient_accumulation_steps.
-    if isinstance(wrapper, ZeROOptimizer):
+    if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:
         source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
     source.gas = gas
     opt.set_moment_source(source)
