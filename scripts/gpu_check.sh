@@ -32,6 +32,7 @@
 #   GPU_CHECK_GPU_TESTS_TIMEOUT   seconds [900]
 #   GPU_CHECK_CPU_SUITE       1 | 0 [1]
 #   GPU_CHECK_CPU_SUITE_TIMEOUT   seconds [1800]
+#   GPU_CHECK_TOTAL_TIMEOUT   seconds for the whole script: each step gets at most what is left [none]
 #   GPU_CHECK_CPU_WORKERS     pytest-xdist workers for step 4 [min(8, CPU cores / 2)]
 #   GPU_CHECK_CPU_TESTS       what step 4 runs [tests]
 #   GPU_CHECK_BENCH_SIZE      bench_overhead.py --size [large]
@@ -46,6 +47,18 @@ PY="${PYTHON:-python3}"
 OUT_DIR="${GPU_CHECK_OUT:-runs/gpu_check}"
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+START=$SECONDS
+# limit STEP_DEFAULT: the step's own limit, capped by what GPU_CHECK_TOTAL_TIMEOUT leaves (>= 1).
+limit() {
+    local own=$1
+    if [ -n "${GPU_CHECK_TOTAL_TIMEOUT:-}" ]; then
+        local left=$(( GPU_CHECK_TOTAL_TIMEOUT - (SECONDS - START) ))
+        [ "$left" -lt "$own" ] && own=$left
+        [ "$own" -lt 1 ] && own=1
+    fi
+    echo "$own"
+}
 
 declare -A STATUS
 ORDER=()
@@ -88,10 +101,11 @@ CORES=$(nproc 2>/dev/null || echo 2)
 # ---- 2. BERT-large overhead -------------------------------------------------------------------
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SIZE="${GPU_CHECK_BENCH_SIZE:-large}"
-echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE (ZeRO-2, bf16, gas 16); ZeRO-3 skipped: refused by vrgd_ds"
+echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE ${GPU_CHECK_BENCH_ARGS:-} (large: ZeRO-2, bf16, gas 16); ZeRO-3 skipped: refused by vrgd_ds"
+t=$(limit "${GPU_CHECK_BENCH_TIMEOUT:-900}")
 # shellcheck disable=SC2086
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-900}" "$PY" scripts/bench_overhead.py --device "$DEVICE" --size "$SIZE" \
-    --world-size "${GPU_CHECK_BENCH_WORLD:-1}" --timeout "${GPU_CHECK_BENCH_TIMEOUT:-900}" \
+timeout "$t" "$PY" scripts/bench_overhead.py --device "$DEVICE" --size "$SIZE" \
+    --world-size "${GPU_CHECK_BENCH_WORLD:-1}" --timeout "$t" \
     --json "$OUT_DIR/bench_large.json" --report "$OUT_DIR/bench_large.md" ${GPU_CHECK_BENCH_ARGS:-} \
     >"$OUT_DIR/bench_large.log" 2>&1
 s=$?
@@ -120,7 +134,7 @@ record zero3 "skipped (vrgd_ds refuses ZeRO-3 at deepspeed.initialize)"
 
 # ---- 3. GPU tests -----------------------------------------------------------------------------
 echo "== 3. tests/test_cuda.py on $([ "$GPUS" -ge 2 ] && echo "2 GPUs (NCCL)" || echo "1 GPU")"
-timeout "${GPU_CHECK_GPU_TESTS_TIMEOUT:-900}" "$PY" -m pytest -q -p no:cacheprovider -o timeout=0 \
+timeout "$(limit "${GPU_CHECK_GPU_TESTS_TIMEOUT:-900}")" "$PY" -m pytest -q -p no:cacheprovider -o timeout=0 \
     tests/test_cuda.py --junitxml "$OUT_DIR/gpu_tests.xml" >"$OUT_DIR/gpu_tests.log" 2>&1
 s=$?
 grep -E '(passed|failed|error|skipped)' "$OUT_DIR/gpu_tests.log" | tail -n 1
@@ -135,15 +149,18 @@ if [ "${GPU_CHECK_CPU_SUITE:-1}" = 1 ]; then
         workers=(-n "$n")
     fi
     echo "== 4. the CPU/gloo suite with the GPUs hidden (CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu) ${workers[*]}"
+    t=$(limit "${GPU_CHECK_CPU_SUITE_TIMEOUT:-1800}")
+    # -v: one line per finished test, so a run cut off by its time limit still shows what passed.
     # shellcheck disable=SC2086
-    CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu timeout "${GPU_CHECK_CPU_SUITE_TIMEOUT:-1800}" \
-        "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" ${GPU_CHECK_CPU_TESTS:-tests} --ignore tests/test_cuda.py \
+    CUDA_VISIBLE_DEVICES= DS_ACCELERATOR=cpu timeout "$t" \
+        "$PY" -m pytest -v -p no:cacheprovider "${workers[@]}" ${GPU_CHECK_CPU_TESTS:-tests} --ignore tests/test_cuda.py \
         --junitxml "$OUT_DIR/cpu_suite.xml" >"$OUT_DIR/cpu_suite.log" 2>&1
     s=$?
     grep -E '(passed|failed|error)' "$OUT_DIR/cpu_suite.log" | tail -n 1
+    echo "   per test: $(grep -cE ' PASSED' "$OUT_DIR/cpu_suite.log") passed, $(grep -cE ' FAILED' "$OUT_DIR/cpu_suite.log") failed, $(grep -cE ' SKIPPED' "$OUT_DIR/cpu_suite.log") skipped, $(grep -cE ' ERROR' "$OUT_DIR/cpu_suite.log") errors"
     grep -E '^(FAILED|ERROR)' "$OUT_DIR/cpu_suite.log" | head -n 40
     if [ "$s" -eq 0 ]; then record cpu_suite ok
-    elif [ "$s" -eq 124 ]; then record cpu_suite "TIMED OUT after ${GPU_CHECK_CPU_SUITE_TIMEOUT:-1800} s ($OUT_DIR/cpu_suite.log)"
+    elif [ "$s" -eq 124 ]; then record cpu_suite "TIMED OUT after $t s ($OUT_DIR/cpu_suite.log)"
     else record cpu_suite "FAILED (exit $s; $OUT_DIR/cpu_suite.log)"; fi
 else
     record cpu_suite "skipped (GPU_CHECK_CPU_SUITE=0)"
