@@ -38,17 +38,19 @@ def _train(engine, case, rank, world, first_step, steps, record=True):
     gas = SAMPLES_PER_STEP // world
     batches = micro_batches(SAMPLES_PER_STEP * (first_step + steps), skip_extra=False)
     dtype = next(engine.module.parameters()).dtype
+    device = engine.device
     out = []
     for step in range(first_step, first_step + steps):
         before = master_params(engine) if record else None
         lrs = list(engine.get_lr())
         for a in range(gas):
             x, y, _ = batches[step * SAMPLES_PER_STEP + a * world + rank]
-            engine.backward(case_loss(engine, x.to(dtype), y.to(dtype)))
+            engine.backward(case_loss(engine, x.to(device, dtype), y.to(device, dtype)))
             engine.step()
         if record:
             noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
-            out.append({"before": before, "after": master_params(engine), "lr": lrs, "noise": dict(noise)})
+            out.append({"before": [t.cpu() for t in before], "after": [t.cpu() for t in master_params(engine)],
+                        "lr": lrs, "noise": dict(noise)})
     return out
 
 
