@@ -20,7 +20,7 @@ import torch
 
 from . import test_update_matrix as matrix_tests
 from .multiproc import run_ranks
-from .zero3_bodies import hook_facts, run_z3_matrix, z3_checkpoint_case
+from .zero3_bodies import hook_facts, run_z3_matrix, z3_checkpoint_case, z3_overflow_case
 
 OPT = {name: params for name, (_, params, _) in matrix_tests.OPTIMIZERS.items()}
 LAMB = OPT["VRLamb"]
@@ -69,6 +69,7 @@ CKPT_CASE = _z3("ckpt", "VRLamb", zero=SMALL_BUCKET, clip=0.05)
 def _suite(rank, world, cases, ckpt_dir):  # module level: the harness pickles it by name
     out = run_z3_matrix(rank, world, cases)
     out["__facts__"] = hook_facts(rank, world)
+    out["__overflow__"] = z3_overflow_case(rank, world)
     # The first half of the checkpoint test: 2 steps, save, 2 more (resumed in new processes below).
     out["__ckpt__"] = z3_checkpoint_case(rank, world, CKPT_CASE, ckpt_dir, "full")
     return out
@@ -143,6 +144,12 @@ def test_sub_groups_buckets_and_hooks(results2):
         # Σg² equals this rank's slices of the all-reduced Σg².
         assert facts["shapes_ok"] and facts["hooks"] == 24 and facts["sub_groups"] == 3
         assert facts["max_err"] <= 1e-6
+
+
+def test_fp16_overflow_skips_step_without_touching_vr_state(results2):
+    for rank, res in enumerate(results2):
+        assert res["__overflow__"] == dict(skipped=1, unchanged=True, state_unchanged=True, steps_unchanged=True,
+                                           buffers_clear=True, moved=True, finite=True), f"rank {rank}"
 
 
 def test_checkpoint_resume_in_new_processes_is_exact(results2, ckpt_dir):

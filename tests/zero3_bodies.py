@@ -156,3 +156,40 @@ def hook_facts(rank: int, world: int):
     engine.step()
     return {"shapes_ok": all(shapes), "hooks": len(shapes), "max_err": err,
             "sub_groups": len(wrapper.fp16_groups)}
+
+
+def z3_overflow_case(rank: int, world: int):
+    """fp16 at stage 3: one clean step, then a step whose gradients overflow on the last rank.
+    DeepSpeed skips it: weights and VR state untouched, our buffers cleared, the next step normal."""
+    import vrgd_ds
+
+    case = dict(name="overflow", type="VRLamb", params={"lr": 1e-2}, stage=3, precision="fp16",
+                zero={"sub_group_size": 40, "reduce_bucket_size": 40})
+    engine = _engine(case, world)
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    _train(engine, case, rank, world, 0, 1, record=False)
+    before = master_params(engine)
+    state_before = {(id(p), k): v.clone() for p, s in opt.state.items() for k, v in s.items() if torch.is_tensor(v)}
+    steps_before = [s["step"] for s in opt.state.values()]
+    gas = SAMPLES_PER_STEP // world
+    batches = micro_batches(SAMPLES_PER_STEP * 3, skip_extra=False)
+    for a in range(gas):
+        x, y, _ = batches[SAMPLES_PER_STEP + a * world + rank]
+        loss = case_loss(engine, x.to(engine.device, torch.half), y.to(engine.device, torch.half))
+        if rank == world - 1 and a == 0:
+            loss = loss * float("inf")
+        engine.backward(loss)
+        engine.step()
+    source = engine.vrgd_moment_source
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, master_params(engine)))
+    state_unchanged = all(torch.equal(state_before[(id(p), k)], v) for p, s in opt.state.items()
+                          for k, v in s.items() if torch.is_tensor(v))
+    steps_unchanged = steps_before == [s["step"] for s in opt.state.values()]
+    buffers_clear = (source.local_samples == 0 and not source._hook_counts and source._used == 0
+                     and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero()))
+    _train(engine, case, rank, world, 2, 1, record=False)
+    after = master_params(engine)
+    return dict(skipped=engine.skipped_steps, unchanged=unchanged, state_unchanged=state_unchanged,
+                steps_unchanged=steps_unchanged, buffers_clear=buffers_clear,
+                moved=any(not torch.equal(a, b) for a, b in zip(before, after)),
+                finite=all(bool(torch.isfinite(t).all()) for t in after))
