@@ -20,7 +20,8 @@ import torch
 
 from . import test_update_matrix as matrix_tests
 from .multiproc import run_ranks
-from .zero3_bodies import hook_facts, run_z3_matrix, z3_checkpoint_case, z3_overflow_case
+from .zero3_bodies import (hook_facts, run_z3_matrix, z3_checkpoint_case, z3_overflow_case,
+                           z3_universal_load_case)
 
 OPT = {name: params for name, (_, params, _) in matrix_tests.OPTIMIZERS.items()}
 LAMB = OPT["VRLamb"]
@@ -72,6 +73,7 @@ def _suite(rank, world, cases, ckpt_dir):  # module level: the harness pickles i
     out["__overflow__"] = z3_overflow_case(rank, world)
     # The first half of the checkpoint test: 2 steps, save, 2 more (resumed in new processes below).
     out["__ckpt__"] = z3_checkpoint_case(rank, world, CKPT_CASE, ckpt_dir, "full")
+    out["__universal__"] = z3_universal_load_case(rank, world, ckpt_dir)
     return out
 
 
@@ -144,6 +146,12 @@ def test_sub_groups_buckets_and_hooks(results2):
         # Σg² equals this rank's slices of the all-reduced Σg².
         assert facts["shapes_ok"] and facts["hooks"] == 24 and facts["sub_groups"] == 3
         assert facts["max_err"] <= 1e-6
+
+
+def test_universal_checkpoint_load_refused(results2):
+    for rank, res in enumerate(results2):
+        err = res["__universal__"]
+        assert err is not None and "not supported at ZeRO stage 3" in err, f"rank {rank}: {err!r}"
 
 
 def test_fp16_overflow_skips_step_without_touching_vr_state(results2):

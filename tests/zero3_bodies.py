@@ -12,6 +12,7 @@ from .models import micro_batches
 
 def z3_config(case: dict, world: int) -> dict:
     cfg = ds_config(case, world)
+    cfg.update(case.get("extra", {}))
     zero = dict(cfg.get("zero_optimization", {}), stage=case["stage"])
     zero.update(case.get("zero", {}))
     cfg["zero_optimization"] = zero
@@ -193,3 +194,15 @@ def z3_overflow_case(rank: int, world: int):
                 steps_unchanged=steps_unchanged, buffers_clear=buffers_clear,
                 moved=any(not torch.equal(a, b) for a, b in zip(before, after)),
                 finite=all(bool(torch.isfinite(t).all()) for t in after))
+
+
+def z3_universal_load_case(rank: int, world: int, ckpt_dir: str):
+    """load_checkpoint with "checkpoint": {"load_universal": true} at stage 3: the error text."""
+    case = dict(name="universal", type="VRLamb", params={"lr": 1e-2}, stage=3,
+                extra={"checkpoint": {"load_universal": True}})
+    engine = _engine(case, world)
+    try:
+        engine.load_checkpoint(ckpt_dir, tag="step2")
+    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(exc).__name__}: {exc}"
+    return None

@@ -287,6 +287,25 @@ class Zero3MomentSource(DeepSpeedMomentSource):
                 f"grad_sq_sum bucket (fp32, {self.strategy})": self.bucket.numel() * 4}
 
 
+UNIVERSAL_MESSAGE = (
+    'vrgd_ds: "checkpoint": {"load_universal": true} is not supported at ZeRO stage 3 (the VR state — GSNR '
+    "momentum, per-tensor step counts — would not be restored). Load the ordinary ZeRO-3 checkpoint on the same "
+    "data-parallel size (VR state included), or convert a ZeRO 1/2 checkpoint."
+)
+
+
+def _refuse_universal_load(engine) -> None:
+    original_load = engine.load_checkpoint
+
+    def load_checkpoint(*args, **kwargs):
+        if engine.load_universal_checkpoint():
+            raise ValueError(UNIVERSAL_MESSAGE)
+        return original_load(*args, **kwargs)
+
+    load_checkpoint.__wrapped__ = original_load
+    engine.load_checkpoint = load_checkpoint
+
+
 def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
     """Connect ``opt`` to DeepSpeed's stage-3 optimizer (see the module docstring)."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
@@ -309,6 +328,7 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
     subgroups = _partition_layouts(wrapper, names)
     for flat, tensors, _, layout in subgroups:
         opt.set_layout(flat, layout)
+    _refuse_universal_load(engine)
     if not (opt.vr or opt.gradient_stats):
         return
     gas = engine.gradient_accumulation_steps()
