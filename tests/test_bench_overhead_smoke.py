@@ -117,5 +117,50 @@ def test_profile_attribution_names_vrgd_ds_and_deepspeed_functions():
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         see_memory_usage("bench test", force=False)
         gsnr_from_moments(g, q, 4, 1e-6)
+    if not any(bench._PY_FRAME.match(e.name) for e in prof.events()):
+        pytest.skip("this torch's profiler recorded no Python frames here (seen with torch 2.11+cu130 and the "
+                    "GPU hidden); test_profile_attribution_of_synthetic_events covers the attribution")
     owners = {function for function, _ in bench.attribute_profile(prof)["functions"]}
     assert any(o.startswith("vrgd_ds/gsnr.py(") and o.endswith("gsnr_from_moments") for o in owners), owners
+
+
+def test_profile_attribution_of_synthetic_events():
+    """attribute_profile's rules on hand-made profiler events (names as torch's profiler writes
+    them: relative to the sys.path entry it stripped): an op goes to its innermost vrgd_ds or
+    DeepSpeed frame, the profiler's own frames are left out, other threads are ignored."""
+    from dataclasses import dataclass
+
+    import deepspeed.runtime.engine
+    import vrgd_ds.gsnr
+    from tests.script_loader import load_script
+
+    bench = load_script("bench_overhead")
+
+    @dataclass(eq=False)
+    class Event:
+        name: str
+        cpu_parent: "Event | None" = None
+        thread: int = 1
+        self_cpu_time_total: float = 0.0  # microseconds
+
+    class Prof:
+        def __init__(self, events):
+            self._events = events
+
+        def events(self):
+            return self._events
+
+    assert vrgd_ds.gsnr.__file__ and deepspeed.runtime.engine.__file__
+    step = Event("deepspeed/runtime/engine.py(2000): step", self_cpu_time_total=1.0)
+    ours = Event("vrgd_ds/gsnr.py(16): gsnr_from_moments", step, self_cpu_time_total=2.0)
+    helper = Event("torch/_tensor.py(40): wrapped", ours, self_cpu_time_total=4.0)
+    op = Event("aten::mul", helper, self_cpu_time_total=8.0)
+    in_profiler = Event("torch/profiler/profiler.py(1118): __enter__", self_cpu_time_total=100.0)
+    other_thread = Event("aten::add", None, thread=2, self_cpu_time_total=1000.0)
+    loose = Event("aten::copy_", None, self_cpu_time_total=16.0)
+    out = bench.attribute_profile(Prof([step, ours, helper, op, in_profiler, other_thread, loose]))
+    functions = dict(out["functions"])
+    assert functions == pytest.approx({"vrgd_ds/gsnr.py(16): gsnr_from_moments": 14e-6,
+                                       "deepspeed/runtime/engine.py(2000): step": 1e-6,
+                                       "other: None": 16e-6}), functions
+    assert out["total"] == pytest.approx(31e-6)
