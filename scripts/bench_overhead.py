@@ -978,6 +978,10 @@ def code_version() -> str:
     for path in sorted((ROOT / "vrgd_ds").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if os.path.realpath(top) != os.path.realpath(ROOT):  # a copy inside another repository's tree
+            raise OSError(f"{ROOT} is not a git checkout of its own")
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "vrgd_ds"], cwd=ROOT, capture_output=True,
