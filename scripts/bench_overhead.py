@@ -108,8 +108,9 @@ class Variant:
     optimizer: dict  # the DeepSpeed config's "optimizer" section
     strategy: str | None = None  # VR moment reduction, None for the baselines
 
-    def is_auto(self, gas: int) -> bool:
-        return self.strategy == ("per_step" if gas > 1 else "per_micro_step")
+    def is_auto(self, gas: int, stage: int = 2) -> bool:
+        """Whether moment_reduction "auto" picks this variant's strategy (ZeRO-3: per_micro_step)."""
+        return self.strategy == ("per_step" if gas > 1 and stage < 3 else "per_micro_step")
 
 
 VARIANTS = (
@@ -137,6 +138,7 @@ class BenchConfig:
     accumulations: tuple = (1, 4)
     world: int = 2  # ranks (processes); on CUDA one GPU each
     device: str = "cpu"  # "cpu": gloo, timings and memory of the processes; "cuda": NCCL, GPU memory
+    stage: int = 2  # ZeRO stage (2 or 3)
 
     def bert_config(self):
         from transformers import BertConfig
@@ -423,7 +425,7 @@ def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, worl
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": gas,
         "optimizer": json.loads(json.dumps(variant.optimizer)),
-        "zero_optimization": {"stage": 2},
+        "zero_optimization": {"stage": cfg.stage},
         "gradient_clipping": 1.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -668,7 +670,8 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
         "collectives": collectives,
         "tcp_bytes": None if tcp0 is None else tcp1 - tcp0,
         "vr_buffers": vr_buffer_bytes(engine),
-        "num_params": sum(p.numel() for p in engine.module.parameters()),
+        # ZeRO-3 leaves an empty tensor in p; ds_numel is the parameter's full size.
+        "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
         "actual_strategy": engine.vrgd_moment_source.strategy if variant.strategy else None,
         **{key: [] for key in TIMES + tuple("cpu_" + t for t in TIMES)},
@@ -805,7 +808,7 @@ def _mib(b):
     return b / 2**20
 
 
-def summarize(blocks: list[dict], world: int = 2) -> dict:
+def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
     """Medians, ratios to LAMB and VR's extra bytes per block and variant (extra / limit is NaN
     for one rank, where nothing is sent)."""
     rows = []
@@ -819,7 +822,7 @@ def summarize(blocks: list[dict], world: int = 2) -> dict:
             ring = sum(c["ring"] for c in e["collectives"])
             row = {
                 "precision": block["precision"], "gas": block["gas"], "variant": variant.name,
-                "auto": variant.is_auto(block["gas"]), "strategy": e["actual_strategy"], "samples": len(e["total"]),
+                "auto": variant.is_auto(block["gas"], stage), "strategy": e["actual_strategy"], "samples": len(e["total"]),
                 "peak": e["peak_bytes"], "held": e["held_bytes"], "transient": _median(e["transient_bytes"]),
                 "vr_buffers": e["vr_buffers"], "vr_buffer_total": sum(e["vr_buffers"].values()),
                 "ring": ring, "payload": sum(c["payload"] for c in e["collectives"]),
@@ -856,7 +859,7 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     rows = summary["rows"]
     out = []
     out.append(f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
-               f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-2, "
+               f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}, "
                + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
                + f", {cfg.rounds} timed steps per variant (round-robin), "
                f"{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction \"auto\" picks.")
@@ -1020,6 +1023,8 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, default=None,
                         help=f"ranks (default: {WORLD_SIZE} on CPU, 1 on CUDA); on CUDA at most the GPU count")
     parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch per rank (default: the size's)")
+    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2,
+                        help="ZeRO stage (default 2; at 3, moment_reduction \"auto\" is per_micro_step)")
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default: 6; quick: 2)")
     parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both)")
     parser.add_argument("--accumulations", default=None, help="comma list of gradient accumulation steps (default: 1,4)")
@@ -1041,7 +1046,7 @@ def main(argv=None) -> int:
             parser.error("--device cuda: torch sees no CUDA device")
         if world > torch.cuda.device_count():
             parser.error(f"--world-size {world}: only {torch.cuda.device_count()} GPU(s)")
-    changes = {"world": world, "device": args.device}
+    changes = {"world": world, "device": args.device, "stage": args.zero_stage}
     if args.micro_batch is not None:
         changes["micro_batch"] = args.micro_batch
     if args.rounds is not None:
@@ -1075,7 +1080,7 @@ def main(argv=None) -> int:
                          env=None if cfg.device == "cpu" else {"OMP_NUM_THREADS": str(max(1, min(8, (os.cpu_count() or 1) // cfg.world)))})
     wall = time.time() - start
     blocks = merge_ranks(per_rank)
-    summary = summarize(blocks, cfg.world)
+    summary = summarize(blocks, cfg.world, cfg.stage)
     meta = {"machine": machine_text(args.bf16_matmul, cfg), "max_rss": max(r["max_rss_bytes"] for r in per_rank),
             "wall_s": wall, "code": version, "command": " ".join([Path(sys.executable).name] + sys.argv),
             "peak_resettable": all(r["peak_resettable"] for r in per_rank)}

@@ -9,9 +9,9 @@
 #   1. environment: GPUs, torch/CUDA/deepspeed/transformers versions; stops here without CUDA.
 #   2. bench: scripts/bench_overhead.py --device cuda --size large: BertForMaskedLM at BERT-large
 #      size (24 layers, hidden 1024, 335M parameters), seq 128, micro-batch 32, bf16, gradient
-#      accumulation 16, ZeRO-2, on GPU_CHECK_BENCH_WORLD GPUs (default 1: k = 16 samples per step);
-#      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW. ZeRO-3 is not run: vrgd_ds
-#      refuses ZeRO-3 at deepspeed.initialize (README's support table).
+#      accumulation 16, on GPU_CHECK_BENCH_WORLD GPUs (default 1: k = 16 samples per step);
+#      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW; ZeRO-2, then ZeRO-3
+#      (GPU_CHECK_ZERO3=0 skips it).
 #   3. GPU tests: tests/test_cuda.py -- each VR optimizer on the GPU vs the CPU (plain PyTorch), and
 #      the DeepSpeed update matrix (every ZeRO stage 0-2 x fp32/bf16/fp16 x clipping x optimizer,
 #      and the special cases) against the float64 reference through the CUDA accelerator: with
@@ -28,7 +28,8 @@
 #                             internet [none: use what is installed]
 #   GPU_CHECK_BENCH_WORLD     GPUs for the benchmark [1]
 #   GPU_CHECK_BENCH_ARGS      extra arguments for bench_overhead.py (e.g. "--rounds 3 --micro-batch 64") []
-#   GPU_CHECK_BENCH_TIMEOUT   seconds [900]
+#   GPU_CHECK_BENCH_TIMEOUT   seconds, each of the two runs [900]
+#   GPU_CHECK_ZERO3           1 | 0: the ZeRO-3 benchmark too [1]
 #   GPU_CHECK_GPU_TESTS_TIMEOUT   seconds [900]
 #   GPU_CHECK_CPU_SUITE       1 | 0 [1]
 #   GPU_CHECK_CPU_SUITE_TIMEOUT   seconds [1800]
@@ -98,26 +99,32 @@ fi
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 CORES=$(nproc 2>/dev/null || echo 2)
 
-# ---- 2. BERT-large overhead -------------------------------------------------------------------
+# ---- 2. BERT-large overhead, ZeRO-2 and ZeRO-3 ------------------------------------------------
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SIZE="${GPU_CHECK_BENCH_SIZE:-large}"
-echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE ${GPU_CHECK_BENCH_ARGS:-} (large: ZeRO-2, bf16, gas 16); ZeRO-3 skipped: refused by vrgd_ds"
-t=$(limit "${GPU_CHECK_BENCH_TIMEOUT:-900}")
-# shellcheck disable=SC2086
-timeout "$t" "$PY" scripts/bench_overhead.py --device "$DEVICE" --size "$SIZE" \
-    --world-size "${GPU_CHECK_BENCH_WORLD:-1}" --timeout "$t" \
-    --json "$OUT_DIR/bench_large.json" --report "$OUT_DIR/bench_large.md" ${GPU_CHECK_BENCH_ARGS:-} \
-    >"$OUT_DIR/bench_large.log" 2>&1
-s=$?
-grep -E '^\[ *[0-9]+ s\]' "$OUT_DIR/bench_large.log" | tail -n 40
-if [ "$s" -eq 0 ]; then
-    "$PY" - "$OUT_DIR/bench_large.json" <<'EOF' | tee "$OUT_DIR/bench_large_ratios.txt"
+# bench NAME STAGE: one bench_overhead.py run; its JSON/markdown/log under $OUT_DIR/NAME.*
+bench() {
+    local name=$1 stage=$2 t s
+    echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE --zero-stage $stage ${GPU_CHECK_BENCH_ARGS:-} (large: bf16, gas 16)"
+    t=$(limit "${GPU_CHECK_BENCH_TIMEOUT:-900}")
+    # shellcheck disable=SC2086
+    timeout "$t" "$PY" scripts/bench_overhead.py --device "$DEVICE" --size "$SIZE" --zero-stage "$stage" \
+        --world-size "${GPU_CHECK_BENCH_WORLD:-1}" --timeout "$t" \
+        --json "$OUT_DIR/$name.json" --report "$OUT_DIR/$name.md" ${GPU_CHECK_BENCH_ARGS:-} \
+        >"$OUT_DIR/$name.log" 2>&1
+    s=$?
+    grep -E '^\[ *[0-9]+ s\]' "$OUT_DIR/$name.log" | tail -n 40
+    if [ "$s" -ne 0 ]; then
+        tail -n 30 "$OUT_DIR/$name.log"
+        record "$name" "FAILED (exit $s; $OUT_DIR/$name.log)"
+        return
+    fi
+    "$PY" - "$OUT_DIR/$name.json" <<'EOF' | tee "$OUT_DIR/${name}_ratios.txt"
 import json, sys
 data = json.load(open(sys.argv[1]))
-rows = data["summary"]["rows"]
-print(f"BertForMaskedLM hidden {data['config']['hidden']} x {data['config']['layers']} layers, "
-      f"{data['config']['precisions']} gas {data['config']['accumulations']} micro-batch "
-      f"{data['config']['micro_batch']} x {data['config']['world']} GPU(s); {data['meta']['machine']}")
+rows, c = data["summary"]["rows"], data["config"]
+print(f"BertForMaskedLM hidden {c['hidden']} x {c['layers']} layers, ZeRO-{c.get('stage', 2)}, {c['precisions']} "
+      f"gas {c['accumulations']} micro-batch {c['micro_batch']} x {c['world']} rank(s); {data['meta']['machine']}")
 print(f"{'variant':24s} {'full step s':>11s} {'opt step s':>10s} {'full/LAMB':>9s} {'opt/LAMB':>8s} "
       f"{'peak GiB':>8s} {'held GiB':>8s} {'VR buf GiB':>10s}")
 for r in rows:
@@ -125,12 +132,14 @@ for r in rows:
     print(f"{name:24s} {r['total']:11.3f} {r['opt']:10.3f} {r['total_ratio']:9.3f} {r['opt_ratio']:8.3f} "
           f"{r['peak'] / 2**30:8.2f} {r['held'] / 2**30:8.2f} {r['vr_buffer_total'] / 2**30:10.2f}")
 EOF
-    record bench ok
+    record "$name" ok
+}
+bench bench_large 2
+if [ "${GPU_CHECK_ZERO3:-1}" = 1 ]; then
+    bench bench_large_zero3 3
 else
-    tail -n 30 "$OUT_DIR/bench_large.log"
-    record bench "FAILED (exit $s; $OUT_DIR/bench_large.log)"
+    record bench_large_zero3 "skipped (GPU_CHECK_ZERO3=0)"
 fi
-record zero3 "skipped (vrgd_ds refuses ZeRO-3 at deepspeed.initialize)"
 
 # ---- 3. GPU tests -----------------------------------------------------------------------------
 echo "== 3. tests/test_cuda.py on $([ "$GPUS" -ge 2 ] && echo "2 GPUs (NCCL)" || echo "1 GPU")"
@@ -172,5 +181,5 @@ for step in "${ORDER[@]}"; do
     echo "  $step: ${STATUS[$step]}"
     case "${STATUS[$step]}" in ok|skipped*) ;; *) failed=1 ;; esac
 done
-[ -f "$OUT_DIR/bench_large_ratios.txt" ] && cat "$OUT_DIR/bench_large_ratios.txt"
+cat "$OUT_DIR"/bench_large*_ratios.txt 2>/dev/null
 exit "$failed"
