@@ -115,6 +115,9 @@ def plot_metrics(csv_path, png_path=None) -> Path:
         acc_ax = ax.twinx()
         steps, values = zip(*series["eval/accuracy"])
         acc_ax.plot(steps, values, "s--", color="tab:green", ms=3, lw=1, label="held-out masked-token accuracy")
+        if "eval/mask_accuracy" in series:
+            steps, values = zip(*series["eval/mask_accuracy"])
+            acc_ax.plot(steps, values, "^--", color="tab:olive", ms=3, lw=1, label="... at [MASK] inputs only")
         _plot_baseline(acc_ax, series.get(BASELINE, []), max(phase_end.values()))
         acc_ax.set_ylabel("accuracy")
         acc_ax.set_ylim(bottom=0)

@@ -148,6 +148,7 @@ def test_two_phases_train(reference_run):
     assert sorted(eval_loss) == [0, 4, 8, 12]
     assert eval_loss[8] < eval_loss[0] - 0.05 and eval_loss[12] < eval_loss[0] - 0.05
     assert all(0 <= v <= 1 for _, v in metrics["eval/accuracy"])
+    assert sorted(dict(metrics["eval/mask_accuracy"])) == [0, 4, 8, 12]
     assert {s for s, _ in metrics["train/lr"]} == set(range(1, 13))
     # The unigram baseline (always the most frequent token), once at the start of each phase.
     assert [s for s, _ in metrics["eval/unigram_accuracy"]] == [0, PHASE1_STEPS]
@@ -242,8 +243,10 @@ def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
     phase1, phase2 = check(tmp_path)
     assert (phase1.seq_len, phase1.steps, phase1.train_batch_size, phase1.grad_accum) == (64, PHASE1_STEPS, 64, 2)
     assert (phase2.seq_len, phase2.steps, phase2.train_batch_size) == (128, PHASE2_STEPS, 32)
-    # Overriding the step count keeps the config's warm-up share (50 of 180 steps).
-    assert phase1.config["scheduler"]["params"]["warmup_num_steps"] == round(50 * PHASE1_STEPS / 180)
+    # Overriding the step count keeps the config's warm-up share (at least one step).
+    sched = pb.json.loads((CONFIGS / "tiny_cpu_phase1.json").read_text())["scheduler"]["params"]
+    share = sched["warmup_num_steps"] / sched["total_num_steps"]
+    assert phase1.config["scheduler"]["params"]["warmup_num_steps"] == max(1, round(share * PHASE1_STEPS))
 
 
 @pytest.mark.parametrize("replace, message", [
