@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Plot a pretrain_bert.py metrics CSV: loss, and per-layer GSNR and clip fraction over steps.
+"""Plot a pretrain_bert.py metrics CSV: loss, gradient-noise scale, per-layer GSNR and clip fraction.
 
 The CSV is in long form, one scalar per row (the same names TensorBoard gets)::
 
@@ -8,10 +8,15 @@ The CSV is in long form, one scalar per row (the same names TensorBoard gets)::
     10,1,eval/loss,6.95
     10,1,gsnr/gsnr_mean,0.42                      optimizer-wide GSNR summary
     10,1,gsnr_layer/encoder.layer.0/gsnr_mean,0.38  per layer (mean over its tensors)
+    10,1,noise/b_simple_ema,850                    gradient-noise scale (critical batch), examples
 
-Three panels: train and held-out loss (with held-out masked-token accuracy on a second axis, and
-the unigram baseline, ``eval/unigram_accuracy``, as a dotted horizontal line),
-then, when the optimizer reported GSNR statistics, the per-layer mean GSNR and the per-layer
+Top row: train and held-out loss (with held-out masked-token accuracy on a second axis, and the
+unigram baseline, ``eval/unigram_accuracy``, as a dotted horizontal line) and, next to it, the
+simple noise scale B_simple = tr Σ / |G|² (``noise/b_simple_ema`` bold, each step's
+``noise/b_simple`` faint, log axis) with the run's batch size (``train/batch_size``, examples per
+optimizer step) as a horizontal line per phase, and |G|²/tr Σ = 1/B_simple (from the EMA) on a
+second axis; for a run without noise rows (older metrics.csv) that panel says so.
+Below, when the optimizer reported GSNR statistics, the per-layer mean GSNR and the per-layer
 fraction of elements whose normalized GSNR was clipped. A dashed line marks the start of phase 2.
 
     python scripts/plot_metrics.py outputs/demo/metrics.csv               # -> outputs/demo/metrics.png
@@ -19,6 +24,7 @@ fraction of elements whose normalized GSNR was clipped. A dashed line marks the 
 
 From Python: ``plot_metrics(csv_path, png_path)``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +36,7 @@ from pathlib import Path
 GSNR_KEYS = ("gsnr_mean", "gsnr")
 CLIP_KEYS = ("gsnr_clip_frac", "clip_frac", "clip_fraction")
 BASELINE = "eval/unigram_accuracy"  # accuracy of always predicting the most frequent token
+NOISE_EMA, NOISE_STEP, BATCH = "noise/b_simple_ema", "noise/b_simple", "train/batch_size"
 
 
 def read_metrics(csv_path) -> tuple[dict[str, list[tuple[int, float]]], dict[int, int]]:
@@ -47,8 +54,11 @@ def read_metrics(csv_path) -> tuple[dict[str, list[tuple[int, float]]], dict[int
 def _layer_series(series, keys):
     """Layer name -> points, for the first of ``keys`` that any layer reports."""
     for key in keys:
-        found = {name.split("/")[1]: pts for name, pts in series.items()
-                 if name.startswith("gsnr_layer/") and name.rsplit("/", 1)[1] == key}
+        found = {
+            name.split("/")[1]: pts
+            for name, pts in series.items()
+            if name.startswith("gsnr_layer/") and name.rsplit("/", 1)[1] == key
+        }
         if found:
             return key, found
     return None, {}
@@ -68,8 +78,15 @@ def _plot_layers(ax, key, layers, title, ylabel, log=False):
     import matplotlib.pyplot as plt
 
     if not layers:
-        ax.text(0.5, 0.5, "no per-layer GSNR statistics in this run\n(optimizer without stats_interval)",
-                ha="center", va="center", transform=ax.transAxes, color="gray")
+        ax.text(
+            0.5,
+            0.5,
+            "no per-layer GSNR statistics in this run\n(optimizer without stats_interval)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
         ax.set_title(title)
         return
     names = sorted(layers, key=_layer_order)
@@ -88,8 +105,70 @@ def _plot_baseline(ax, points, last_step):
     """The unigram baseline as a horizontal line, each value from its step (a phase's start) to the next."""
     for i, (step, value) in enumerate(points):
         end = points[i + 1][0] if i + 1 < len(points) else last_step
-        ax.hlines(value, step, max(end, step + 1), colors="tab:red", linestyles=":", lw=1.5,
-                  label="unigram baseline (always the most frequent token)" if i == 0 else None)
+        ax.hlines(
+            value,
+            step,
+            max(end, step + 1),
+            colors="tab:red",
+            linestyles=":",
+            lw=1.5,
+            label="unigram baseline (always the most frequent token)" if i == 0 else None,
+        )
+
+
+def _segments(points, last_step):
+    """[(start, end, value)] of a per-phase constant logged at many steps: one segment per value run."""
+    segments = []
+    for step, value in points:
+        if segments and segments[-1][2] == value:
+            segments[-1][1] = step
+        else:
+            segments.append([step, step, value])
+    for i, seg in enumerate(segments):
+        seg[1] = segments[i + 1][0] if i + 1 < len(segments) else max(seg[1], last_step)
+    return segments
+
+
+def _plot_noise(ax, series, last_step):
+    """B_simple (EMA bold, per step faint) on a log axis, the batch size, and |G|²/tr Σ on a twin axis."""
+    ax.set_title("gradient-noise scale B_simple = tr Σ / |G|²")
+    ema = [(s, v) for s, v in series.get(NOISE_EMA, []) if v > 0]
+    if not ema:
+        ax.text(
+            0.5,
+            0.5,
+            "no gradient-noise statistics in this run\n(no noise/b_simple_ema rows)",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+            color="gray",
+        )
+        return
+    per_step = [(s, v) for s, v in series.get(NOISE_STEP, []) if v > 0]
+    if per_step:
+        steps, values = zip(*per_step)
+        ax.plot(steps, values, ".", color="tab:purple", alpha=0.25, ms=3, label="B_simple (each step)")
+    steps, values = zip(*ema)
+    ax.plot(steps, values, "-", color="tab:purple", lw=1.8, label="B_simple (EMA) ≈ critical batch")
+    for i, (start, end, batch) in enumerate(_segments(series.get(BATCH, []), last_step)):
+        ax.hlines(
+            batch,
+            start,
+            max(end, start + 1),
+            colors="black",
+            linestyles="--",
+            lw=1.2,
+            label="batch size B of this run" if i == 0 else None,
+        )
+    ax.set_yscale("log")
+    ax.set_ylabel("examples")
+    inv_ax = ax.twinx()
+    inv_ax.plot(steps, [1.0 / v for v in values], ":", color="tab:orange", lw=1.2, label="|G|² / tr Σ (EMA)")
+    inv_ax.set_yscale("log")
+    inv_ax.set_ylabel("|G|² / tr Σ  (1 / examples)")
+    lines, labels = ax.get_legend_handles_labels()
+    more_lines, more_labels = inv_ax.get_legend_handles_labels()
+    ax.legend(lines + more_lines, labels + more_labels, loc="best", fontsize=7)
 
 
 def plot_metrics(csv_path, png_path=None) -> Path:
@@ -103,8 +182,11 @@ def plot_metrics(csv_path, png_path=None) -> Path:
     png_path = Path(png_path) if png_path is not None else csv_path.with_suffix(".png")
     series, phase_end = read_metrics(csv_path)
 
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11), sharex=True)
-    ax = axes[0]
+    fig = plt.figure(figsize=(15, 11))
+    grid = fig.add_gridspec(3, 2)
+    ax = fig.add_subplot(grid[0, 0])
+    noise_ax = fig.add_subplot(grid[0, 1], sharex=ax)
+    axes = [ax, fig.add_subplot(grid[1, :], sharex=ax), fig.add_subplot(grid[2, :], sharex=ax)]
     for name, label, style in (("train/loss", "train MLM loss", "-"), ("eval/loss", "held-out MLM loss", "o-")):
         if name in series:
             steps, values = zip(*series[name])
@@ -132,13 +214,23 @@ def plot_metrics(csv_path, png_path=None) -> Path:
     key, layers = _layer_series(series, CLIP_KEYS)
     _plot_layers(axes[2], key, layers, "fraction of elements clipped per layer", "fraction")
     axes[2].set_xlabel("optimizer step")
+    _plot_noise(noise_ax, series, max(phase_end.values()))
+    axes.insert(1, noise_ax)
 
     for phase, end in sorted(phase_end.items()):
         if phase + 1 in phase_end:  # phase + 1 starts after this phase's last step
             for ax in axes:
                 ax.axvline(end, color="gray", ls="--", lw=1)
-            axes[0].text(end, 1.0, f" phase {phase + 1}", transform=axes[0].get_xaxis_transform(),
-                         va="bottom", fontsize=8, color="gray")
+            for text_ax in axes[:2]:  # above the loss and the noise-scale panels
+                text_ax.text(
+                    end,
+                    1.0,
+                    f" phase {phase + 1}",
+                    transform=text_ax.get_xaxis_transform(),
+                    va="bottom",
+                    fontsize=8,
+                    color="gray",
+                )
     fig.tight_layout()
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=110)

@@ -4,6 +4,7 @@ Multi-rank runs are real launches (``torchrun`` in a subprocess, its own process
 on timeout). One two-phase run is shared by several tests; the resume and multi-node runs must
 reproduce it exactly. Corpus: tests/data/shakespeare_small (public domain, no network).
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,11 +34,33 @@ import pretrain_bert as pb  # noqa: E402
 
 
 def run_args(out: Path, cache: Path, *extra) -> list[str]:
-    return ["--model", "tiny", "--data", str(DATA), "--vocab-size", "1000", "--cache-dir", str(cache),
-            "--output-dir", str(out),
-            "--phase1-config", str(CONFIGS / "tiny_cpu_phase1.json"), "--phase1-steps", str(PHASE1_STEPS),
-            "--phase2-config", str(CONFIGS / "tiny_cpu_phase2.json"), "--phase2-steps", str(PHASE2_STEPS),
-            "--log-interval", "1", "--eval-interval", "4", "--eval-samples", "32", *extra]
+    return [
+        "--model",
+        "tiny",
+        "--data",
+        str(DATA),
+        "--vocab-size",
+        "1000",
+        "--cache-dir",
+        str(cache),
+        "--output-dir",
+        str(out),
+        "--phase1-config",
+        str(CONFIGS / "tiny_cpu_phase1.json"),
+        "--phase1-steps",
+        str(PHASE1_STEPS),
+        "--phase2-config",
+        str(CONFIGS / "tiny_cpu_phase2.json"),
+        "--phase2-steps",
+        str(PHASE2_STEPS),
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "4",
+        "--eval-samples",
+        "32",
+        *extra,
+    ]
 
 
 def _env():
@@ -57,8 +80,12 @@ def launch(commands: list[list[str]], timeout: float = TIMEOUT, expect_ok: bool 
     fill up and stall its rank, and with it the whole process group.
     """
     logs = [tempfile.TemporaryFile(mode="w+") for _ in commands]
-    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO,
-                              start_new_session=True) for cmd, log in zip(commands, logs)]
+    procs = [
+        subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=REPO, start_new_session=True
+        )
+        for cmd, log in zip(commands, logs)
+    ]
     # Poll them all: when one fails, the others (e.g. the other node's agent) would wait for it
     # until their rendezvous times out; stop them at once instead.
     deadline = time.monotonic() + timeout
@@ -85,7 +112,16 @@ def launch(commands: list[list[str]], timeout: float = TIMEOUT, expect_ok: bool 
 
 
 def torchrun(args: list[str], nproc: int = 2, **kw) -> tuple[int, str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(SCRIPT), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(SCRIPT),
+        *args,
+    ]
     return launch([cmd], **kw)[0]
 
 
@@ -131,6 +167,7 @@ def reference_run(tmp_path_factory, cache):
 # End to end
 # ----------------------------------------------------------------------------------------------
 
+
 def test_two_phases_train(reference_run):
     out, output = reference_run
     assert "tokenizer: trained" in output
@@ -159,6 +196,26 @@ def test_two_phases_train(reference_run):
     assert len(metrics["gsnr/gsnr_mean"]) == PHASE1_STEPS + PHASE2_STEPS
     for layer in ("embeddings", "encoder.layer.0", "encoder.layer.1"):
         assert all(0 <= v <= 1 for _, v in metrics[f"gsnr_layer/{layer}/clip_frac"])
+
+    # Gradient-noise statistics (noise_stats()): global values every log interval (1 here), each
+    # phase's critical-batch summary line, and each tensor's values in one long-format CSV.
+    assert {s for s, _ in metrics["noise/b_simple_ema"]} == set(range(1, 13))
+    assert all(v == 4 for _, v in metrics["noise/k"])  # 2 ranks x 2 micro-batches
+    assert all(v > 0 for _, v in metrics["noise/noise_trace"])
+    assert "noise/b_simple" in metrics and "noise/grad_norm_sq" in metrics
+    for number, batch in ((1, 64), (2, 32)):
+        assert re.search(rf"phase {number}: batch B = {batch}, critical batch (≈|not estimated)", output), output[
+            -3000:
+        ]
+    ends = {s for s, _ in metrics.get("noise/examples_vs_critical", [])}
+    assert ends <= {PHASE1_STEPS, PHASE1_STEPS + PHASE2_STEPS}
+    with open(out / "noise_per_tensor.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "tensor", "name", "value"]
+    assert {int(r[0]) for r in rows[1:]} == set(range(1, 13))
+    tensors = {r[1] for r in rows[1:]}
+    assert "*" in tensors and any("encoder.layer.0" in t for t in tensors) and len(tensors) > 10
+    assert {"grad_norm_sq", "noise_trace", "b_simple"} <= {r[2] for r in rows[1:] if r[1] != "*"}
 
     # Checkpoints of both phases, the final model, the plot.
     assert (out / "checkpoints" / "phase1-step000008").is_dir()
@@ -193,9 +250,26 @@ def test_two_nodes_equal_one_node(reference_run, cache, tmp_path):
     """2 nodes x 1 rank (two torchrun agents on this machine) == 1 node x 2 ranks, bit for bit."""
     reference, _ = reference_run
     out, port = tmp_path / "two_nodes", _free_port()
-    commands = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-                 "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
-                 str(SCRIPT), *run_args(out, cache, "--no-plot")] for node in (0, 1)]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(SCRIPT),
+            *run_args(out, cache, "--no-plot"),
+        ]
+        for node in (0, 1)
+    ]
     launch(commands)
     assert_same_run(reference, out)
 
@@ -208,16 +282,28 @@ def test_corpus_too_small_fails_on_every_rank(tmp_path):
     # 93 lines of 42 characters and a newline: 3999 bytes pass the byte bound checked up front
     # (64 x 62 = 3968 tokens needed), but at most 42 tokens per line are < 3968.
     data = tmp_path / "small"
-    for split, text in (("train", "To be, or not to be, that is the question.\n" * 93), ("eval", "Words, words, words.\n" * 20)):
+    for split, text in (
+        ("train", "To be, or not to be, that is the question.\n" * 93),
+        ("eval", "Words, words, words.\n" * 20),
+    ):
         (data / split).mkdir(parents=True)
         (data / split / "doc.txt").write_text(text)
     args = run_args(tmp_path / "out", tmp_path / "cache", "--no-plot")
     args[args.index("--data") + 1] = str(data)
     args[args.index("--vocab-size") + 1] = "100"
     for flag in ("--phase2-config", "--phase2-steps"):  # phase 1 only
-        del args[args.index(flag):args.index(flag) + 2]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
-           str(SCRIPT), *args]
+        del args[args.index(flag) : args.index(flag) + 2]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        str(SCRIPT),
+        *args,
+    ]
     ((rc, output),) = launch([cmd], timeout=120, expect_ok=False)
     assert rc != 0
     assert re.search(r"corpus is too small for one phase-1 batch: \d+ training sequences of 64 tokens", output)
@@ -226,6 +312,7 @@ def test_corpus_too_small_fails_on_every_rank(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Bad input, found before any process group exists
 # ----------------------------------------------------------------------------------------------
+
 
 def check(tmp_path, *extra, **replace):
     args = run_args(tmp_path / "out", tmp_path / "cache", *extra)
@@ -249,12 +336,15 @@ def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
     assert phase1.config["scheduler"]["params"]["warmup_num_steps"] == max(1, round(share * PHASE1_STEPS))
 
 
-@pytest.mark.parametrize("replace, message", [
-    ({"data": "/nonexistent/corpus"}, "no such file or directory. Run scripts/prepare_corpus.py"),
-    ({"phase2_seq_len": 256}, "phase 2 sequence length 256 exceeds max_position_embeddings 128"),
-    ({"phase1_config": "/nonexistent.json"}, "no such file"),
-    ({"eval_fraction": 1.5}, "must be in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "replace, message",
+    [
+        ({"data": "/nonexistent/corpus"}, "no such file or directory. Run scripts/prepare_corpus.py"),
+        ({"phase2_seq_len": 256}, "phase 2 sequence length 256 exceeds max_position_embeddings 128"),
+        ({"phase1_config": "/nonexistent.json"}, "no such file"),
+        ({"eval_fraction": 1.5}, "must be in (0, 1)"),
+    ],
+)
 def test_bad_input(tmp_path, monkeypatch, replace, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(pb.InputError) as err:
@@ -271,8 +361,10 @@ def test_batch_arithmetic_and_vr_sample_count(tmp_path, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     config = tmp_path / "k1.json"
-    config.write_text('{"train_batch_size": 16, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,'
-                      ' "optimizer": {"type": "VRLamb", "params": {}}}')
+    config.write_text(
+        '{"train_batch_size": 16, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,'
+        ' "optimizer": {"type": "VRLamb", "params": {}}}'
+    )
     with pytest.raises(pb.InputError, match="it needs k >= 2: set gradient_accumulation_steps >= 2"):
         check(tmp_path, phase1_config=config)
 
@@ -316,8 +408,11 @@ def test_blank_corpus_is_named_before_the_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     blank = b"\n  \n\t\r\n" * 2000  # 14 KB: passes the byte bound of one batch
     data = write_corpus(tmp_path / "blank", {"a.txt": blank, "b.txt": b"\n" * 5000}, {"c.txt": PROSE})
-    with pytest.raises(pb.InputError, match=r"the 2 training document\(s\) hold only blank lines "
-                                            r"\(\S+/train/a.txt \S+/train/b.txt\): nothing to train") as err:
+    with pytest.raises(
+        pb.InputError,
+        match=r"the 2 training document\(s\) hold only blank lines "
+        r"\(\S+/train/a.txt \S+/train/b.txt\): nothing to train",
+    ) as err:
         check(tmp_path, data=data)
     assert "\n" not in str(err.value)
     # A blank file among others is fine; blank held-out documents are named too.
@@ -329,13 +424,16 @@ def test_blank_corpus_is_named_before_the_tokenizer(tmp_path, monkeypatch):
 def test_file_not_utf8_is_named(tmp_path, monkeypatch):
     """Latin-1 text (once: a `datasets` DatasetGenerationError that named no file)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    data = write_corpus(tmp_path / "latin", {"a.txt": PROSE, "b.txt": PROSE + "Caf\u00e9 noir\n".encode("latin-1")},
-                        {"c.txt": PROSE})
+    data = write_corpus(
+        tmp_path / "latin", {"a.txt": PROSE, "b.txt": PROSE + "Caf\u00e9 noir\n".encode("latin-1")}, {"c.txt": PROSE}
+    )
     with pytest.raises(pb.InputError) as err:
         check(tmp_path, data=data)
     line = PROSE.count(b"\n") + 1
-    assert str(err.value).startswith(f"{data / 'train' / 'b.txt'}: not UTF-8 text (byte 0xe9 at line {line}, "
-                                     f"byte offset {len(PROSE) + 3}): convert it to UTF-8")
+    assert str(err.value).startswith(
+        f"{data / 'train' / 'b.txt'}: not UTF-8 text (byte 0xe9 at line {line}, "
+        f"byte offset {len(PROSE) + 3}): convert it to UTF-8"
+    )
     assert "\n" not in str(err.value)
 
 
@@ -355,13 +453,25 @@ def test_check_text_streams_in_chunks(tmp_path):
         pb.check_text(f, chunk_size=2)
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({}, r"--data \S+: no .txt documents \(\S+ holds no files\)"),
-    ({"notes.md": b"x", "data.csv": b"x"}, r"holds no .txt files \(2 other file\(s\): data.csv, notes.md\); documents "
-                                           r"must be plain-text files whose names end in .txt"),
-    ({"train/x.txt/": b"", "eval/c.txt": b"held out"}, r"\S+/train holds no files. Put the training documents there"),
-    ({"train/a.txt": b"text", "eval/notes.md": b"x"}, r"\S+/eval holds no .txt files: put held-out documents there"),
-])
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({}, r"--data \S+: no .txt documents \(\S+ holds no files\)"),
+        (
+            {"notes.md": b"x", "data.csv": b"x"},
+            r"holds no .txt files \(2 other file\(s\): data.csv, notes.md\); documents "
+            r"must be plain-text files whose names end in .txt",
+        ),
+        (
+            {"train/x.txt/": b"", "eval/c.txt": b"held out"},
+            r"\S+/train holds no files. Put the training documents there",
+        ),
+        (
+            {"train/a.txt": b"text", "eval/notes.md": b"x"},
+            r"\S+/eval holds no .txt files: put held-out documents there",
+        ),
+    ],
+)
 def test_corpus_without_documents(tmp_path, monkeypatch, layout, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
     corpus = tmp_path / "corpus"
@@ -406,12 +516,14 @@ def test_bad_tokenizer_and_config(tmp_path, monkeypatch):
 def test_bad_corpus_ends_in_one_line(tmp_path, case):
     """The script itself (1 rank): exit code 2 and one error line naming the file, no traceback."""
     bad = PROSE + b"\xe9\n" if case == "not_utf8" else b"\n" * 5000
-    data = write_corpus(tmp_path / "corpus", {"a.txt": PROSE, "b.txt": bad} if case == "not_utf8" else {"b.txt": bad},
-                        {"c.txt": PROSE})
+    data = write_corpus(
+        tmp_path / "corpus", {"a.txt": PROSE, "b.txt": bad} if case == "not_utf8" else {"b.txt": bad}, {"c.txt": PROSE}
+    )
     args = run_args(tmp_path / "out", tmp_path / "cache", "--adapt-accumulation")
     args[args.index("--data") + 1] = str(data)
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(), cwd=REPO,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=TIMEOUT
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -431,6 +543,7 @@ def test_documents_held_out_whole(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Pure parts
 # ----------------------------------------------------------------------------------------------
+
 
 def test_mask_tokens():
     vocab, seq = 1000, 128
@@ -456,7 +569,7 @@ def test_eval_masks_do_not_depend_on_micro_batch_size():
     ids = torch.randint(len(pb.SPECIAL_PIECES), vocab, (8, 32))
     whole = pb.eval_masks(ids, 0, vocab, seed=3)
     for chunk in (1, 2, 3):
-        parts = [pb.eval_masks(ids[a:a + chunk], a, vocab, seed=3) for a in range(0, len(ids), chunk)]
+        parts = [pb.eval_masks(ids[a : a + chunk], a, vocab, seed=3) for a in range(0, len(ids), chunk)]
         assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
         assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
     assert not torch.equal(pb.eval_masks(ids, 0, vocab, seed=4)[1], whole[1])
@@ -472,7 +585,9 @@ def test_train_batches():
     first_epoch = [i for step in range(3) for micro in range(4) for i in a.indices(step, micro)]  # 96 of 100 rows
     assert len(set(first_epoch)) == 96
     inputs, labels = a(0, 0)
-    assert torch.equal(labels[labels != -100], (torch.tensor(a.indices(0, 0)) + 5)[:, None].expand(8, 16)[labels != -100])
+    assert torch.equal(
+        labels[labels != -100], (torch.tensor(a.indices(0, 0)) + 5)[:, None].expand(8, 16)[labels != -100]
+    )
     assert a.indices(0, 0) != pb.TrainBatches(a.sequences, phase, 1, 1000).indices(0, 0)  # the seed matters
 
 
@@ -499,7 +614,7 @@ def test_warmup_decay():
     assert f(5, decay="poly", power=1.0) == 0.5
     assert f(10, decay="poly", power=1.0) == 1.0
     assert f(55, decay="poly", power=1.0) == pytest.approx(0.5)
-    assert f(55, decay="poly", power=0.5) == pytest.approx(0.5 ** 0.5)
+    assert f(55, decay="poly", power=0.5) == pytest.approx(0.5**0.5)
     assert f(55, decay="cosine", power=1.0) == pytest.approx(0.5)
     assert f(100, decay="cosine", power=1.0) == pytest.approx(0.0)
 
@@ -508,3 +623,79 @@ def test_layer_of():
     assert pb.layer_of("bert.encoder.layer.3.attention.self.query.weight") == "encoder.layer.3"
     assert pb.layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
     assert pb.layer_of("cls.predictions.transform.dense.weight") == "mlm_head"
+
+
+@pytest.mark.parametrize("with_noise", [True, False])
+def test_plot_metrics_with_and_without_noise_rows(tmp_path, with_noise):
+    """The B_simple panel: drawn from noise/* rows; an older metrics.csv without them still plots."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from plot_metrics import plot_metrics
+
+    rows = [("step", "phase", "name", "value"), (0, 1, "eval/loss", 7.0), (0, 1, "eval/accuracy", 0.05)]
+    for step in range(1, 13):
+        phase, batch = (1, 64) if step <= 8 else (2, 32)
+        rows += [
+            (step, phase, "train/loss", 7.0 - 0.1 * step),
+            (step, phase, "train/batch_size", batch),
+            (step, phase, "gsnr_layer/embeddings/gsnr_mean", 0.1),
+            (step, phase, "gsnr_layer/embeddings/clip_frac", 0.5),
+        ]
+        if with_noise:
+            rows += [
+                (step, phase, "noise/b_simple", 30.0 * (1 + (step % 3))),
+                (step, phase, "noise/b_simple_ema", 50.0 + step),
+                (step, phase, "noise/grad_norm_sq", 0.1),
+                (step, phase, "noise/noise_trace", 5.0),
+            ]
+    if with_noise:
+        rows.append((5, 1, "noise/b_simple", -3.0))  # an unbiased per-step estimate can be negative: skipped
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    png = plot_metrics(path)
+    assert png == tmp_path / "metrics.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_noise_metrics_and_critical_batch():
+    stats = {
+        "k": 4,
+        "micro_batch_size": 16,
+        "grad_norm_sq": torch.tensor(0.5),
+        "noise_trace": 10.0,
+        "b_simple": float("nan"),
+        "b_simple_ema": 20.0,
+        "gsnr_unbiased_mean": None,
+        "per_tensor": {},
+    }
+    assert pb.noise_metrics(stats) == {
+        "noise/k": 4.0,
+        "noise/grad_norm_sq": 0.5,
+        "noise/noise_trace": 10.0,
+        "noise/b_simple_ema": 20.0,
+    }
+    assert pb.noise_metrics({}) == {}
+    m = pb.critical_batch_metrics(60, 20.0)
+    assert m["noise/examples_vs_critical"] == pytest.approx(2.0) and m["noise/steps_vs_critical"] == pytest.approx(
+        2 / 3
+    )
+    assert pb.critical_batch_metrics(60, -1.0) == {} and pb.critical_batch_metrics(60, None) == {}
+
+
+def test_noise_csv_restarts_or_keeps_rows_up_to_the_resume_step(tmp_path):
+    path = tmp_path / "noise_per_tensor.csv"
+    with pb.open_noise_csv(path, None) as w:
+        for step in (1, 2, 3):
+            w.write(step, [("*", "b_simple", 10.0 * step)])
+    with pb.open_noise_csv(path, 2) as w:  # resumed from step 2: step 3 is written again
+        w.write(3, [("*", "b_simple", 31.0)])
+    with open(path, newline="") as f:
+        assert list(csv.reader(f)) == [
+            ["step", "tensor", "name", "value"],
+            ["1", "*", "b_simple", "10.0"],
+            ["2", "*", "b_simple", "20.0"],
+            ["3", "*", "b_simple", "31.0"],
+        ]
+    pb.open_noise_csv(path, None).close()  # a fresh run starts over
+    assert not path.exists()
