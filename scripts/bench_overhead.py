@@ -68,6 +68,7 @@ Protocol
     ``ss -tinp``; mean of the ranks): gloo implements some collectives differently from the
     ring model (reduce-scatter as an all-reduce of a full copy, for one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,9 +115,14 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("VRLamb per_step", {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_step"}}, "per_step"),
-    Variant("VRLamb per_micro_step", {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_micro_step"}},
-            "per_micro_step"),
+    Variant(
+        "VRLamb per_step", {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_step"}}, "per_step"
+    ),
+    Variant(
+        "VRLamb per_micro_step",
+        {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_micro_step"}},
+        "per_micro_step",
+    ),
     Variant("LAMB", {"type": "VRLamb", "params": {**LAMB_PARAMS, "vr": False}}),
     Variant("AdamW", {"type": "AdamW", "params": {**LAMB_PARAMS, "torch_adam": True}}),
 )
@@ -143,18 +149,36 @@ class BenchConfig:
     def bert_config(self):
         from transformers import BertConfig
 
-        return BertConfig(vocab_size=self.vocab, hidden_size=self.hidden, num_hidden_layers=self.layers,
-                          num_attention_heads=self.heads, intermediate_size=self.intermediate,
-                          max_position_embeddings=max(512, self.seq))
+        return BertConfig(
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            intermediate_size=self.intermediate,
+            max_position_embeddings=max(512, self.seq),
+        )
 
 
-FULL = BenchConfig(hidden=768, layers=4, heads=12, intermediate=3072, vocab=30522, seq=128, micro_batch=2,
-                   rounds=6, warmup=1)
-QUICK = BenchConfig(hidden=64, layers=2, heads=4, intermediate=128, vocab=512, seq=32, micro_batch=2,
-                    rounds=2, warmup=0)
+FULL = BenchConfig(
+    hidden=768, layers=4, heads=12, intermediate=3072, vocab=30522, seq=128, micro_batch=2, rounds=6, warmup=1
+)
+QUICK = BenchConfig(
+    hidden=64, layers=2, heads=4, intermediate=128, vocab=512, seq=32, micro_batch=2, rounds=2, warmup=0
+)
 # BERT-large (335M parameters), phase-1 sequence length; for GPUs (scripts/gpu_check.sh).
-LARGE = BenchConfig(hidden=1024, layers=24, heads=16, intermediate=4096, vocab=30522, seq=128, micro_batch=32,
-                    rounds=5, warmup=1, precisions=("bf16",), accumulations=(16,))
+LARGE = BenchConfig(
+    hidden=1024,
+    layers=24,
+    heads=16,
+    intermediate=4096,
+    vocab=30522,
+    seq=128,
+    micro_batch=32,
+    rounds=5,
+    warmup=1,
+    precisions=("bf16",),
+    accumulations=(16,),
+)
 SIZES = {"full": FULL, "quick": QUICK, "large": LARGE}
 DEVICE = "cpu"  # set in each rank from its BenchConfig
 
@@ -236,7 +260,7 @@ def package_of_file(filename: str) -> tuple[str, str] | None:
     real = os.path.realpath(filename)
     for name, directory in _library_dirs():
         if real.startswith(directory):
-            return name, name + "/" + real[len(directory):].replace(os.sep, "/")
+            return name, name + "/" + real[len(directory) :].replace(os.sep, "/")
     return None
 
 
@@ -309,8 +333,10 @@ class CollectiveCounter:
         return "other"
 
     def take(self) -> list[dict]:
-        out = [{"op": op, "origin": origin, "calls": int(c), "payload": p, "ring": r}
-               for (op, origin), (c, p, r) in sorted(self.records.items())]
+        out = [
+            {"op": op, "origin": origin, "calls": int(c), "payload": p, "ring": r}
+            for (op, origin), (c, p, r) in sorted(self.records.items())
+        ]
         self.records = {}
         return out
 
@@ -443,8 +469,12 @@ def make_batches(cfg: BenchConfig, rank: int, count: int, device="cpu") -> list[
         ids = torch.randint(0, cfg.vocab, (cfg.micro_batch, cfg.seq), generator=gen)
         labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
         labels[:, 0] = ids[:, 0]  # at least one label per sequence
-        out.append({k: v.to(device) for k, v in
-                    {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}.items()})
+        out.append(
+            {
+                k: v.to(device)
+                for k, v in {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}.items()
+            }
+        )
     return out
 
 
@@ -459,8 +489,9 @@ def build_engine(variant: Variant, precision: str, gas: int, cfg: BenchConfig, w
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups,
-                                      config=ds_config(variant, precision, gas, cfg, world))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds_config(variant, precision, gas, cfg, world)
+    )
     return engine
 
 
@@ -523,8 +554,10 @@ def _profiler_prefixes() -> tuple[str, ...]:
         except Exception:  # noqa: BLE001 - some virtualenvs lack parts of site
             continue
         raw += value if isinstance(value, list) else [value]
-    return tuple(os.path.join(os.path.abspath(p), "") for p in sorted({os.path.abspath(p) for p in raw if
-                                                                       isinstance(p, str)}, reverse=True))
+    return tuple(
+        os.path.join(os.path.abspath(p), "")
+        for p in sorted({os.path.abspath(p) for p in raw if isinstance(p, str)}, reverse=True)
+    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -552,8 +585,9 @@ def _is_profiler_frame(event_name: str) -> bool:
     if real is None:
         return False
     autograd_dir = os.path.realpath(os.path.dirname(torch.autograd.__file__))
-    return (real.startswith(os.path.join(os.path.realpath(os.path.dirname(torch.profiler.__file__)), ""))
-            or (os.path.dirname(real) == autograd_dir and os.path.basename(real).startswith("profiler")))
+    return real.startswith(os.path.join(os.path.realpath(os.path.dirname(torch.profiler.__file__)), "")) or (
+        os.path.dirname(real) == autograd_dir and os.path.basename(real).startswith("profiler")
+    )
 
 
 def _frame_owner(event_name: str) -> str | None:
@@ -636,8 +670,11 @@ def vr_buffer_bytes(engine) -> dict[str, int]:
         return {}
     out = dict(source.extra_buffer_bytes())
     opt = vrgd_ds.find_vr_optimizer(engine)
-    momentum = sum(s["gsnr_momentum"].numel() * s["gsnr_momentum"].element_size()
-                   for s in opt.state.values() if "gsnr_momentum" in s)
+    momentum = sum(
+        s["gsnr_momentum"].numel() * s["gsnr_momentum"].element_size()
+        for s in opt.state.values()
+        if "gsnr_momentum" in s
+    )
     if momentum:
         out["gsnr_momentum state (fp32, partition)"] = momentum
     return out
@@ -704,8 +741,13 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
     DEVICE = cfg.device
     if DEVICE == "cuda":  # run_ranks(init="none"): NCCL over the harness's file store, one GPU per rank
         torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
-                                rank=rank, world_size=world, device_id=torch.device("cuda", rank))
+        dist.init_process_group(
+            "nccl",
+            store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
+            rank=rank,
+            world_size=world,
+            device_id=torch.device("cuda", rank),
+        )
     else:
         torch.set_num_threads(1)
     t_start = time.perf_counter()
@@ -731,23 +773,30 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
             engines = {}
             for variant in VARIANTS:
                 t = time.perf_counter()
-                engines[variant.name], entry = build_and_measure(variant, precision, gas, cfg, world, batches[:gas], mode)
+                engines[variant.name], entry = build_and_measure(
+                    variant, precision, gas, cfg, world, batches[:gas], mode
+                )
                 block["variants"][variant.name] = entry
-                say(f"[{precision} gas={gas}] {variant.name}: built, {cfg.warmup} warm-up + 1 counted step in "
+                say(
+                    f"[{precision} gas={gas}] {variant.name}: built, {cfg.warmup} warm-up + 1 counted step in "
                     f"{time.perf_counter() - t:.1f} s; held {entry['held_bytes'] / 2**20:.0f} MiB, "
                     f"RSS {rss_bytes() / 2**20:.0f} MiB"
-                    + (f", GPU allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB" if DEVICE == "cuda" else ""))
+                    + (f", GPU allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB" if DEVICE == "cuda" else "")
+                )
             for r in range(cfg.rounds):
-                for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]:
+                for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
                     timed_step(engines[variant.name], block["variants"][variant.name], batches[:gas], mode)
-                say(f"[{precision} gas={gas}] round {r + 1}/{cfg.rounds}: " + ", ".join(
-                    f"{v.name} {block['variants'][v.name]['total'][-1]:.2f} s" for v in VARIANTS))
+                say(
+                    f"[{precision} gas={gas}] round {r + 1}/{cfg.rounds}: "
+                    + ", ".join(f"{v.name} {block['variants'][v.name]['total'][-1]:.2f} s" for v in VARIANTS)
+                )
             if profile:
                 for variant in VARIANTS:
                     dist.barrier()
                     if rank == 0:
                         block["variants"][variant.name]["profile"] = profiled_step(
-                            engines[variant.name], batches[:gas], mode)
+                            engines[variant.name], batches[:gas], mode
+                        )
                     else:
                         train_step(engines[variant.name], batches[:gas], mode)
             results["blocks"].append(block)
@@ -775,8 +824,12 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
         for name, entry in block["variants"].items():
             entries = [r["blocks"][bi]["variants"][name] for r in per_rank]
             m = {k: [max(vals) for vals in zip(*(e[k] for e in entries))] for k in TIMES + ("transient_bytes",)}
-            m.update({k: [statistics.fmean(vals) for vals in zip(*(e[k] for e in entries))]
-                      for k in ("cpu_" + t for t in TIMES)})
+            m.update(
+                {
+                    k: [statistics.fmean(vals) for vals in zip(*(e[k] for e in entries))]
+                    for k in ("cpu_" + t for t in TIMES)
+                }
+            )
             for k in ("peak_bytes", "held_bytes"):
                 m[k] = max(e[k] for e in entries)
             tcp = [e["tcp_bytes"] for e in entries]
@@ -793,8 +846,10 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
                     acc[0] += c["calls"] / len(entries)
                     acc[1] += c["payload"] / len(entries)
                     acc[2] += c["ring"] / len(entries)
-            m["collectives"] = [{"op": op, "origin": o, "calls": v[0], "payload": v[1], "ring": v[2]}
-                                for (op, o), v in sorted(coll.items())]
+            m["collectives"] = [
+                {"op": op, "origin": o, "calls": v[0], "payload": v[1], "ring": v[2]}
+                for (op, o), v in sorted(coll.items())
+            ]
             merged["variants"][name] = m
         blocks.append(merged)
     return blocks
@@ -821,19 +876,31 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
             limit = 4 * n * (world - 1) / world
             ring = sum(c["ring"] for c in e["collectives"])
             row = {
-                "precision": block["precision"], "gas": block["gas"], "variant": variant.name,
-                "auto": variant.is_auto(block["gas"], stage), "strategy": e["actual_strategy"], "samples": len(e["total"]),
-                "peak": e["peak_bytes"], "held": e["held_bytes"], "transient": _median(e["transient_bytes"]),
-                "vr_buffers": e["vr_buffers"], "vr_buffer_total": sum(e["vr_buffers"].values()),
-                "ring": ring, "payload": sum(c["payload"] for c in e["collectives"]),
+                "precision": block["precision"],
+                "gas": block["gas"],
+                "variant": variant.name,
+                "auto": variant.is_auto(block["gas"], stage),
+                "strategy": e["actual_strategy"],
+                "samples": len(e["total"]),
+                "peak": e["peak_bytes"],
+                "held": e["held_bytes"],
+                "transient": _median(e["transient_bytes"]),
+                "vr_buffers": e["vr_buffers"],
+                "vr_buffer_total": sum(e["vr_buffers"].values()),
+                "ring": ring,
+                "payload": sum(c["payload"] for c in e["collectives"]),
                 "calls": sum(c["calls"] for c in e["collectives"]),
-                "extra_ring": ring - base_ring, "limit": limit,
+                "extra_ring": ring - base_ring,
+                "limit": limit,
                 "extra_ratio": (ring - base_ring) / limit if limit else float("nan"),
                 "tcp": e["tcp_bytes"],
-                "tcp_extra_ratio": None if e["tcp_bytes"] is None else
-                ((e["tcp_bytes"] - base["tcp_bytes"]) / limit if limit else float("nan")),
+                "tcp_extra_ratio": None
+                if e["tcp_bytes"] is None
+                else ((e["tcp_bytes"] - base["tcp_bytes"]) / limit if limit else float("nan")),
                 "vr_ring": sum(c["ring"] for c in e["collectives"] if c["origin"].startswith("vrgd_ds")),
-                "num_params": n, "collectives": e["collectives"], "profile": e.get("profile"),
+                "num_params": n,
+                "collectives": e["collectives"],
+                "profile": e.get("profile"),
             }
             for key in TIMES + tuple("cpu_" + t for t in TIMES):
                 row[key] = _median(e[key])
@@ -858,34 +925,48 @@ def _label(row):
 def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     rows = summary["rows"]
     out = []
-    out.append(f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
-               f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}, "
-               + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
-               + f", {cfg.rounds} timed steps per variant (round-robin), "
-               f"{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction \"auto\" picks.")
+    out.append(
+        f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
+        f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}, "
+        + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
+        + f", {cfg.rounds} timed steps per variant (round-robin), "
+        f'{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction "auto" picks.'
+    )
     out.append("")
     for kind, prefix, who in (("wall clock", "", "slower rank"), ("CPU time", "cpu_", "mean of the ranks")):
         t, fb, o = (prefix + key for key in TIMES)
-        out.append(f"### Time per training step, {kind} (s; median over steps, {who}; ratios to LAMB in the same block)")
+        out.append(
+            f"### Time per training step, {kind} (s; median over steps, {who}; ratios to LAMB in the same block)"
+        )
         out.append("")
-        out.append("| precision | gas | optimizer | full step | fwd+bwd | opt step | full / LAMB | opt / LAMB "
-                   "| full / LAMB paired | opt / LAMB paired | IQR full | IQR opt |")
+        out.append(
+            "| precision | gas | optimizer | full step | fwd+bwd | opt step | full / LAMB | opt / LAMB "
+            "| full / LAMB paired | opt / LAMB paired | IQR full | IQR opt |"
+        )
         out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {r[t]:.3f} | {r[fb]:.3f} | {r[o]:.3f} "
-                       f"| {r[t + '_ratio']:.3f} | {r[o + '_ratio']:.3f} | {r[t + '_paired_ratio']:.3f} "
-                       f"| {r[o + '_paired_ratio']:.3f} | {r[t + '_iqr']:.3f} | {r[o + '_iqr']:.3f} |")
+            out.append(
+                f"| {r['precision']} | {r['gas']} | {_label(r)} | {r[t]:.3f} | {r[fb]:.3f} | {r[o]:.3f} "
+                f"| {r[t + '_ratio']:.3f} | {r[o + '_ratio']:.3f} | {r[t + '_paired_ratio']:.3f} "
+                f"| {r[o + '_paired_ratio']:.3f} | {r[t + '_iqr']:.3f} | {r[o + '_iqr']:.3f} |"
+            )
         out.append("")
-    out.append("### Memory per rank (MiB; larger rank; see the docstring for definitions"
-               + ("; GPU memory allocated by torch)" if cfg.device == "cuda" else ")"))
+    out.append(
+        "### Memory per rank (MiB; larger rank; see the docstring for definitions"
+        + ("; GPU memory allocated by torch)" if cfg.device == "cuda" else ")")
+    )
     out.append("")
-    out.append("| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers "
-               "| VR buffers / (4N/w) |")
+    out.append(
+        "| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers "
+        "| VR buffers / (4N/w) |"
+    )
     out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
         part = 4 * r["num_params"] / cfg.world
-        out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {_mib(r['peak']):.1f} | {_mib(r['held']):.1f} "
-                   f"| {_mib(r['transient']):.1f} | {_mib(r['vr_buffer_total']):.1f} | {r['vr_buffer_total'] / part:.2f} |")
+        out.append(
+            f"| {r['precision']} | {r['gas']} | {_label(r)} | {_mib(r['peak']):.1f} | {_mib(r['held']):.1f} "
+            f"| {_mib(r['transient']):.1f} | {_mib(r['vr_buffer_total']):.1f} | {r['vr_buffer_total'] / part:.2f} |"
+        )
     out.append("")
     vr_rows = [r for r in rows if r["vr_buffers"]]
     if vr_rows:
@@ -899,14 +980,18 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
         out.append("")
     out.append("### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N, 4N(w-1)/w)")
     out.append("")
-    out.append("| precision | gas | optimizer | collectives | sent MiB | extra vs LAMB MiB | by vrgd_ds MiB "
-               "| limit MiB | extra / limit | TCP sent MiB (gloo) | TCP extra / limit |")
+    out.append(
+        "| precision | gas | optimizer | collectives | sent MiB | extra vs LAMB MiB | by vrgd_ds MiB "
+        "| limit MiB | extra / limit | TCP sent MiB (gloo) | TCP extra / limit |"
+    )
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         tcp = "n/a | n/a" if r["tcp"] is None else f"{_mib(r['tcp']):.3f} | {r['tcp_extra_ratio']:.3f}"
-        out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {r['calls']:.0f} | {_mib(r['ring']):.3f} "
-                   f"| {_mib(r['extra_ring']):.3f} | {_mib(r['vr_ring']):.3f} | {_mib(r['limit']):.3f} "
-                   f"| {r['extra_ratio']:.3f} | {tcp} |")
+        out.append(
+            f"| {r['precision']} | {r['gas']} | {_label(r)} | {r['calls']:.0f} | {_mib(r['ring']):.3f} "
+            f"| {_mib(r['extra_ring']):.3f} | {_mib(r['vr_ring']):.3f} | {_mib(r['limit']):.3f} "
+            f"| {r['extra_ratio']:.3f} | {tcp} |"
+        )
     out.append("")
     out.append("#### Collectives of one step, VRLamb vs LAMB (calls, payload MiB, origin)")
     out.append("")
@@ -916,33 +1001,65 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
         if r["variant"] == "AdamW":
             continue
         for c in r["collectives"]:
-            out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {c['op']} | {c['origin']} | {c['calls']:.0f} "
-                       f"| {_mib(c['payload']):.3f} | {_mib(c['ring']):.3f} |")
+            out.append(
+                f"| {r['precision']} | {r['gas']} | {_label(r)} | {c['op']} | {c['origin']} | {c['calls']:.0f} "
+                f"| {_mib(c['payload']):.3f} | {_mib(c['ring']):.3f} |"
+            )
     out.append("")
-    out.append("### Targets (VRLamb with moment_reduction \"auto\" unless named)")
+    out.append('### Targets (VRLamb with moment_reduction "auto" unless named)')
     out.append("")
     out.append("| check | precision | wall clock | CPU time | target | met (wall / CPU) |")
     out.append("|---|---|---|---|---|---|")
     for r in rows:
         if r["variant"].startswith("VRLamb") and r["auto"] and r["gas"] == 4:
-            out.append(_target_row(f"full step / LAMB, gas 4 ({r['strategy']})", r, r["total_ratio"], r["cpu_total_ratio"],
-                                   TARGETS["full_step_ratio_gas4"]))
+            out.append(
+                _target_row(
+                    f"full step / LAMB, gas 4 ({r['strategy']})",
+                    r,
+                    r["total_ratio"],
+                    r["cpu_total_ratio"],
+                    TARGETS["full_step_ratio_gas4"],
+                )
+            )
     for r in rows:
         if r["variant"].startswith("VRLamb") and r["auto"]:
-            out.append(_target_row(f"opt step / LAMB, gas {r['gas']} ({r['strategy']})", r, r["opt_ratio"], r["cpu_opt_ratio"],
-                                   TARGETS["opt_step_ratio"]))
+            out.append(
+                _target_row(
+                    f"opt step / LAMB, gas {r['gas']} ({r['strategy']})",
+                    r,
+                    r["opt_ratio"],
+                    r["cpu_opt_ratio"],
+                    TARGETS["opt_step_ratio"],
+                )
+            )
     for r in rows:
         if r["variant"].startswith("VRLamb"):
-            out.append(_target_row(f"extra bytes / limit, gas {r['gas']}, {r['strategy']}{' (auto)' if r['auto'] else ''}",
-                                   r, r["extra_ratio"], None, TARGETS["extra_bytes_ratio"]))
+            out.append(
+                _target_row(
+                    f"extra bytes / limit, gas {r['gas']}, {r['strategy']}{' (auto)' if r['auto'] else ''}",
+                    r,
+                    r["extra_ratio"],
+                    None,
+                    TARGETS["extra_bytes_ratio"],
+                )
+            )
     for r in rows:
         if r["variant"].startswith("VRLamb") and r["tcp"] is not None:
-            out.append(_target_row(f"extra TCP bytes on gloo / limit, gas {r['gas']}, {r['strategy']}"
-                                   f"{' (auto)' if r['auto'] else ''}", r, r["tcp_extra_ratio"], None,
-                                   TARGETS["extra_bytes_ratio"]))
+            out.append(
+                _target_row(
+                    f"extra TCP bytes on gloo / limit, gas {r['gas']}, {r['strategy']}{' (auto)' if r['auto'] else ''}",
+                    r,
+                    r["tcp_extra_ratio"],
+                    None,
+                    TARGETS["extra_bytes_ratio"],
+                )
+            )
     out.append("")
-    out.append(f"Code: {meta['code']}. Machine: {meta['machine']}. Max RSS of a rank over the whole run: {_mib(meta['max_rss']):.0f} MiB "
-               f"(getrusage ru_maxrss). Wall time: {meta['wall_s']:.0f} s.")
+    out.append(
+        f"Code: {meta['code']}. Machine: {meta['machine']}. "
+        f"Max RSS of a rank over the whole run: {_mib(meta['max_rss']):.0f} MiB "
+        f"(getrusage ru_maxrss). Wall time: {meta['wall_s']:.0f} s."
+    )
     return "\n".join(out)
 
 
@@ -953,9 +1070,16 @@ def profile_markdown(blocks: list[dict], top: int = 15) -> str:
             prof = e.get("profile")
             if not prof:
                 continue
-            out += ["", (f"**{block['precision']} gas {block['gas']} {name}**: opt step {prof['opt_step_s']:.3f} s under "
-                    f"the profiler, {prof['total']:.3f} s of op self time attributed."), "",
-                    "| function (innermost vrgd_ds, else DeepSpeed frame) | s | share |", "|---|---|---|"]
+            out += [
+                "",
+                (
+                    f"**{block['precision']} gas {block['gas']} {name}**: opt step {prof['opt_step_s']:.3f} s under "
+                    f"the profiler, {prof['total']:.3f} s of op self time attributed."
+                ),
+                "",
+                "| function (innermost vrgd_ds, else DeepSpeed frame) | s | share |",
+                "|---|---|---|",
+            ]
             for owner, t in prof["functions"][:top]:
                 out.append(f"| {owner} | {t:.3f} | {t / prof['total']:.1%} |")
             out += ["", "| function | op | s | calls |", "|---|---|---|---|"]
@@ -981,14 +1105,17 @@ def code_version() -> str:
     for path in sorted((ROOT / "vrgd_ds").glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
+        top = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
         if os.path.realpath(top) != os.path.realpath(ROOT):  # a copy inside another repository's tree
             raise OSError(f"{ROOT} is not a git checkout of its own")
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "vrgd_ds"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "vrgd_ds"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         head, dirty = "unknown", ""
     return f"git {head}{' + uncommitted vrgd_ds changes' if dirty else ''} (vrgd_ds sha256 {digest.hexdigest()[:12]})"
@@ -1004,36 +1131,67 @@ def machine_text(bf16_matmul: str, cfg: BenchConfig | None = None) -> str:
     except ImportError:
         pass
     if cfg is not None and cfg.device == "cuda":
-        return (f"{world} × {torch.cuda.get_device_name(0)} (NCCL), {os.cpu_count()} CPU cores; {versions} "
-                f"(CUDA {torch.version.cuda}); native bf16")
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {world} ranks × 1 thread, "
-            f"gloo; {versions}; "
-            f"bf16 matmuls {'in fp32 (--bf16-matmul fp32)' if bf16_matmul == 'fp32' else 'native'}")
+        return (
+            f"{world} × {torch.cuda.get_device_name(0)} (NCCL), {os.cpu_count()} CPU cores; {versions} "
+            f"(CUDA {torch.version.cuda}); native bf16"
+        )
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {world} ranks × 1 thread, "
+        f"gloo; {versions}; "
+        f"bf16 matmuls {'in fp32 (--bf16-matmul fp32)' if bf16_matmul == 'fp32' else 'native'}"
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (CI smoke run); = --size quick")
-    parser.add_argument("--size", choices=sorted(SIZES), default="full",
-                        help="full: BERT-base width, 4 layers, fp32+bf16, gas 1,4 (default); large: BERT-large "
-                             "(24 layers), bf16, gas 16, micro-batch 32, for GPUs; quick: the smoke run")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="cpu: ranks over gloo (default); cuda: one GPU per rank, NCCL")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help=f"ranks (default: {WORLD_SIZE} on CPU, 1 on CUDA); on CUDA at most the GPU count")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default="full",
+        help="full: BERT-base width, 4 layers, fp32+bf16, gas 1,4 (default); large: BERT-large "
+        "(24 layers), bf16, gas 16, micro-batch 32, for GPUs; quick: the smoke run",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: ranks over gloo (default); cuda: one GPU per rank, NCCL",
+    )
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help=f"ranks (default: {WORLD_SIZE} on CPU, 1 on CUDA); on CUDA at most the GPU count",
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="micro-batch per rank (default: the size's)")
-    parser.add_argument("--zero-stage", type=int, choices=(2, 3), default=2,
-                        help="ZeRO stage (default 2; at 3, moment_reduction \"auto\" is per_micro_step)")
+    parser.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(2, 3),
+        default=2,
+        help='ZeRO stage (default 2; at 3, moment_reduction "auto" is per_micro_step)',
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default: 6; quick: 2)")
     parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both)")
-    parser.add_argument("--accumulations", default=None, help="comma list of gradient accumulation steps (default: 1,4)")
-    parser.add_argument("--bf16-matmul", choices=("fp32", "native"), default="fp32",
-                        help="compute bf16 matrix products in fp32 (default; see the docstring) or natively")
+    parser.add_argument(
+        "--accumulations", default=None, help="comma list of gradient accumulation steps (default: 1,4)"
+    )
+    parser.add_argument(
+        "--bf16-matmul",
+        choices=("fp32", "native"),
+        default="fp32",
+        help="compute bf16 matrix products in fp32 (default; see the docstring) or natively",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write raw per-rank results and the summary here")
     parser.add_argument("--report", type=Path, default=None, help="write the markdown tables here too")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the timed rounds, profile one optimizer step per variant on rank 0 (torch.profiler)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed rounds, profile one optimizer step per variant on rank 0 (torch.profiler)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
     args = parser.parse_args(argv)
 
@@ -1062,9 +1220,11 @@ def main(argv=None) -> int:
             parser.error("accumulation steps must be >= 1")
     cfg = dataclasses.replace(cfg, **changes)
     if cfg.world * min(cfg.accumulations) < 2:
-        parser.error(f"VR needs k = ranks x accumulation steps >= 2 gradient samples per step; world size "
-                     f"{cfg.world} with accumulation {min(cfg.accumulations)} gives k = "
-                     f"{cfg.world * min(cfg.accumulations)} (pass --accumulations)")
+        parser.error(
+            f"VR needs k = ranks x accumulation steps >= 2 gradient samples per step; world size "
+            f"{cfg.world} with accumulation {min(cfg.accumulations)} gives k = "
+            f"{cfg.world * min(cfg.accumulations)} (pass --accumulations)"
+        )
     if BASELINE not in {v.name for v in VARIANTS}:
         raise RuntimeError("the baseline variant is missing")
 
@@ -1073,17 +1233,31 @@ def main(argv=None) -> int:
     timeout = args.timeout or (300 if args.quick else 4 * 3600)
     version = code_version()  # before the ranks import vrgd_ds
     start = time.time()
-    per_rank = run_ranks(rank_body, cfg.world, dataclasses.asdict(cfg), args.bf16_matmul, args.profile,
-                         timeout=timeout, init="torch" if cfg.device == "cpu" else "none",
-                         # CPU: 1 thread per rank (2 ranks share 2 busy cores); GPU: the host-side work
-                         # (model construction, DeepSpeed's bookkeeping) may use a few cores.
-                         env=None if cfg.device == "cpu" else {"OMP_NUM_THREADS": str(max(1, min(8, (os.cpu_count() or 1) // cfg.world)))})
+    per_rank = run_ranks(
+        rank_body,
+        cfg.world,
+        dataclasses.asdict(cfg),
+        args.bf16_matmul,
+        args.profile,
+        timeout=timeout,
+        init="torch" if cfg.device == "cpu" else "none",
+        # CPU: 1 thread per rank (2 ranks share 2 busy cores); GPU: the host-side work
+        # (model construction, DeepSpeed's bookkeeping) may use a few cores.
+        env=None
+        if cfg.device == "cpu"
+        else {"OMP_NUM_THREADS": str(max(1, min(8, (os.cpu_count() or 1) // cfg.world)))},
+    )
     wall = time.time() - start
     blocks = merge_ranks(per_rank)
     summary = summarize(blocks, cfg.world, cfg.stage)
-    meta = {"machine": machine_text(args.bf16_matmul, cfg), "max_rss": max(r["max_rss_bytes"] for r in per_rank),
-            "wall_s": wall, "code": version, "command": " ".join([Path(sys.executable).name] + sys.argv),
-            "peak_resettable": all(r["peak_resettable"] for r in per_rank)}
+    meta = {
+        "machine": machine_text(args.bf16_matmul, cfg),
+        "max_rss": max(r["max_rss_bytes"] for r in per_rank),
+        "wall_s": wall,
+        "code": version,
+        "command": " ".join([Path(sys.executable).name] + sys.argv),
+        "peak_resettable": all(r["peak_resettable"] for r in per_rank),
+    }
     if not meta["peak_resettable"]:
         print("warning: /proc/self/clear_refs is not writable: peak figures include earlier engines", file=sys.stderr)
     text = markdown(summary, cfg, meta)
@@ -1095,8 +1269,13 @@ def main(argv=None) -> int:
         args.report.write_text(text + "\n")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank,
-                                         "summary": summary}, indent=1, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank, "summary": summary},
+                indent=1,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -29,6 +29,7 @@ Protocol (every step of every cell, base and VR alike):
     Fashion-MNIST sets);
   * train accuracy is measured on the whole training set, after training, in one pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,29 +82,56 @@ class OptimizerSpec:
     tune_grid: tuple[float, ...]
     kwargs: dict = field(default_factory=dict)
 
-    def build(self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1,
-              stats_interval: int = 1) -> torch.optim.Optimizer:
+    def build(
+        self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1, stats_interval: int = 1
+    ) -> torch.optim.Optimizer:
         # No weight decay on biases, but (unlike ``weight_decay_exclude_1d`` for LARS) the same
         # update rule: LARS's global LR (10-80 here) is sized for the trust ratio, and as plain
         # momentum SGD it blows the biases up (|b| 8 -> 180 in 60 steps at batch 2048).
-        groups = [{"params": [p for p in model.parameters() if p.dim() > 1]},
-                  {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
-        return self.cls(groups, lr=lr, weight_decay=self.weight_decay, gamma=gamma, vr=vr,
-                        stats_interval=stats_interval if vr else 0, **self.kwargs)
+        groups = [
+            {"params": [p for p in model.parameters() if p.dim() > 1]},
+            {"params": [p for p in model.parameters() if p.dim() <= 1], "weight_decay": 0.0},
+        ]
+        return self.cls(
+            groups,
+            lr=lr,
+            weight_decay=self.weight_decay,
+            gamma=gamma,
+            vr=vr,
+            stats_interval=stats_interval if vr else 0,
+            **self.kwargs,
+        )
 
 
 # LR_256: `python scripts/bench_quality.py --experiment tune` (batch 256, k = 8, 8 epochs, seed 0,
 # vr=False, trained on 55k images, best accuracy on the other 5k; the full table is in
 # docs/results_quality.md). VR uses the same LR as its base optimizer: it was not tuned separately.
 OPTIMIZERS = (
-    OptimizerSpec("SGD-momentum", vrgd_ds.VRSGD, lr_256=0.1, weight_decay=5e-4,
-                  tune_grid=(0.01, 0.03, 0.1, 0.3), kwargs={"momentum": 0.9}),
-    OptimizerSpec("AdamW", vrgd_ds.VRAdam, lr_256=1e-2, weight_decay=0.01,
-                  tune_grid=(1e-3, 3e-3, 1e-2, 3e-2), kwargs={"decoupled_weight_decay": True}),
-    OptimizerSpec("LAMB", vrgd_ds.VRLamb, lr_256=1e-2, weight_decay=0.01,
-                  tune_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
-    OptimizerSpec("LARS", vrgd_ds.VRLars, lr_256=10.0, weight_decay=5e-4,
-                  tune_grid=(1.0, 3.0, 10.0, 30.0), kwargs={"momentum": 0.9, "trust_coefficient": 0.001}),
+    OptimizerSpec(
+        "SGD-momentum",
+        vrgd_ds.VRSGD,
+        lr_256=0.1,
+        weight_decay=5e-4,
+        tune_grid=(0.01, 0.03, 0.1, 0.3),
+        kwargs={"momentum": 0.9},
+    ),
+    OptimizerSpec(
+        "AdamW",
+        vrgd_ds.VRAdam,
+        lr_256=1e-2,
+        weight_decay=0.01,
+        tune_grid=(1e-3, 3e-3, 1e-2, 3e-2),
+        kwargs={"decoupled_weight_decay": True},
+    ),
+    OptimizerSpec("LAMB", vrgd_ds.VRLamb, lr_256=1e-2, weight_decay=0.01, tune_grid=(3e-3, 1e-2, 3e-2, 1e-1)),
+    OptimizerSpec(
+        "LARS",
+        vrgd_ds.VRLars,
+        lr_256=10.0,
+        weight_decay=5e-4,
+        tune_grid=(1.0, 3.0, 10.0, 30.0),
+        kwargs={"momentum": 0.9, "trust_coefficient": 0.001},
+    ),
 )
 OPTIMIZER_NAMES = {spec.name: spec for spec in OPTIMIZERS}
 
@@ -120,7 +148,7 @@ def read_idx(path: Path) -> np.ndarray:
     if raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path}: not an unsigned-byte idx file (magic {raw[:4].hex()})")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -150,15 +178,21 @@ def load_fashion_mnist(data_dir: Path):
     x_train = torch.tensor(arrays["train_images"].reshape(len(arrays["train_images"]), -1), dtype=torch.float32)
     x_test = torch.tensor(arrays["test_images"].reshape(len(arrays["test_images"]), -1), dtype=torch.float32)
     mean, std = x_train.mean(), x_train.std()
-    return ((x_train - mean) / std, torch.tensor(arrays["train_labels"], dtype=torch.int64),
-            (x_test - mean) / std, torch.tensor(arrays["test_labels"], dtype=torch.int64))
+    return (
+        (x_train - mean) / std,
+        torch.tensor(arrays["train_labels"], dtype=torch.int64),
+        (x_test - mean) / std,
+        torch.tensor(arrays["test_labels"], dtype=torch.int64),
+    )
 
 
 # ---- one training run ---------------------------------------------------------------------------
 def make_mlp(in_features: int, hidden: int, classes: int = 10) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(in_features, hidden), torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+        torch.nn.Linear(in_features, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
         torch.nn.Linear(hidden, classes),
     )
 
@@ -176,8 +210,8 @@ def lr_factor(step: int, total: int) -> float:
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> float:
     correct = 0
     for i in range(0, len(x), chunk):
-        logits = torch.nan_to_num(model(x[i: i + chunk]), nan=0.0, posinf=0.0, neginf=0.0)
-        correct += int((logits.argmax(1) == y[i: i + chunk]).sum())
+        logits = torch.nan_to_num(model(x[i : i + chunk]), nan=0.0, posinf=0.0, neginf=0.0)
+        correct += int((logits.argmax(1) == y[i : i + chunk]).sum())
     return 100.0 * correct / len(x)
 
 
@@ -215,14 +249,14 @@ def train_run(cfg: RunConfig, data) -> dict:
     for step in range(total_steps):
         while len(order) < cfg.batch:  # a fresh permutation per epoch, carried across steps
             order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[: cfg.batch], order[cfg.batch:]
+        idx, order = order[: cfg.batch], order[cfg.batch :]
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total_steps)
         step_loss = 0.0
         measure = cfg.vr and (steps_done + 1) % stats_interval == 0  # the steps VR records stats on
         moments = [[torch.zeros_like(p), torch.zeros_like(p)] for p in params] if measure else None
         for m in range(MICRO_BATCHES):
-            mb = idx[m * micro: (m + 1) * micro]
+            mb = idx[m * micro : (m + 1) * micro]
             loss = F.cross_entropy(model(x_train[mb]), y_train[mb])
             if not torch.isfinite(loss):
                 diverged = True
@@ -276,7 +310,7 @@ def scaled_gradient_norm_ratio(params, moments, gamma: float) -> float:
     r ≈ 1, so ρ > r̄. For SGD ρ is the factor by which VR shrinks the step; LARS divides by
     ‖g'‖, so there VR raises the step of the high-GSNR elements by ~1/ρ."""
     num = den = 0.0
-    for p, (grad_sum, grad_sq_sum) in zip(params, moments):
+    for _p, (grad_sum, grad_sq_sum) in zip(params, moments):
         r = vrgd_ds.gsnr_from_moments(grad_sum, grad_sq_sum, MICRO_BATCHES, 1e-6)
         r = vrgd_ds.normalize_and_clip(r, r.mean(), gamma)
         grad = grad_sum / MICRO_BATCHES
@@ -308,9 +342,11 @@ class RunCache:
                 with self.path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
             r_bar = f" r̄={rec['r_bar']:.3f} ρ={rec['rho']:.3f}" if rec["r_bar"] is not None else ""
-            log(f"  {cfg.optimizer:12s} vr={int(cfg.vr)} B={cfg.batch:5d} lr={cfg.lr:.4g} seed={cfg.seed} "
+            log(
+                f"  {cfg.optimizer:12s} vr={int(cfg.vr)} B={cfg.batch:5d} lr={cfg.lr:.4g} seed={cfg.seed} "
                 f"test={rec['test_acc']:.2f} train={rec['train_acc']:.2f}{r_bar}"
-                f"{' DIVERGED' if rec['diverged'] else ''} ({rec['seconds']:.1f}s)")
+                f"{' DIVERGED' if rec['diverged'] else ''} ({rec['seconds']:.1f}s)"
+            )
         return self.done[key]
 
 
@@ -356,13 +392,42 @@ class Settings:
     gamma_sigma: float
 
 
-FULL = Settings(batches=(256, 1024, 2048, 4096, 8192, 16384), seeds_small=3, seeds_large=3, large_from=4096,
-                epochs=8, hidden=128, lr_mults=(0.25, 1, 4, 16, 64), lr_seeds=2, train_subset=None, test_subset=None,
-                gamma_seeds=8, gamma_epochs=(5, 25, 100), gamma_dim=64, gamma_n_train=512, gamma_batch=128,
-                gamma_sigma=1.0)
-QUICK = Settings(batches=(64, 256), seeds_small=2, seeds_large=2, large_from=256, epochs=2, hidden=32,
-                 lr_mults=(1, 64), lr_seeds=2, train_subset=1024, test_subset=512, gamma_seeds=2,
-                 gamma_epochs=(1, 4), gamma_dim=16, gamma_n_train=64, gamma_batch=64, gamma_sigma=1.0)
+FULL = Settings(
+    batches=(256, 1024, 2048, 4096, 8192, 16384),
+    seeds_small=3,
+    seeds_large=3,
+    large_from=4096,
+    epochs=8,
+    hidden=128,
+    lr_mults=(0.25, 1, 4, 16, 64),
+    lr_seeds=2,
+    train_subset=None,
+    test_subset=None,
+    gamma_seeds=8,
+    gamma_epochs=(5, 25, 100),
+    gamma_dim=64,
+    gamma_n_train=512,
+    gamma_batch=128,
+    gamma_sigma=1.0,
+)
+QUICK = Settings(
+    batches=(64, 256),
+    seeds_small=2,
+    seeds_large=2,
+    large_from=256,
+    epochs=2,
+    hidden=32,
+    lr_mults=(1, 64),
+    lr_seeds=2,
+    train_subset=1024,
+    test_subset=512,
+    gamma_seeds=2,
+    gamma_epochs=(1, 4),
+    gamma_dim=16,
+    gamma_n_train=64,
+    gamma_batch=64,
+    gamma_sigma=1.0,
+)
 
 
 def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
@@ -381,12 +446,15 @@ def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str
             rec = cache.run(cfg, split, log)
             scores[lr] = rec["test_acc"]
         best[spec.name] = max(scores, key=scores.get)
-        rows.append([spec.name] + [f"{scores[lr]:.2f}{' *' if lr == best[spec.name] else ''} (lr {lr:g})"
-                                   for lr in spec.tune_grid])
+        rows.append(
+            [spec.name]
+            + [f"{scores[lr]:.2f}{' *' if lr == best[spec.name] else ''} (lr {lr:g})" for lr in spec.tune_grid]
+        )
     header = ["optimizer"] + [f"grid {i + 1}" for i in range(max(len(s.tune_grid) for s in OPTIMIZERS))]
-    text = (f"### LR tuning: batch {batch}, k = {MICRO_BATCHES}, {settings.epochs:g} epochs, seed 0, vr=False; "
-            f"validation accuracy (%) on {n_val} held-out training images (* = chosen)\n\n"
-            + markdown_table(header, rows))
+    text = (
+        f"### LR tuning: batch {batch}, k = {MICRO_BATCHES}, {settings.epochs:g} epochs, seed 0, vr=False; "
+        f"validation accuracy (%) on {n_val} held-out training images (* = chosen)\n\n" + markdown_table(header, rows)
+    )
     return text, best
 
 
@@ -399,22 +467,48 @@ def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[st
             seeds = settings.seeds_large if batch >= settings.large_from else settings.seeds_small
             cell = {}
             for vr in (False, True):
-                cell[vr] = [cache.run(RunConfig(spec.name, vr, batch, scaled_lr(spec, batch), s, settings.epochs,
-                                                settings.hidden), data, log) for s in range(seeds)]
+                cell[vr] = [
+                    cache.run(
+                        RunConfig(spec.name, vr, batch, scaled_lr(spec, batch), s, settings.epochs, settings.hidden),
+                        data,
+                        log,
+                    )
+                    for s in range(seeds)
+                ]
             results[(spec.name, batch)] = cell
             base, vr_runs = cell[False], cell[True]
-            rows.append([
-                spec.name, batch, f"{scaled_lr(spec, batch):.4g}", seeds,
-                mean_std([r["test_acc"] for r in base]) + div_note(base),
-                mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
-                mean_std([r["train_acc"] for r in base]), mean_std([r["train_acc"] for r in vr_runs]),
-                mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
-                mean_std([r["r_bar"] for r in vr_runs], digits=3),
-            ])
-    header = ["optimizer", "batch", "lr", "seeds", "test acc base", "test acc VR", "train acc base",
-              "train acc VR", "gap base", "gap VR", "VR r̄"]
-    text = (f"### Accuracy vs batch size (%, mean ± std over seeds; gap = train − test; "
-            f"{settings.epochs:g} epochs, k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows))
+            rows.append(
+                [
+                    spec.name,
+                    batch,
+                    f"{scaled_lr(spec, batch):.4g}",
+                    seeds,
+                    mean_std([r["test_acc"] for r in base]) + div_note(base),
+                    mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
+                    mean_std([r["train_acc"] for r in base]),
+                    mean_std([r["train_acc"] for r in vr_runs]),
+                    mean_std([r["gap"] for r in base]),
+                    mean_std([r["gap"] for r in vr_runs]),
+                    mean_std([r["r_bar"] for r in vr_runs], digits=3),
+                ]
+            )
+    header = [
+        "optimizer",
+        "batch",
+        "lr",
+        "seeds",
+        "test acc base",
+        "test acc VR",
+        "train acc base",
+        "train acc VR",
+        "gap base",
+        "gap VR",
+        "VR r̄",
+    ]
+    text = (
+        f"### Accuracy vs batch size (%, mean ± std over seeds; gap = train − test; "
+        f"{settings.epochs:g} epochs, k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows)
+    )
     return text, results
 
 
@@ -427,29 +521,60 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
             lr = scaled_lr(spec, batch) * mult
             base, vr_runs, control = [], [], []
             for s in range(settings.lr_seeds):
-                base.append(cache.run(RunConfig(spec.name, False, batch, lr, s, settings.epochs, settings.hidden),
-                                      data, log))
-                vr_rec = cache.run(RunConfig(spec.name, True, batch, lr, s, settings.epochs, settings.hidden),
-                                   data, log, require=("rho",))
+                base.append(
+                    cache.run(RunConfig(spec.name, False, batch, lr, s, settings.epochs, settings.hidden), data, log)
+                )
+                vr_rec = cache.run(
+                    RunConfig(spec.name, True, batch, lr, s, settings.epochs, settings.hidden),
+                    data,
+                    log,
+                    require=("rho",),
+                )
                 vr_runs.append(vr_rec)
                 # the paired control: the base optimizer with its LR lowered by the VR run's r̄
                 if vr_rec["r_bar"] is not None:
-                    control.append(cache.run(RunConfig(spec.name, False, batch, lr * vr_rec["r_bar"], s,
-                                                       settings.epochs, settings.hidden), data, log))
+                    control.append(
+                        cache.run(
+                            RunConfig(
+                                spec.name, False, batch, lr * vr_rec["r_bar"], s, settings.epochs, settings.hidden
+                            ),
+                            data,
+                            log,
+                        )
+                    )
             results[(spec.name, mult)] = {"base": base, "vr": vr_runs, "control": control}
-            rows.append([
-                spec.name, f"×{mult:g}", f"{lr:.4g}",
-                mean_std([r["test_acc"] for r in base]) + div_note(base),
-                mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
-                mean_std([r["r_bar"] for r in vr_runs], digits=3), mean_std([r["rho"] for r in vr_runs], digits=3),
-                mean_std([r["test_acc"] for r in control]) + div_note(control),
-                mean_std([r["gap"] for r in base]), mean_std([r["gap"] for r in vr_runs]),
-                mean_std([r["gap"] for r in control]),
-            ])
-    header = ["optimizer", "LR mult", "lr", "test acc base", "test acc VR", "VR r̄", "VR ρ", "test acc base @ lr×r̄",
-              "gap base", "gap VR", "gap base @ lr×r̄"]
-    text = (f"### LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
-            f"'div' = non-finite loss, run stopped)\n\n" + markdown_table(header, rows))
+            rows.append(
+                [
+                    spec.name,
+                    f"×{mult:g}",
+                    f"{lr:.4g}",
+                    mean_std([r["test_acc"] for r in base]) + div_note(base),
+                    mean_std([r["test_acc"] for r in vr_runs]) + div_note(vr_runs),
+                    mean_std([r["r_bar"] for r in vr_runs], digits=3),
+                    mean_std([r["rho"] for r in vr_runs], digits=3),
+                    mean_std([r["test_acc"] for r in control]) + div_note(control),
+                    mean_std([r["gap"] for r in base]),
+                    mean_std([r["gap"] for r in vr_runs]),
+                    mean_std([r["gap"] for r in control]),
+                ]
+            )
+    header = [
+        "optimizer",
+        "LR mult",
+        "lr",
+        "test acc base",
+        "test acc VR",
+        "VR r̄",
+        "VR ρ",
+        "test acc base @ lr×r̄",
+        "gap base",
+        "gap VR",
+        "gap base @ lr×r̄",
+    ]
+    text = (
+        f"### LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
+        f"'div' = non-finite loss, run stopped)\n\n" + markdown_table(header, rows)
+    )
     return text, results
 
 
@@ -488,9 +613,9 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
                 for epoch in range(1, last + 1):
                     perm = torch.randperm(n_train, generator=gen)
                     for b in range(max(1, n_train // batch)):
-                        idx = perm[b * batch: (b + 1) * batch]
+                        idx = perm[b * batch : (b + 1) * batch]
                         for m in range(MICRO_BATCHES):
-                            mb = idx[m * micro: (m + 1) * micro]
+                            mb = idx[m * micro : (m + 1) * micro]
                             (0.5 * (x_tr[mb] @ w - y_tr[mb]).pow(2).mean() / MICRO_BATCHES).backward()
                         opt.step()
                         opt.zero_grad()
@@ -500,7 +625,7 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
                     if epoch in excess:
                         with torch.no_grad():
                             mse = float((x_te @ w - y_te).pow(2).mean())
-                        excess[epoch].append(mse - sigma ** 2 if math.isfinite(mse) else float("nan"))
+                        excess[epoch].append(mse - sigma**2 if math.isfinite(mse) else float("nan"))
                 r_bars.append(float(np.mean(scale_log)))
                 clip_fracs.append(float(np.mean(clip_log)))
             results[(lr_frac, gamma)] = {"excess_mse": excess, "r_bar": r_bars, "clip_frac": clip_fracs}
@@ -508,15 +633,23 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
         for gamma in gammas:
             res = results[(lr_frac, gamma)]
             paired = [a - b for a, b in zip(res["excess_mse"][last], plain)]
-            rows.append([f"{lr_frac:g}", f"{gamma:g}"] + [fmt_mse(res["excess_mse"][e]) for e in settings.gamma_epochs]
-                        + [fmt_mse(paired), f"{np.mean(res['r_bar']):.3f}", f"{np.mean(res['clip_frac']):.3f}"])
+            rows.append(
+                [f"{lr_frac:g}", f"{gamma:g}"]
+                + [fmt_mse(res["excess_mse"][e]) for e in settings.gamma_epochs]
+                + [fmt_mse(paired), f"{np.mean(res['r_bar']):.3f}", f"{np.mean(res['clip_frac']):.3f}"]
+            )
         log(f"  gamma ablation lr_frac={lr_frac:g} done")
-    header = (["lr / (2/λmax)", "γ"] + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs]
-              + [f"paired Δ vs γ=1 @ {last} ep", "r̄", "clip frac"])
-    text = (f"### γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
-            f"(k = {MICRO_BATCHES}, {max(1, n_train // batch)} steps/epoch), VRSGD without momentum, mean ± std "
-            f"over {settings.gamma_seeds} seeds (γ = 1 is plain SGD; clip frac = share of elements whose "
-            f"normalized r fell below γ)\n\n" + markdown_table(header, rows))
+    header = (
+        ["lr / (2/λmax)", "γ"]
+        + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs]
+        + [f"paired Δ vs γ=1 @ {last} ep", "r̄", "clip frac"]
+    )
+    text = (
+        f"### γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
+        f"(k = {MICRO_BATCHES}, {max(1, n_train // batch)} steps/epoch), VRSGD without momentum, mean ± std "
+        f"over {settings.gamma_seeds} seeds (γ = 1 is plain SGD; clip frac = share of elements whose "
+        f"normalized r fell below γ)\n\n" + markdown_table(header, rows)
+    )
     return text, results
 
 
@@ -531,6 +664,7 @@ def fmt_mse(values) -> str:
 
 def plot_batch(results: dict, settings: Settings, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -542,12 +676,29 @@ def plot_batch(results: dict, settings: Settings, path: str) -> None:
             # seeds as dots, not error bars: a cell can be bimodal (some seeds collapse, some do not)
             for b, cell in zip(settings.batches, runs):
                 for r in cell:
-                    ax.scatter(b * (1.04 if vr else 0.96), r["test_acc"], s=12, color=color, alpha=0.6,
-                               marker="x" if r["diverged"] else "o")
-            ax.plot(settings.batches, [np.mean([r["test_acc"] for r in cell]) for cell in runs], color=color,
-                    marker="o", ms=4, label=f"{label} test (mean, dots: seeds)")
-            ax.plot(settings.batches, [np.mean([r["train_acc"] for r in cell]) for cell in runs], color=color,
-                    linestyle=":", label=f"{label} train (mean)")
+                    ax.scatter(
+                        b * (1.04 if vr else 0.96),
+                        r["test_acc"],
+                        s=12,
+                        color=color,
+                        alpha=0.6,
+                        marker="x" if r["diverged"] else "o",
+                    )
+            ax.plot(
+                settings.batches,
+                [np.mean([r["test_acc"] for r in cell]) for cell in runs],
+                color=color,
+                marker="o",
+                ms=4,
+                label=f"{label} test (mean, dots: seeds)",
+            )
+            ax.plot(
+                settings.batches,
+                [np.mean([r["train_acc"] for r in cell]) for cell in runs],
+                color=color,
+                linestyle=":",
+                label=f"{label} train (mean)",
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(settings.batches, [f"{b // 1024}k" if b >= 1024 else str(b) for b in settings.batches])
         ax.set_title(spec.name)
@@ -557,8 +708,11 @@ def plot_batch(results: dict, settings: Settings, path: str) -> None:
         ax.legend(fontsize=7, loc="lower left")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
-    fig.suptitle(f"Fashion-MNIST MLP, {settings.epochs:g} epochs, LR ∝ √batch: base vs VR (γ = 0.1); "
-                 "x = a seed whose run diverged", fontsize=10)
+    fig.suptitle(
+        f"Fashion-MNIST MLP, {settings.epochs:g} epochs, LR ∝ √batch: base vs VR (γ = 0.1); "
+        "x = a seed whose run diverged",
+        fontsize=10,
+    )
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -574,17 +728,28 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} CPU cores visible, CPU only, torch {torch.__version__} with "
-            f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}")
+    return (
+        f"{cpu}, {os.cpu_count()} CPU cores visible, CPU only, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=DEFAULT_DATA, help=f"folder with the Fashion-MNIST idx files "
-                        f"(default: {DEFAULT_DATA}, where Debian's dataset-fashion-mnist puts them)")
-    parser.add_argument("--experiment", default="all", choices=("all", "batch", "lr", "gamma", "tune"),
-                        help="all = batch + lr + gamma (default); tune = the LR search at batch 256")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data",
+        default=DEFAULT_DATA,
+        help=f"folder with the Fashion-MNIST idx files "
+        f"(default: {DEFAULT_DATA}, where Debian's dataset-fashion-mnist puts them)",
+    )
+    parser.add_argument(
+        "--experiment",
+        default="all",
+        choices=("all", "batch", "lr", "gamma", "tune"),
+        help="all = batch + lr + gamma (default); tune = the LR search at batch 256",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny subset, tiny model, few steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--runs", help="JSON-lines file of finished runs: appended to, and reused on restart")
@@ -603,8 +768,12 @@ def main(argv=None) -> int:
     if args.experiment in ("all", "batch", "lr", "tune"):
         data = load_fashion_mnist(Path(args.data))
         if settings.train_subset or settings.test_subset:
-            data = (data[0][: settings.train_subset], data[1][: settings.train_subset],
-                    data[2][: settings.test_subset], data[3][: settings.test_subset])
+            data = (
+                data[0][: settings.train_subset],
+                data[1][: settings.train_subset],
+                data[2][: settings.test_subset],
+                data[3][: settings.test_subset],
+            )
         log(f"data: {len(data[0])} train, {len(data[2])} test images from {args.data}")
         if args.experiment == "tune":
             text, best = experiment_tune(data, settings, cache, log)
@@ -623,8 +792,10 @@ def main(argv=None) -> int:
 
     runtime = time.perf_counter() - t_start
     command = "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
-    header = (f"Command: `{command}`  \nMachine: {machine_description()}  \n"
-              f"Total runtime: {runtime / 60:.1f} min ({runtime:.0f} s)\n")
+    header = (
+        f"Command: `{command}`  \nMachine: {machine_description()}  \n"
+        f"Total runtime: {runtime / 60:.1f} min ({runtime:.0f} s)\n"
+    )
     body = header + "\n" + "\n\n".join(sections) + "\n"
     print(body)
     if args.report:

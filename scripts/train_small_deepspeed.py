@@ -8,6 +8,7 @@ optimizer types, the JSON config does the rest. Launch (2 CPU ranks, or 2 GPUs o
 On one GPU node with 8 GPUs change only ``--num_gpus 8`` (and train_batch_size in the config,
 which must equal micro-batch × gradient_accumulation_steps × GPUs).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def main():
     for step in range(1, args.steps + 1):
         for _ in range(gas):
             start = cursor + rank * micro
-            loss = loss_fn(engine(x[start:start + micro]), y[start:start + micro])
+            loss = loss_fn(engine(x[start : start + micro]), y[start : start + micro])
             engine.backward(loss)
             engine.step()
             cursor += micro * world
@@ -62,13 +63,19 @@ def main():
         if rank == 0 and summary and summary["step"] == step:
             with torch.no_grad():
                 acc = (engine(x_test).argmax(1) == y_test).float().mean().item()
-            print(f"step {step:4d}  loss {loss.item():.4f}  test acc {acc:.3f}  "
-                  f"GSNR mean r {summary['gsnr_mean']:.3g}  clipped at gamma {summary['gsnr_clip_frac']:.1%}  "
-                  f"mean scale {summary['gsnr_scale_mean']:.3f}", flush=True)
+            print(
+                f"step {step:4d}  loss {loss.item():.4f}  test acc {acc:.3f}  "
+                f"GSNR mean r {summary['gsnr_mean']:.3g}  clipped at gamma {summary['gsnr_clip_frac']:.1%}  "
+                f"mean scale {summary['gsnr_scale_mean']:.3f}",
+                flush=True,
+            )
     if rank == 0 and opt is not None:
         print("per-tensor GSNR statistics at the last statistics step:")
         for name, s in opt.gsnr_stats().items():
-            print(f"  {name:12s} mean r {s['gsnr_mean']:9.3g}  clip frac {s['clip_frac']:6.1%}  scale {s['scale_mean']:.3f}")
+            print(
+                f"  {name:12s} mean r {s['gsnr_mean']:9.3g}  clip frac {s['clip_frac']:6.1%}  "
+                f"scale {s['scale_mean']:.3f}"
+            )
 
 
 if __name__ == "__main__":

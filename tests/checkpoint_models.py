@@ -1,4 +1,5 @@
 """A model whose gradients arrive in pieces: a module shared by two checkpointed segments."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Rank bodies for the plain-PyTorch DDP tests (module level: the harness pickles them)."""
+
 from __future__ import annotations
 
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -39,7 +40,7 @@ def train_single(name: str, kwargs: dict, steps: int = 3):
     opt = make_optimizer(name, model.parameters(), **kwargs)
     batches = micro_batches(SAMPLES_PER_STEP * steps)
     for step in range(steps):
-        for b in batches[step * SAMPLES_PER_STEP:(step + 1) * SAMPLES_PER_STEP]:
+        for b in batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]:
             (mb_loss(model, b) / SAMPLES_PER_STEP).backward()
         opt.step()
         opt.zero_grad()

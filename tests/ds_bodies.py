@@ -1,4 +1,5 @@
 """Rank bodies for the DeepSpeed tests (module level: the harness pickles them by name)."""
+
 from __future__ import annotations
 
 
@@ -22,8 +23,16 @@ def allow_cpu_fp16() -> None:
         acc.is_fp16_supported = lambda: True
 
 
-def ds_config(opt_type: str, opt_params: dict, stage: int, gas: int, world: int, precision: str = "fp32",
-              clip: float = 0.0, **extra) -> dict:
+def ds_config(
+    opt_type: str,
+    opt_params: dict,
+    stage: int,
+    gas: int,
+    world: int,
+    precision: str = "fp32",
+    clip: float = 0.0,
+    **extra,
+) -> dict:
     cfg = {
         "train_batch_size": MICRO_BATCH * gas * world,
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
@@ -51,8 +60,16 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
     gas = SAMPLES_PER_STEP // world
     if engine is None:
         model = TinyNet(**case.get("model", DS_MODEL))
-        cfg = ds_config(case["type"], case["params"], case["stage"], gas, world, case.get("precision", "fp32"),
-                        case.get("clip", 0.0), **case.get("extra", {}))
+        cfg = ds_config(
+            case["type"],
+            case["params"],
+            case["stage"],
+            gas,
+            world,
+            case.get("precision", "fp32"),
+            case.get("clip", 0.0),
+            **case.get("extra", {}),
+        )
         client = case.get("client")
         if client is None:
             engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, case), config=cfg)
@@ -61,10 +78,14 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
             del cfg["optimizer"]
             cls = vrgd_ds.OPTIMIZERS[case["type"].lower()]
             kwargs = dict(case["params"])
-            optimizer = (cls(_param_groups(model, case), **kwargs) if client == "instance"
-                         else (lambda params: cls(params, **kwargs)))
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                              model_parameters=_param_groups(model, case), config=cfg)
+            optimizer = (
+                cls(_param_groups(model, case), **kwargs)
+                if client == "instance"
+                else (lambda params: cls(params, **kwargs))
+            )
+            engine, *_ = deepspeed.initialize(
+                model=model, optimizer=optimizer, model_parameters=_param_groups(model, case), config=cfg
+            )
     if case.get("collectives"):
         # The NCCL code path (reduce_scatter_tensor / reduce) instead of gloo's point-to-point one.
         engine.vrgd_moment_source.pairwise_exchange = False
@@ -100,7 +121,7 @@ def train_plain(case: dict, steps: int = 3):
     opt = cls(_param_groups(model, case), **params)
     batches = micro_batches(SAMPLES_PER_STEP * steps, skip_extra=False)
     for step in range(steps):
-        for x, y, use_extra in batches[step * SAMPLES_PER_STEP:(step + 1) * SAMPLES_PER_STEP]:
+        for x, y, use_extra in batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]:
             use_extra = use_extra and step != case.get("extra_off_step")
             (mb_loss(model, (x, y, use_extra)) / SAMPLES_PER_STEP).backward()
         if case.get("clip"):
@@ -148,18 +169,30 @@ def overflow_case(rank: int, world: int):
     unchanged = all(torch.equal(a, b) for a, b in zip(before_params, engine.module.parameters()))
     after_state = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     state_unchanged = all(torch.equal(before_state[k], after_state[k]) for k in before_state)
-    steps_unchanged = (before_steps == [s["step"] for s in opt.state.values()]
-                       and before_noise == opt.state_dict()["vrgd"]["noise_ema"])  # noise averages too
+    steps_unchanged = (
+        before_steps == [s["step"] for s in opt.state.values()]
+        and before_noise == opt.state_dict()["vrgd"]["noise_ema"]
+    )  # noise averages too
     source = engine.vrgd_moment_source
     # Nothing of the skipped step's samples may reach the next step: no counts (per_step hooks
     # then overwrite, not add to, the full-size buffer) and zeroed accumulation buffers.
-    buffers_clear = (source.local_samples == 0 and not source._hook_counts
-                     and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero()))
+    buffers_clear = (
+        source.local_samples == 0
+        and not source._hook_counts
+        and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero())
+    )
     engine, params = train_ds({}, rank, world, steps=1, engine=engine, start_step=2, batches=batches)
     moved = any(not torch.equal(a.float(), b) for a, b in zip(before_params, params))
     finite = all(torch.isfinite(p).all() for p in params)
-    return dict(skipped=engine.skipped_steps, unchanged=unchanged, state_unchanged=state_unchanged,
-                steps_unchanged=steps_unchanged, buffers_clear=buffers_clear, moved=moved, finite=finite)
+    return dict(
+        skipped=engine.skipped_steps,
+        unchanged=unchanged,
+        state_unchanged=state_unchanged,
+        steps_unchanged=steps_unchanged,
+        buffers_clear=buffers_clear,
+        moved=moved,
+        finite=finite,
+    )
 
 
 def checkpoint_case(rank: int, world: int, case: dict, ckpt_dir: str, phase: str):

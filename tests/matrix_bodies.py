@@ -1,6 +1,7 @@
 """Rank side of the update matrix (tests/test_update_matrix.py): train each case through
 deepspeed.initialize and record, per optimizer step, the fp32 master weights before and after
 and the learning rates used — or the error ``deepspeed.initialize`` raised."""
+
 from __future__ import annotations
 
 import torch
@@ -48,11 +49,16 @@ def case_loss(model, x, y):
 
 
 def param_groups(model, case):
-    trainable = [p for p in model.parameters() if p.requires_grad] if case.get("pass_trainable_only") else \
-        list(model.parameters())
+    trainable = (
+        [p for p in model.parameters() if p.requires_grad]
+        if case.get("pass_trainable_only")
+        else list(model.parameters())
+    )
     if case.get("groups"):
-        return [{"params": [p for p in trainable if p.dim() > 1]},
-                {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in trainable if p.dim() > 1]},
+            {"params": [p for p in trainable if p.dim() <= 1], "weight_decay": 0.0},
+        ]
     return trainable
 
 
@@ -74,9 +80,16 @@ def ds_config(case: dict, world: int) -> dict:
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
     if case.get("scheduler"):
         lr = case["params"]["lr"]
-        cfg["scheduler"] = {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": 6, "warmup_num_steps": 2, "warmup_min_lr": lr / 4, "warmup_max_lr": lr,
-            "warmup_type": "linear"}}
+        cfg["scheduler"] = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": 6,
+                "warmup_num_steps": 2,
+                "warmup_min_lr": lr / 4,
+                "warmup_max_lr": lr,
+                "warmup_type": "linear",
+            },
+        }
     cfg.update(case.get("extra", {}))
     return cfg
 
@@ -110,8 +123,9 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     gas = SAMPLES_PER_STEP // world
     model = build_model(case.get("model", "tiny"))
     try:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, case),
-                                          config=ds_config(case, world))
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, case), config=ds_config(case, world)
+        )
     except Exception as exc:  # noqa: BLE001 - a refusal is a result the test checks
         return {"error": f"{type(exc).__name__}: {exc}"}
     batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)

@@ -1,4 +1,5 @@
 """Tiny deterministic models and data shared by the tests."""
+
 from __future__ import annotations
 
 import torch

@@ -83,7 +83,6 @@ import queue as queue_mod
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -138,9 +137,7 @@ def run_ranks(
         raise ValueError(f"world_size must be >= 1, got {world_size}")
     qualname = getattr(fn, "__qualname__", "")
     if "<" in qualname or "." in qualname:  # a lambda, a nested function or a method
-        raise ValueError(
-            f"fn must be a module-level function (spawn pickles it by name), got {fn!r}"
-        )
+        raise ValueError(f"fn must be a module-level function (spawn pickles it by name), got {fn!r}")
 
     ctx = mp.get_context("spawn")
     workdir = tempfile.mkdtemp(prefix="multiproc_")
@@ -164,8 +161,20 @@ def run_ranks(
             proc = ctx.Process(
                 target=_rank_main,
                 name=f"rank{rank}",
-                args=(fn, rank, world_size, args, kwargs, init, build_shm_op, store_file,
-                      workdir, timeout, os.getpid(), results_queue),
+                args=(
+                    fn,
+                    rank,
+                    world_size,
+                    args,
+                    kwargs,
+                    init,
+                    build_shm_op,
+                    store_file,
+                    workdir,
+                    timeout,
+                    os.getpid(),
+                    results_queue,
+                ),
             )
             # spawn execs a new interpreter with the parent's environment as it is at start()
             with _environ(rank_env):
@@ -213,7 +222,7 @@ def _collect(procs: list, results_queue, workdir: str, timeout: float) -> list:
                         f"{_signal_name(proc.exitcode)} without reporting "
                         f"{'the end of its teardown' if rank in results else 'a result or an error'}"
                         " (see its stderr above)"
-                    )
+                    ) from None
             continue
         if status == "error":
             # A peer that died silently makes the others fail with gloo "Connection reset by
@@ -222,7 +231,8 @@ def _collect(procs: list, results_queue, workdir: str, timeout: float) -> list:
             _kill_all(procs)
             causes = "".join(
                 f"rank {r} of {world_size} exited with code {procs[r].exitcode}"
-                f"{_signal_name(procs[r].exitcode)} without reporting; then " for r in dead
+                f"{_signal_name(procs[r].exitcode)} without reporting; then "
+                for r in dead
             )
             raise AssertionError(f"{causes}rank {rank} of {world_size} failed:\n{payload}")
         if status == "ok":
@@ -261,8 +271,11 @@ def _wait_for_silent_deaths(procs: list, done: set, exclude: int) -> list:
     """Ranks that exited with an error code without a message, polled for a short moment."""
     end = time.monotonic() + _DEATH_POLL_S
     while True:
-        dead = [rank for rank, proc in enumerate(procs)
-                if rank != exclude and rank not in done and proc.exitcode not in (None, 0)]
+        dead = [
+            rank
+            for rank, proc in enumerate(procs)
+            if rank != exclude and rank not in done and proc.exitcode not in (None, 0)
+        ]
         if dead or time.monotonic() > end:
             return dead
         time.sleep(0.02)
@@ -302,8 +315,9 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
 # ----------------------------------------------------------------------------- child side
 
 
-def _rank_main(fn, rank, world_size, args, kwargs, init, build_shm_op, store_file, workdir,
-               timeout, parent_pid, results_queue) -> None:
+def _rank_main(
+    fn, rank, world_size, args, kwargs, init, build_shm_op, store_file, workdir, timeout, parent_pid, results_queue
+) -> None:
     faulthandler.enable()  # segfaults and aborts print a Python stack to stderr
     stack_file = open(_stack_file(workdir, rank), "w")  # noqa: SIM115 - lives as long as we do
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
@@ -317,15 +331,22 @@ def _rank_main(fn, rank, world_size, args, kwargs, init, build_shm_op, store_fil
         pg_timeout = timedelta(seconds=timeout + _PG_TIMEOUT_MARGIN_S)
         if init == "torch":
             dist.init_process_group(
-                "gloo", store=dist.FileStore(store_file, world_size), rank=rank,
-                world_size=world_size, timeout=pg_timeout,
+                "gloo",
+                store=dist.FileStore(store_file, world_size),
+                rank=rank,
+                world_size=world_size,
+                timeout=pg_timeout,
             )
         elif init == "deepspeed":
             import deepspeed
 
             deepspeed.init_distributed(
-                dist_backend="gloo", init_method=f"file://{store_file}", rank=rank,
-                world_size=world_size, timeout=pg_timeout, verbose=False,
+                dist_backend="gloo",
+                init_method=f"file://{store_file}",
+                rank=rank,
+                world_size=world_size,
+                timeout=pg_timeout,
+                verbose=False,
             )
         payload = pickle.dumps(fn(rank, world_size, *args, **kwargs))
     except BaseException:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: report them all
@@ -337,8 +358,7 @@ def _rank_main(fn, rank, world_size, args, kwargs, init, build_shm_op, store_fil
                 dist.barrier()
                 dist.destroy_process_group()
         except BaseException:  # noqa: BLE001
-            results_queue.put((rank, "error", "in the final barrier/teardown:\n"
-                               + traceback.format_exc()))
+            results_queue.put((rank, "error", "in the final barrier/teardown:\n" + traceback.format_exc()))
         else:
             results_queue.put((rank, "done", None))
     # Flush the queue's feeder thread before the interpreter exits.

@@ -1,4 +1,5 @@
 """Rank bodies for the pipeline tests: a 2-stage PipelineModule × 2 data-parallel ranks."""
+
 from __future__ import annotations
 
 import torch
@@ -37,9 +38,12 @@ def pipeline_case(rank: int, world: int, case: dict):
     gas = MICRO_BATCHES // dp
     layers = pipeline_layers()
     if case.get("tied"):
-        module = PipelineModule(layers=[TiedLayerSpec("io", nn.Linear, 5, 5), nn.Tanh(),
-                                        TiedLayerSpec("io", nn.Linear, 5, 5)],
-                                num_stages=2, loss_fn=mse, partition_method="uniform")
+        module = PipelineModule(
+            layers=[TiedLayerSpec("io", nn.Linear, 5, 5), nn.Tanh(), TiedLayerSpec("io", nn.Linear, 5, 5)],
+            num_stages=2,
+            loss_fn=mse,
+            partition_method="uniform",
+        )
     else:
         module = PipelineModule(layers=layers, num_stages=2, loss_fn=mse, partition_method="uniform")
     cfg = {
@@ -54,8 +58,7 @@ def pipeline_case(rank: int, world: int, case: dict):
     if case.get("precision") == "bf16":
         cfg["bf16"] = {"enabled": True}  # a bf16 pipeline at stage 0: DeepSpeed's BF16_Optimizer
     try:
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()],
-                                          config=cfg)
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()], config=cfg)
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
     dp_rank = engine.grid.get_data_parallel_rank()
@@ -83,7 +86,7 @@ def train_reference(case: dict) -> dict:
     opt = cls(model.parameters(), **case["params"])
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
     for step in range(STEPS):
-        for x, y, _ in batches[step * MICRO_BATCHES:(step + 1) * MICRO_BATCHES]:
+        for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
             (mse(model(x), y) / MICRO_BATCHES).backward()
         if case.get("clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), case["clip"])

@@ -4,6 +4,7 @@ It takes the per-micro-batch gradients explicitly (one tensor per sample), forms
 r, the per-tensor normalization, clipping and GSNR momentum by hand in float64, and applies the
 base update rules by hand. Slow and obvious on purpose.
 """
+
 from __future__ import annotations
 
 
@@ -106,7 +107,11 @@ class ReferenceVR:
 
     def _lars(self, theta, g, st, t):
         lr, mu = self.hp["lr"], self.hp.get("momentum", 0.9)
-        wd, eta, eps = self.hp.get("weight_decay", 0.0), self.hp.get("trust_coefficient", 0.001), self.hp.get("eps", 1e-8)
+        wd, eta, eps = (
+            self.hp.get("weight_decay", 0.0),
+            self.hp.get("trust_coefficient", 0.001),
+            self.hp.get("eps", 1e-8),
+        )
         d = g + wd * theta
         wn, gn = theta.norm().item(), g.norm().item()
         if wn > 0 and gn > 0:
@@ -140,10 +145,27 @@ class ReferenceFusedLAMB:
        θ ← θ − step size · u. No clamp of the ratio.
     """
 
-    def __init__(self, groups, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
-                 adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False):
-        defaults = dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps, weight_decay=weight_decay,
-                        grad_averaging=grad_averaging)
+    def __init__(
+        self,
+        groups,
+        lr=1e-3,
+        bias_correction=True,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        weight_decay=0.01,
+        adam_w_mode=True,
+        grad_averaging=True,
+        max_grad_norm=1.0,
+        use_nvlamb=False,
+    ):
+        defaults = dict(
+            lr=lr,
+            bias_correction=bias_correction,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            grad_averaging=grad_averaging,
+        )
         self.groups = [{**defaults, **g, "params": list(g["params"])} for g in groups]
         self.max_grad_norm = max_grad_norm
         self.adam_w_mode = adam_w_mode

@@ -1,4 +1,5 @@
 """Rank bodies for layouts vrgd_ds refuses at deepspeed.initialize (tests/test_refusals.py)."""
+
 from __future__ import annotations
 
 import torch.distributed as dist
@@ -47,9 +48,14 @@ def tensor_parallel_case(rank: int, world: int, opt_type: str):
     import vrgd_ds  # noqa: F401
 
     model = TinyNet(hidden=11, with_unused=False)
-    cfg = {"train_batch_size": MICRO_BATCH * 8, "train_micro_batch_size_per_gpu": MICRO_BATCH,
-           "gradient_accumulation_steps": 8, "optimizer": {"type": opt_type, "params": {"lr": 1e-3}},
-           "zero_optimization": {"stage": 1}, "gradient_clipping": 0.0}
+    cfg = {
+        "train_batch_size": MICRO_BATCH * 8,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 8,
+        "optimizer": {"type": opt_type, "params": {"lr": 1e-3}},
+        "zero_optimization": {"stage": 1},
+        "gradient_clipping": 0.0,
+    }
     try:
         deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg, mpu=ToyMPU())
     except Exception as exc:  # noqa: BLE001 - the message is what the test checks

@@ -1,4 +1,5 @@
 """Import a script of scripts/ as a module, for the benchmark smoke tests."""
+
 from __future__ import annotations
 
 import importlib.util

@@ -3,6 +3,7 @@
 The quick mode trains tiny BERT for a handful of steps on a few hundred generated lines: it checks
 that the pipeline runs end to end and that the report is well formed, not what the numbers say.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,22 +47,35 @@ def assert_finite(cell: str, row: list[str]) -> None:
     assert "nan" not in cell.lower() and "inf" not in cell.lower(), f"cell {cell!r} in row {row}"
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--small", "60"], "multiple of --gas"),
-    (["--large", "100"], "multiple > 1 of --small"),
-    (["--samples", "20000"], "multiple of --large"),
-    (["--gas", "4"], "k >= 8"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--small", "60"], "multiple of --gas"),
+        (["--large", "100"], "multiple > 1 of --small"),
+        (["--samples", "20000"], "multiple of --large"),
+        (["--gas", "4"], "k >= 8"),
+    ],
+)
 def test_bad_grid_is_a_clear_error(tmp_path, extra, message):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--data", str(tmp_path), *extra],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--data", str(tmp_path), *extra],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr
 
 
 def test_missing_corpus_says_how_to_prepare_it(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--data", str(tmp_path / "nope")],
-                          check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--data", str(tmp_path / "nope")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "scripts/prepare_corpus.py" in proc.stderr
 
@@ -70,8 +84,14 @@ def test_missing_corpus_says_how_to_prepare_it(tmp_path):
 def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     bench = load_script("bench_bert_mlm")
     report = tmp_path / "report.md"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "runs"),
-                           "--report", str(report)], check=False, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "runs"), "--report", str(report)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()
     q = bench.QUICK
@@ -92,7 +112,13 @@ def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     # same init and the same fixed held-out set for every run: identical loss before training
     assert len({row[4] for row in loss}) == 1
     # the runs were kept, and a second invocation reuses them instead of training again
-    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "runs")],
-                           check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    again = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path / "runs")],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("reusing finished run") == len(expected)

@@ -5,6 +5,7 @@ collectives were counted (ZeRO's own all-reduce/all-gather and VR's moment reduc
 VR's extra bytes are what the design says: one fp32 reduce-scatter of N per step with
 per_step, one per micro-batch with per_micro_step.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,12 +40,21 @@ def tables(markdown: str) -> dict[str, list[list[str]]]:
 @pytest.mark.timeout(300)
 def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
     report, raw = tmp_path / "overhead.md", tmp_path / "overhead.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--report", str(report), "--json", str(raw)],
-                          check=False, capture_output=True, text=True, timeout=280, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--report", str(report), "--json", str(raw)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     by_heading = tables(report.read_text())
-    numeric = [rows for heading, rows in by_heading.items()
-               if heading.startswith(("Time per training step", "Memory per rank", "Bytes sent per rank"))]
+    numeric = [
+        rows
+        for heading, rows in by_heading.items()
+        if heading.startswith(("Time per training step", "Memory per rank", "Bytes sent per rank"))
+    ]
     assert len(numeric) == 4  # wall clock, CPU time, memory, bytes
     for rows in numeric:
         assert len(rows) == 16  # 2 precisions x 2 accumulations x 4 optimizers
@@ -91,9 +101,18 @@ def test_frames_are_classified_by_package_not_by_path_substring(tmp_path):
     assert bench.package_of_file(str(decoy)) is None
     assert bench._frame_owner(f"{decoy}(3): f") is None
     assert bench._frame_owner(f"{vrgd_ds.optimizer.__file__}(7): step") == "vrgd_ds/optimizer.py(7): step"
-    assert [bench.package_of_module(m) for m in ("vrgd_ds", "vrgd_ds.optimizer", "deepspeed.runtime.engine",
-                                                 "vrgd_ds_extra", "tests.vrgd_ds", "__main__", None)] == [
-        "vrgd_ds", "vrgd_ds", "deepspeed", None, None, None, None]
+    assert [
+        bench.package_of_module(m)
+        for m in (
+            "vrgd_ds",
+            "vrgd_ds.optimizer",
+            "deepspeed.runtime.engine",
+            "vrgd_ds_extra",
+            "tests.vrgd_ds",
+            "__main__",
+            None,
+        )
+    ] == ["vrgd_ds", "vrgd_ds", "deepspeed", None, None, None, None]
     # The profiler names frames relative to the sys.path entry it stripped.
     assert bench._frame_owner("vrgd_ds/optimizer.py(7): step") == "vrgd_ds/optimizer.py(7): step"
     assert bench._frame_owner("deepspeed/runtime/engine.py(9): step") == "deepspeed/runtime/engine.py(9): step"
@@ -118,8 +137,10 @@ def test_profile_attribution_names_vrgd_ds_and_deepspeed_functions():
         see_memory_usage("bench test", force=False)
         gsnr_from_moments(g, q, 4, 1e-6)
     if not any(bench._PY_FRAME.match(e.name) for e in prof.events()):
-        pytest.skip("this torch's profiler recorded no Python frames here (seen with torch 2.11+cu130 and the "
-                    "GPU hidden); test_profile_attribution_of_synthetic_events covers the attribution")
+        pytest.skip(
+            "this torch's profiler recorded no Python frames here (seen with torch 2.11+cu130 and the "
+            "GPU hidden); test_profile_attribution_of_synthetic_events covers the attribution"
+        )
     owners = {function for function, _ in bench.attribute_profile(prof)["functions"]}
     assert any(o.startswith("vrgd_ds/gsnr.py(") and o.endswith("gsnr_from_moments") for o in owners), owners
 
@@ -160,7 +181,11 @@ def test_profile_attribution_of_synthetic_events():
     loose = Event("aten::copy_", None, self_cpu_time_total=16.0)
     out = bench.attribute_profile(Prof([step, ours, helper, op, in_profiler, other_thread, loose]))
     functions = dict(out["functions"])
-    assert functions == pytest.approx({"vrgd_ds/gsnr.py(16): gsnr_from_moments": 14e-6,
-                                       "deepspeed/runtime/engine.py(2000): step": 1e-6,
-                                       "other: None": 16e-6}), functions
+    assert functions == pytest.approx(
+        {
+            "vrgd_ds/gsnr.py(16): gsnr_from_moments": 14e-6,
+            "deepspeed/runtime/engine.py(2000): step": 1e-6,
+            "other: None": 16e-6,
+        }
+    ), functions
     assert out["total"] == pytest.approx(31e-6)

@@ -4,6 +4,7 @@ CI installs from PyPI only, so the real Fashion-MNIST (a Debian package) is not 
 writes class-dependent random 28×28 images in the idx format the script reads, runs the quick
 mode on them, and checks that every cell of every table it prints is a finite number.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,12 @@ def test_idx_roundtrip(tmp_path):
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--experiment", "batch", "--data", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--experiment", "batch", "--data", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
     assert "zalandoresearch/fashion-mnist" in proc.stderr
@@ -64,9 +69,13 @@ def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     bench = load_script("bench_quality")
     make_fake_fashion_mnist(tmp_path, bench)
     report, plot = tmp_path / "report.md", tmp_path / "plot.png"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path),
-                           "--report", str(report), "--plot", str(plot)],
-                          capture_output=True, text=True, timeout=280, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--data", str(tmp_path), "--report", str(report), "--plot", str(plot)],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = report.read_text()
     assert plot.stat().st_size > 0

@@ -4,6 +4,7 @@ Each config documents the number of GPUs (or CPU ranks) it is written for in its
 ("... 64 GPUs ..." / "... 2 ranks ..."); the paper configs also carry it in the file name
 (``..._64gpu.json``). The paper configs must reproduce VRGD.md §4's step counts.
 """
+
 import json
 import re
 import types
@@ -17,7 +18,9 @@ import vrgd_ds
 from vrgd_ds.deepspeed_glue import build_from_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
-PAPER = re.compile(r"bert_large_vrlamb_(?P<recipe>\d+k\d+k)_phase(?P<phase>[12])_seq(?P<seq>\d+)_(?P<dtype>fp16|bf16)_(?P<gpus>\d+)gpu\.json")
+PAPER = re.compile(
+    r"bert_large_vrlamb_(?P<recipe>\d+k\d+k)_phase(?P<phase>[12])_seq(?P<seq>\d+)_(?P<dtype>fp16|bf16)_(?P<gpus>\d+)gpu\.json"
+)
 # VRGD.md §4: total steps of each two-phase recipe, and its phase batch sizes (k = 1024).
 PAPER_STEPS = {"64k32k": 8599, "96k32k": 6256, "128k64k": 4301}
 
@@ -27,8 +30,10 @@ PRETRAIN = [p for p in CONFIGS if PAPER.fullmatch(p.name) or p.name.startswith("
 
 def documented_world_size(path: Path, config: dict) -> int:
     found = re.findall(r"(\d+) (?:GPUs|ranks)\b", config.get("_comment", ""))
-    assert found, (f"{path.name}: say in \"_comment\" how many GPUs or ranks it is written for "
-                   f"(e.g. \"... 2 ranks x micro 8 x gradient accumulation 4 ...\")")
+    assert found, (
+        f'{path.name}: say in "_comment" how many GPUs or ranks it is written for '
+        f'(e.g. "... 2 ranks x micro 8 x gradient accumulation 4 ...")'
+    )
     return int(found[0])
 
 
@@ -59,7 +64,11 @@ def test_config_validates(path, monkeypatch):
     monkeypatch.setattr(ds_config, "dist", fake_dist)
     parsed = ds_config.DeepSpeedConfig(config)
     assert parsed.world_size == world
-    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (tbs, micro, gas)
+    assert (parsed.train_batch_size, parsed.train_micro_batch_size_per_gpu, parsed.gradient_accumulation_steps) == (
+        tbs,
+        micro,
+        gas,
+    )
     assert parsed.gradient_clipping == config["gradient_clipping"]
 
     # Our optimizer types, built the way DeepSpeed builds them from a config (unknown keys fail).
@@ -76,8 +85,9 @@ def test_pretrain_config(path):
     config = json.loads(path.read_text())
     optimizer = config["optimizer"]
     assert optimizer["type"] == "VRLamb"
-    assert optimizer["params"]["weight_decay_exclude_1d"], \
+    assert optimizer["params"]["weight_decay_exclude_1d"], (
         "pretrain_bert.py passes one flat parameter list: exclude 1-D params (biases, LayerNorm) from decay"
+    )
     assert optimizer["params"]["stats_interval"] > 0, "the progress bar and plots show GSNR statistics"
     assert config["zero_optimization"]["stage"] == 2
     assert not (config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"))

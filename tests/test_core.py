@@ -1,5 +1,6 @@
 """The four VR optimizers in one process: brute-force reference, exact fallbacks, invariances,
 bad input, state_dict round trip."""
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,11 @@ CASES = {
     "adamw": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1)),
     "adam_l2_nobeta": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False, gsnr_beta=None)),
     "lamb": (VRLamb, "lamb", dict(lr=1e-2)),
-    "lamb_clamped_nobc": (VRLamb, "lamb", dict(lr=1e-2, bias_correction=False, min_trust_ratio=0.5, max_trust_ratio=2.0, gamma=0.3)),
+    "lamb_clamped_nobc": (
+        VRLamb,
+        "lamb",
+        dict(lr=1e-2, bias_correction=False, min_trust_ratio=0.5, max_trust_ratio=2.0, gamma=0.3),
+    ),
     "lars": (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3)),
     "lars_nesterov_beta": (VRLars, "lars", dict(lr=0.5, nesterov=True, gsnr_beta=0.9, trust_coefficient=0.01)),
 }
@@ -29,7 +34,9 @@ CASES = {
 
 def _split_vr_kwargs(kind_kwargs):
     vr_keys = {"gamma", "gsnr_beta", "gsnr_eps", "vr"}
-    return {k: v for k, v in kind_kwargs.items() if k in vr_keys}, {k: v for k, v in kind_kwargs.items() if k not in vr_keys}
+    return {k: v for k, v in kind_kwargs.items() if k in vr_keys}, {
+        k: v for k, v in kind_kwargs.items() if k not in vr_keys
+    }
 
 
 def _default_beta(cls):
@@ -41,12 +48,17 @@ def run_brute_force(cls, kind, kwargs, steps=3, gas=4):
     ref_model = copy.deepcopy(model)
     opt = cls(model.parameters(), **kwargs)
     vr_kw, hp = _split_vr_kwargs(kwargs)
-    ref = ReferenceVR(ref_model.parameters(), kind, gamma=vr_kw.get("gamma", 0.1),
-                      gsnr_beta=vr_kw.get("gsnr_beta", _default_beta(cls)), **hp)
+    ref = ReferenceVR(
+        ref_model.parameters(),
+        kind,
+        gamma=vr_kw.get("gamma", 0.1),
+        gsnr_beta=vr_kw.get("gsnr_beta", _default_beta(cls)),
+        **hp,
+    )
     batches = micro_batches(steps * gas)
     ref_params = list(ref_model.parameters())
     for step in range(steps):
-        chunk = batches[step * gas:(step + 1) * gas]
+        chunk = batches[step * gas : (step + 1) * gas]
         samples = [[] for _ in ref_params]
         for b in chunk:
             (mb_loss(model, b) / gas).backward()
@@ -125,7 +137,9 @@ def test_fallback_matches_torch_optim(ours, theirs, kwargs, vr_kwargs):
         assert all(len(p._backward_hooks or {}) == 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize("cls,kind,kwargs", [(VRLamb, "lamb", dict(lr=1e-2)), (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3))])
+@pytest.mark.parametrize(
+    "cls,kind,kwargs", [(VRLamb, "lamb", dict(lr=1e-2)), (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3))]
+)
 def test_gamma_one_equals_plain_lamb_lars(cls, kind, kwargs):
     a, b = TinyNet(), TinyNet()
     opt_a = cls(a.parameters(), gamma=1.0, **kwargs)
@@ -140,8 +154,15 @@ def test_gamma_one_equals_plain_lamb_lars(cls, kind, kwargs):
 
 
 # eps tiny: the base optimizers' own eps is the only thing that is not scale-invariant.
-@pytest.mark.parametrize("cls,kwargs", [(VRAdam, dict(lr=1e-2, eps=1e-14)), (VRLamb, dict(lr=1e-2, eps=1e-14)),
-                                        (VRLars, dict(lr=0.5, eps=1e-14)), (VRSGD, dict(lr=0.1))])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (VRAdam, dict(lr=1e-2, eps=1e-14)),
+        (VRLamb, dict(lr=1e-2, eps=1e-14)),
+        (VRLars, dict(lr=0.5, eps=1e-14)),
+        (VRSGD, dict(lr=0.1)),
+    ],
+)
 def test_loss_scale_invariance(cls, kwargs):
     """r is invariant to any common scale of the samples; Adam/LAMB/LARS updates too. SGD's
     update scales with G, so for SGD we unscale .grad as GradScaler.unscale_ would."""
@@ -199,7 +220,9 @@ def test_gsnr_functions_against_reference():
     r_same = gsnr_from_moments(torch.full((3,), 4.0), torch.full((3,), 4.0), 4, 1e-6)
     torch.testing.assert_close(r_same, torch.full((3,), 1e6), rtol=2e-6, atol=0)
     # samples 0, 0, 2, 2: mean 1, second moment 2, variance 1, r = 1
-    torch.testing.assert_close(gsnr_from_moments(torch.tensor([4.0]), torch.tensor([8.0]), 4, 1e-6), torch.tensor([1.0]))
+    torch.testing.assert_close(
+        gsnr_from_moments(torch.tensor([4.0]), torch.tensor([8.0]), 4, 1e-6), torch.tensor([1.0])
+    )
     # in place of the second moment (what the optimizers do), same values; inputs scaled by any
     # common factor (loss scale) or passed as an average (sum_scale) give the same r
     s2_copy = s2.clone()
@@ -225,21 +248,24 @@ def test_k_less_than_two_is_a_clear_error():
         opt.step()
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda p: VRLamb(p, gamma=0.0), r"Invalid gamma: 0.0; it must be in \(0.0, 1.0\]"),
-    (lambda p: VRLamb(p, gamma=1.5), r"Invalid gamma: 1.5"),
-    (lambda p: VRSGD(p, lr=-0.1), r"Invalid lr: -0.1"),
-    (lambda p: VRAdam(p, eps=-1e-8), r"Invalid epsilon value: -1e-08"),
-    (lambda p: VRAdam(p, betas=(1.0, 0.999)), r"Invalid beta parameter at index 0: 1.0"),
-    (lambda p: VRLamb(p, betas=(0.9, -0.1)), r"Invalid beta parameter at index 1: -0.1"),
-    (lambda p: VRLamb(p, gsnr_beta=1.0), r"Invalid gsnr_beta: 1.0.*or None"),
-    (lambda p: VRAdam(p, gsnr_eps=0.0), r"Invalid gsnr_eps: 0.0; it must be in \(0.0, 1.0\)"),
-    (lambda p: VRSGD(p, lr=0.1, gsnr_eps=1.0), r"Invalid gsnr_eps: 1.0.*Use 0 < gsnr_eps < 1"),
-    (lambda p: VRLars(p, lr=0.1, trust_coefficient=0.0), r"Invalid trust_coefficient"),
-    (lambda p: VRSGD(p, lr=0.1, nesterov=True), r"Nesterov momentum requires"),
-    (lambda p: VRLamb(p, min_trust_ratio=2.0, max_trust_ratio=1.0), r"min_trust_ratio=2.0 > max_trust_ratio=1.0"),
-    (lambda p: VRLamb([{"params": p[:1]}, {"params": p[1:], "gamma": 0.0}]), r"Invalid gamma: 0.0"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda p: VRLamb(p, gamma=0.0), r"Invalid gamma: 0.0; it must be in \(0.0, 1.0\]"),
+        (lambda p: VRLamb(p, gamma=1.5), r"Invalid gamma: 1.5"),
+        (lambda p: VRSGD(p, lr=-0.1), r"Invalid lr: -0.1"),
+        (lambda p: VRAdam(p, eps=-1e-8), r"Invalid epsilon value: -1e-08"),
+        (lambda p: VRAdam(p, betas=(1.0, 0.999)), r"Invalid beta parameter at index 0: 1.0"),
+        (lambda p: VRLamb(p, betas=(0.9, -0.1)), r"Invalid beta parameter at index 1: -0.1"),
+        (lambda p: VRLamb(p, gsnr_beta=1.0), r"Invalid gsnr_beta: 1.0.*or None"),
+        (lambda p: VRAdam(p, gsnr_eps=0.0), r"Invalid gsnr_eps: 0.0; it must be in \(0.0, 1.0\)"),
+        (lambda p: VRSGD(p, lr=0.1, gsnr_eps=1.0), r"Invalid gsnr_eps: 1.0.*Use 0 < gsnr_eps < 1"),
+        (lambda p: VRLars(p, lr=0.1, trust_coefficient=0.0), r"Invalid trust_coefficient"),
+        (lambda p: VRSGD(p, lr=0.1, nesterov=True), r"Nesterov momentum requires"),
+        (lambda p: VRLamb(p, min_trust_ratio=2.0, max_trust_ratio=1.0), r"min_trust_ratio=2.0 > max_trust_ratio=1.0"),
+        (lambda p: VRLamb([{"params": p[:1]}, {"params": p[1:], "gamma": 0.0}]), r"Invalid gamma: 0.0"),
+    ],
+)
 def test_bad_hyperparameters(make, match):
     with pytest.raises(ValueError, match=match):
         make(list(TinyNet().parameters()))
@@ -275,8 +301,10 @@ def test_nonfinite_gradient_skips_step(cls, kwargs):
     assert any(not torch.equal(p0, p) for p0, p in zip(params, m.parameters()))
 
 
-@pytest.mark.parametrize("cls,kwargs", [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9)),
-                                        (VRLars, dict(lr=0.5, gsnr_beta=0.5))])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9)), (VRLars, dict(lr=0.5, gsnr_beta=0.5))],
+)
 def test_state_dict_round_trip(cls, kwargs):
     def train(model, opt, seeds):
         for s in seeds:

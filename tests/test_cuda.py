@@ -10,6 +10,7 @@
 The rest of the suite is CPU/gloo by design; with a GPU present it runs with the GPU hidden
 (``CUDA_VISIBLE_DEVICES=`` and ``DS_ACCELERATOR=cpu``, as scripts/gpu_check.sh does).
 """
+
 from __future__ import annotations
 
 import os
@@ -44,7 +45,7 @@ def _plain_run(name: str, device: str, steps: int = 3, k: int = 4) -> list[list[
     out = []
     for step in range(steps):
         before = [p.detach().double().cpu().clone() for p in model.parameters()]
-        for x, y, use_extra in batches[step * k:(step + 1) * k]:
+        for x, y, use_extra in batches[step * k : (step + 1) * k]:
             (mb_loss(model, (x.to(device), y.to(device), use_extra)) / k).backward()
         opt.step()
         opt.zero_grad()
@@ -72,8 +73,11 @@ def _run_case_on_gpu(case: dict, rank: int, world: int) -> dict:
     gas = SAMPLES_PER_STEP // world
     model = matrix_bodies.build_model(case.get("model", "tiny"))
     try:
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=matrix_bodies.param_groups(model, case),
-                                          config=matrix_bodies.ds_config(case, world))
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=matrix_bodies.param_groups(model, case),
+            config=matrix_bodies.ds_config(case, world),
+        )
     except Exception as exc:  # noqa: BLE001 - a refusal is a result the test checks
         return {"error": f"{type(exc).__name__}: {exc}"}
     batches = micro_batches(SAMPLES_PER_STEP * matrix_bodies.STEPS, skip_extra=False)
@@ -87,8 +91,14 @@ def _run_case_on_gpu(case: dict, rank: int, world: int) -> dict:
             engine.backward(matrix_bodies.case_loss(engine, x.to(engine.device, dtype), y.to(engine.device, dtype)))
             engine.step()
         noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
-        steps.append({"before": before, "after": [t.cpu() for t in matrix_bodies.master_params(engine)], "lr": lrs,
-                      "noise": dict(noise)})
+        steps.append(
+            {
+                "before": before,
+                "after": [t.cpu() for t in matrix_bodies.master_params(engine)],
+                "lr": lrs,
+                "noise": dict(noise),
+            }
+        )
     engine.destroy()
     return {"error": None, "steps": steps}
 
@@ -98,8 +108,13 @@ def _gpu_matrix(rank: int, world: int, cases: list[dict]) -> dict:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world), rank=rank,
-                            world_size=world, device_id=torch.device("cuda", rank))
+    dist.init_process_group(
+        "nccl",
+        store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
+        rank=rank,
+        world_size=world,
+        device_id=torch.device("cuda", rank),
+    )
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl", verbose=False)
@@ -121,7 +136,10 @@ def test_update_matches_reference_on_gpu(case, gpu_matrix):
     matrix_tests.test_update_matches_reference(case, gpu_matrix)
 
 
-@pytest.mark.parametrize("case", [c for c in matrix_tests.CASES if not c.get("refused")],
-                         ids=[c["name"] for c in matrix_tests.CASES if not c.get("refused")])
+@pytest.mark.parametrize(
+    "case",
+    [c for c in matrix_tests.CASES if not c.get("refused")],
+    ids=[c["name"] for c in matrix_tests.CASES if not c.get("refused")],
+)
 def test_noise_stats_match_reference_on_gpu(case, gpu_matrix):
     matrix_tests.test_noise_stats_match_reference(case, gpu_matrix)

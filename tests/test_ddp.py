@@ -1,5 +1,6 @@
 """Plain PyTorch with DDP: k = ranks × micro-batches, so the same 8 micro-batches give the same
 update as (1 process, 8 accumulations), (2 ranks, 4) and (4 ranks, 2)."""
+
 from __future__ import annotations
 
 import pytest

@@ -24,6 +24,7 @@ is float64 (measured ≤ 2e-7, ``clip_grad_norm_``'s offset included). fp32 unde
 1e-5 plus the rounding of the fp32 weights the update is read from (as
 tests/test_update_matrix.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -75,14 +76,20 @@ def _run_against_apex(use_nvlamb, construction, clip, steps=5, gas=3):
     decay_idx = [i for i, p in enumerate(model.parameters()) if p.dim() > 1]
     no_decay_idx = [i for i, p in enumerate(model.parameters()) if p.dim() <= 1]
     ref_params = list(ref_model.parameters())
-    ref = ReferenceFusedLAMB([{"params": [ref_params[i] for i in decay_idx]},
-                              {"params": [ref_params[i] for i in no_decay_idx], "weight_decay": 0.0}],
-                             lr=LR, weight_decay=WD, use_nvlamb=use_nvlamb,
-                             max_grad_norm=math.inf if clip == "none" else MAX_GRAD_NORM)
+    ref = ReferenceFusedLAMB(
+        [
+            {"params": [ref_params[i] for i in decay_idx]},
+            {"params": [ref_params[i] for i in no_decay_idx], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        weight_decay=WD,
+        use_nvlamb=use_nvlamb,
+        max_grad_norm=math.inf if clip == "none" else MAX_GRAD_NORM,
+    )
     batches = micro_batches(steps * gas)
     out = []
     for step in range(steps):
-        for b in batches[step * gas:(step + 1) * gas]:
+        for b in batches[step * gas : (step + 1) * gas]:
             (_loss(model, b) / gas).backward()
         params = list(model.parameters())
         G = [None if p.grad is None else p.grad.detach().clone() for p in params]
@@ -177,17 +184,23 @@ def test_vr_matches_reference_per_group(use_nvlamb):
     ref_model = copy.deepcopy(model)
     decay, no_decay = _split(model.parameters())
     # The no-decay group overrides the constructor's use_nvlamb (the other way round).
-    opt = VRLamb([{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "use_nvlamb": use_nvlamb}],
-                 lr=LR, weight_decay=WD, use_nvlamb=not use_nvlamb)
+    opt = VRLamb(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "use_nvlamb": use_nvlamb}],
+        lr=LR,
+        weight_decay=WD,
+        use_nvlamb=not use_nvlamb,
+    )
     assert [g["use_nvlamb"] for g in opt.param_groups] == [not use_nvlamb, use_nvlamb]
     ref_decay, ref_no_decay = _split(ref_model.parameters())
-    refs = [ReferenceVR(ref_decay, "lamb", gsnr_beta=0.9, lr=LR, weight_decay=WD, use_nvlamb=not use_nvlamb),
-            ReferenceVR(ref_no_decay, "lamb", gsnr_beta=0.9, lr=LR, weight_decay=0.0, use_nvlamb=use_nvlamb)]
+    refs = [
+        ReferenceVR(ref_decay, "lamb", gsnr_beta=0.9, lr=LR, weight_decay=WD, use_nvlamb=not use_nvlamb),
+        ReferenceVR(ref_no_decay, "lamb", gsnr_beta=0.9, lr=LR, weight_decay=0.0, use_nvlamb=use_nvlamb),
+    ]
     gas = 4
     batches = micro_batches(3 * gas, skip_extra=False)
     for step in range(3):
         samples = {id(p): [] for p in ref_model.parameters()}
-        for b in batches[step * gas:(step + 1) * gas]:
+        for b in batches[step * gas : (step + 1) * gas]:
             (mb_loss(model, b) / gas).backward()
             grads = torch.autograd.grad(mb_loss(ref_model, b) / gas, list(ref_model.parameters()))
             for p, g in zip(ref_model.parameters(), grads):
@@ -215,8 +228,9 @@ def test_use_nvlamb_validated(bad):
 
 
 def test_use_nvlamb_is_a_deepspeed_config_key():
-    opt = build_from_config(VRLamb, {"lr": 1e-3, "use_nvlamb": False, "weight_decay_exclude_1d": True},
-                            TinyNet().parameters())
+    opt = build_from_config(
+        VRLamb, {"lr": 1e-3, "use_nvlamb": False, "weight_decay_exclude_1d": True}, TinyNet().parameters()
+    )
     assert {g["use_nvlamb"] for g in opt.param_groups} == {False}
     assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
     with pytest.raises(ValueError, match="Invalid use_nvlamb"):
@@ -247,16 +261,42 @@ def test_checkpoint_without_use_nvlamb_loads_as_before():
 # same on every rank (the norms' all-reduce is skipped on all ranks alike).
 _LAMB = {"lr": LR, "weight_decay": WD}
 ZERO_CASES = [
-    dict(name="z1-vr_false-exclude_1d-apex-clip", type="VRLamb", stage=1, clip=0.05,
-         params=dict(_LAMB, vr=False, use_nvlamb=False, weight_decay_exclude_1d=True)),
-    dict(name="z2-vr_false-exclude_1d-apex-clip", type="VRLamb", stage=2, clip=0.05,
-         params=dict(_LAMB, vr=False, use_nvlamb=False, weight_decay_exclude_1d=True)),
-    dict(name="z2-vr_false-groups-nvlamb", type="VRLamb", stage=2, groups=True,
-         params=dict(_LAMB, vr=False, use_nvlamb=True)),
-    dict(name="z1-vr-groups-apex-clip", type="VRLamb", stage=1, groups=True, clip=0.05,
-         params=dict(_LAMB, use_nvlamb=False)),
-    dict(name="z2-vr-exclude_1d-apex", type="VRLamb", stage=2, groups=False,
-         params=dict(_LAMB, use_nvlamb=False, weight_decay_exclude_1d=True)),
+    dict(
+        name="z1-vr_false-exclude_1d-apex-clip",
+        type="VRLamb",
+        stage=1,
+        clip=0.05,
+        params=dict(_LAMB, vr=False, use_nvlamb=False, weight_decay_exclude_1d=True),
+    ),
+    dict(
+        name="z2-vr_false-exclude_1d-apex-clip",
+        type="VRLamb",
+        stage=2,
+        clip=0.05,
+        params=dict(_LAMB, vr=False, use_nvlamb=False, weight_decay_exclude_1d=True),
+    ),
+    dict(
+        name="z2-vr_false-groups-nvlamb",
+        type="VRLamb",
+        stage=2,
+        groups=True,
+        params=dict(_LAMB, vr=False, use_nvlamb=True),
+    ),
+    dict(
+        name="z1-vr-groups-apex-clip",
+        type="VRLamb",
+        stage=1,
+        groups=True,
+        clip=0.05,
+        params=dict(_LAMB, use_nvlamb=False),
+    ),
+    dict(
+        name="z2-vr-exclude_1d-apex",
+        type="VRLamb",
+        stage=2,
+        groups=False,
+        params=dict(_LAMB, use_nvlamb=False, weight_decay_exclude_1d=True),
+    ),
 ]
 
 
@@ -272,18 +312,29 @@ def _fused_lamb_updates(case, ds_steps):
     params = list(model.parameters())
     decay_idx = [i for i, p in enumerate(params) if p.dim() > 1]
     no_decay_idx = [i for i, p in enumerate(params) if p.dim() <= 1]
-    ref = ReferenceFusedLAMB([{"params": [params[i] for i in decay_idx]},
-                              {"params": [params[i] for i in no_decay_idx], "weight_decay": 0.0}],
-                             lr=case["params"]["lr"], weight_decay=case["params"]["weight_decay"],
-                             use_nvlamb=case["params"]["use_nvlamb"], max_grad_norm=case.get("clip") or math.inf)
+    ref = ReferenceFusedLAMB(
+        [
+            {"params": [params[i] for i in decay_idx]},
+            {"params": [params[i] for i in no_decay_idx], "weight_decay": 0.0},
+        ],
+        lr=case["params"]["lr"],
+        weight_decay=case["params"]["weight_decay"],
+        use_nvlamb=case["params"]["use_nvlamb"],
+        max_grad_norm=case.get("clip") or math.inf,
+    )
     batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)
     out = []
     for step, rec in enumerate(ds_steps):
         with torch.no_grad():
             for p, value in zip(params, rec["before"]):
                 p.copy_(value)
-        loss = sum(case_loss(model, x.double(), y.double())
-                   for x, y, _ in batches[step * SAMPLES_PER_STEP:(step + 1) * SAMPLES_PER_STEP]) / SAMPLES_PER_STEP
+        loss = (
+            sum(
+                case_loss(model, x.double(), y.double())
+                for x, y, _ in batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]
+            )
+            / SAMPLES_PER_STEP
+        )
         G = torch.autograd.grad(loss, params)
         ref.step([[G[i] for i in decay_idx], [G[i] for i in no_decay_idx]])
         out.append([p.detach() - b for p, b in zip(params, rec["before"])])

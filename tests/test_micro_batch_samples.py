@@ -1,6 +1,7 @@
 """One gradient sample per micro-batch, however autograd delivers it (vrgd_ds/samples.py), in
 plain PyTorch: reentrant activation checkpointing of a module used in two segments delivers each
 micro-batch's gradient of that module in two pieces (DeepSpeed paths: tests/test_update_matrix.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def test_pieces_of_one_micro_batch_are_one_sample(checkpointing, kind):
     data = _batches(3 * K)
     for step in range(3):
         samples = [[] for _ in ref.params]
-        for x, y in data[step * K:(step + 1) * K]:
+        for x, y in data[step * K : (step + 1) * K]:
             (((model(x) - y) ** 2).mean() / K).backward()
             grads = torch.autograd.grad(((ref_model(x.double()) - y.double()) ** 2).mean() / K, ref.params)
             for i, g in enumerate(grads):

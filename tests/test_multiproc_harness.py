@@ -18,16 +18,31 @@ WORLD_SIZE = 2
 def _all_reduce_body(rank, world_size, offset, *, scale):
     tensor = torch.tensor([float(rank + offset)])
     dist.all_reduce(tensor)
-    env = {key: os.environ[key] for key in
-           ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
-            "OMP_NUM_THREADS", "EXTRA_VAR")}
-    return {"rank": rank, "dist_rank": dist.get_rank(), "world_size": world_size,
-            "sum": tensor.item() * scale, "env": env, "threads": torch.get_num_threads()}
+    env = {
+        key: os.environ[key]
+        for key in (
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "LOCAL_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "OMP_NUM_THREADS",
+            "EXTRA_VAR",
+        )
+    }
+    return {
+        "rank": rank,
+        "dist_rank": dist.get_rank(),
+        "world_size": world_size,
+        "sum": tensor.item() * scale,
+        "env": env,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def test_results_come_back_in_rank_order():
-    results = run_ranks(_all_reduce_body, WORLD_SIZE, 10, scale=2.0, timeout=60,
-                        env={"EXTRA_VAR": "extra"})
+    results = run_ranks(_all_reduce_body, WORLD_SIZE, 10, scale=2.0, timeout=60, env={"EXTRA_VAR": "extra"})
 
     assert [r["rank"] for r in results] == [0, 1]
     assert [r["dist_rank"] for r in results] == [0, 1]
@@ -109,8 +124,13 @@ def _deepspeed_all_reduce_body(rank, world_size):
 
 def test_deepspeed_init_without_shm_build(tmp_path):
     extensions_dir = tmp_path / "torch_extensions"
-    results = run_ranks(_deepspeed_all_reduce_body, WORLD_SIZE, init="deepspeed", timeout=90,
-                        env={"TORCH_EXTENSIONS_DIR": str(extensions_dir)})
+    results = run_ranks(
+        _deepspeed_all_reduce_body,
+        WORLD_SIZE,
+        init="deepspeed",
+        timeout=90,
+        env={"TORCH_EXTENSIONS_DIR": str(extensions_dir)},
+    )
 
     assert results == [(3.0, "TorchBackend", True)] * WORLD_SIZE
     assert not extensions_dir.exists() or not any(extensions_dir.iterdir())

@@ -4,6 +4,7 @@ the long-format per-tensor CSV (LongCSVWriter) and the HF Trainer callback (vrgd
 Fake engines and optimizers whose ``noise_stats()`` returns a fixed dict; the real optimizer's
 statistics are tested in test_noise_math.py and, wired into the step, with the optimizer.
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,9 +81,13 @@ def test_log_noise_stats_writes_global_scalars_at_global_samples():
     engine = FakeEngine(STATS, global_samples=96)
     events = log_noise_stats(engine)
     assert engine.monitor.events == events
-    assert events == [("Train/Samples/noise/k", 8.0, 96), ("Train/Samples/noise/grad_norm_sq", 0.5, 96),
-                      ("Train/Samples/noise/noise_trace", 40.0, 96), ("Train/Samples/noise/b_simple", 80.0, 96),
-                      ("Train/Samples/noise/b_simple_ema", 75.0, 96)]
+    assert events == [
+        ("Train/Samples/noise/k", 8.0, 96),
+        ("Train/Samples/noise/grad_norm_sq", 0.5, 96),
+        ("Train/Samples/noise/noise_trace", 40.0, 96),
+        ("Train/Samples/noise/b_simple", 80.0, 96),
+        ("Train/Samples/noise/b_simple_ema", 75.0, 96),
+    ]
     assert all(type(value) is float for _, value, _ in events)
 
 
@@ -225,8 +230,13 @@ def test_hf_callback_adds_global_stats_to_logs_history_and_integrations():
     trainer.state.global_step = 5
     logs = {"loss": 2.5, "grad_norm": 1.0, "learning_rate": 1e-3}
     trainer.log(logs)
-    expected = {"noise/k": 8, "noise/grad_norm_sq": 0.5, "noise/noise_trace": 40.0, "noise/b_simple": 80.0,
-                "noise/b_simple_ema": 75.0}
+    expected = {
+        "noise/k": 8,
+        "noise/grad_norm_sq": 0.5,
+        "noise/noise_trace": 40.0,
+        "noise/b_simple": 80.0,
+        "noise/b_simple_ema": 75.0,
+    }
     assert {k: logs[k] for k in expected} == expected and type(logs["noise/k"]) is int
     assert "noise/micro_batch_size" not in logs and "noise/per_tensor" not in logs
     assert recorder.seen[-1] == logs  # the integration, registered earlier, saw the values
@@ -272,7 +282,9 @@ def test_hf_callback_skips_eval_logs_empty_stats_and_uses_an_explicit_optimizer(
 
 
 def test_importing_vrgd_ds_does_not_import_transformers():
-    code = ("import sys, vrgd_ds, vrgd_ds.noise, vrgd_ds.monitor; "
-            "assert 'transformers' not in sys.modules, 'vrgd_ds imported transformers'")
+    code = (
+        "import sys, vrgd_ds, vrgd_ds.noise, vrgd_ds.monitor; "
+        "assert 'transformers' not in sys.modules, 'vrgd_ds imported transformers'"
+    )
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

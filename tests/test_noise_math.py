@@ -4,6 +4,7 @@ Exactness against brute-force per-micro-batch gradients, unit (scale) invariance
 on a finite linear-regression data set whose true G and Σ are known exactly, the unbiased GSNR
 r̃ and its identity with the paper's r, the moving average, the stats dict and the summary line.
 """
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,7 @@ def _micro_batch_gradients(k: int, b: int, seed: int = 0):
 def _moment_sums(samples: dict):
     """Per-tensor Σ_j S_j² and Σ_j Q_j from {name: (k, numel)} samples."""
     s2 = torch.stack([(g.sum(0) ** 2).sum() for g in samples.values()])
-    q = torch.stack([(g ** 2).sum() for g in samples.values()])
+    q = torch.stack([(g**2).sum() for g in samples.values()])
     return s2, q
 
 
@@ -148,8 +149,9 @@ def _regression_problem():
     mean = per_example.mean(0)
     centred = per_example - mean
     split = {"weight": slice(0, 3), "bias": slice(3, 4)}
-    truth = {name: ((mean[s] ** 2).sum().item(), (centred[:, s] ** 2).sum(1).mean().item())
-             for name, s in split.items()}
+    truth = {
+        name: ((mean[s] ** 2).sum().item(), (centred[:, s] ** 2).sum(1).mean().item()) for name, s in split.items()
+    }
     return per_example, split, truth
 
 
@@ -160,7 +162,7 @@ def test_estimates_are_unbiased_on_a_finite_data_set(k, b):
     gen = torch.Generator().manual_seed(SEED + k * 100 + b)
     idx = torch.randint(per_example.shape[0], (steps, k, b), generator=gen)
     samples = per_example[idx].mean(2)  # (steps, k, 4): k i.i.d. micro-batch gradients per step
-    s, q = samples.sum(1), (samples ** 2).sum(1)
+    s, q = samples.sum(1), (samples**2).sum(1)
     est_g, est_tr = {}, {}
     for name, sl in split.items():
         # one entry per step: noise_from_sums works entry by entry, so a vector of steps is fine
@@ -191,7 +193,7 @@ def _element_samples(k: int, n: int, seed: int = 0):
 def test_unbiased_gsnr_matches_formula_and_identity_away_from_floor():
     k = 8
     g = _element_samples(k, 4096)
-    s, q = g.sum(0), (g ** 2).sum(0)
+    s, q = g.sum(0), (g**2).sum(0)
     direct = (s**2 - q) / (k * q - s**2)  # float64
     away = (k * q - s**2) > 1e-3 * k * q  # away from the variance floor: there fp32 r̃ is accurate
     assert away.float().mean() > 0.99
@@ -232,7 +234,7 @@ def test_unbiased_gsnr_removes_the_k_dependent_floor_of_pure_noise():
     for k in (8, 16):
         gen = torch.Generator().manual_seed(SEED + k)
         g = torch.randn(k, 200_000, generator=gen)
-        s, q = g.sum(0), (g ** 2).sum(0)
+        s, q = g.sum(0), (g**2).sum(0)
         r = gsnr_from_moments(s, q, k, 1e-6).double()
         r_tilde = unbiased_gsnr(s, q, k).double()
         for values, expected in ((r, 1.0 / (k - 3)), (r_tilde, 2.0 / (k * (k - 3)))):
@@ -310,8 +312,15 @@ def test_build_noise_stats_structure_and_values():
     s2, q = _moment_sums(samples)
     ema = NoiseScaleEMA()
     stats = build_noise_stats(names, s2.float(), q.float(), 4, 2, ema)
-    assert set(stats) == {"k", "micro_batch_size", "grad_norm_sq", "noise_trace", "b_simple", "b_simple_ema",
-                          "per_tensor"}
+    assert set(stats) == {
+        "k",
+        "micro_batch_size",
+        "grad_norm_sq",
+        "noise_trace",
+        "b_simple",
+        "b_simple_ema",
+        "per_tensor",
+    }
     assert stats["k"] == 4 and stats["micro_batch_size"] == 2
     assert list(stats["per_tensor"]) == names
     est = noise_from_sums(s2, q, 4, 2)
@@ -333,8 +342,17 @@ def test_build_noise_stats_structure_and_values():
 def test_build_noise_stats_unbiased_gsnr_entries_and_errors():
     names = ["a", "b"]
     values = torch.linspace(-0.1, 2.0, 1001)
-    stats = build_noise_stats(names, [9.0, 4.0], [5.0, 3.0], 2, None, None, gsnr_unbiased_mean=[0.5, 1.5],
-                              gsnr_unbiased_quantiles={"a": sampled_quantiles(values)}, numels=[3, 1])
+    stats = build_noise_stats(
+        names,
+        [9.0, 4.0],
+        [5.0, 3.0],
+        2,
+        None,
+        None,
+        gsnr_unbiased_mean=[0.5, 1.5],
+        gsnr_unbiased_quantiles={"a": sampled_quantiles(values)},
+        numels=[3, 1],
+    )
     assert stats["gsnr_unbiased_mean"] == pytest.approx((3 * 0.5 + 1.5) / 4)
     a, b = stats["per_tensor"]["a"], stats["per_tensor"]["b"]
     assert a["gsnr_unbiased_mean"] == 0.5 and b["gsnr_unbiased_mean"] == 1.5

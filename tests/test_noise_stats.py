@@ -1,5 +1,6 @@
 """opt.noise_stats() through the optimizers in plain PyTorch (DeepSpeed paths, every stage and
 precision: tests/test_update_matrix.py::test_noise_stats_match_reference)."""
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def test_estimates_through_the_optimizer_are_unbiased():
     err = (x @ model.weight.detach().view(-1) + model.bias.detach() - y).double()
     per_example = torch.cat([err[:, None] * x.double(), err[:, None]], dim=1)
     mean = per_example.mean(0)
-    true_g2 = (mean ** 2).sum().item()
+    true_g2 = (mean**2).sum().item()
     true_tr = ((per_example - mean) ** 2).sum(1).mean().item()
     g2, tr = [], []
     for _ in range(steps):
@@ -104,8 +105,15 @@ def test_noise_ema_survives_state_dict():
     assert opt.state_dict()["vrgd"]["noise_ema"]["count"] == 2
 
 
-@pytest.mark.parametrize("bad,match", [({"gradient_stats": 1}, "gradient_stats"), ({"micro_batch_size": 0}, "micro_batch_size"),
-                                       ({"noise_ema_decay": 1.0}, "decay"), ({"gsnr_estimator": "x"}, "gsnr_estimator")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"gradient_stats": 1}, "gradient_stats"),
+        ({"micro_batch_size": 0}, "micro_batch_size"),
+        ({"noise_ema_decay": 1.0}, "decay"),
+        ({"gsnr_estimator": "x"}, "gsnr_estimator"),
+    ],
+)
 def test_statistics_options_are_validated(bad, match):
     with pytest.raises(ValueError, match=match):
         vrgd_ds.VRLamb(TinyNet().parameters(), **bad)

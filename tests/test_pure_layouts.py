@@ -1,5 +1,6 @@
 """The pure VRGD functions the optimizer's step calls, on a synthetic flat shard (pieces of three
 tensors and padding, as a ZeRO partition holds them) against the same functions on whole tensors."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ On CPU, DeepSpeed's shm all-reduce op creates /dev/shm/deepspeed_allreduce_buffe
 sets it) and never removes it. The shipped example is started here exactly as README says, by the
 deepspeed launcher on 2 ranks, and /dev/shm is compared before and after.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHM = Path("/dev/shm")
 BUFFER = re.compile(r"deepspeed_allreduce_buffer_\d+_(?P<addr>[^_]*)_(?P<port>\d*)_(?P<rank>\d+)")
 
-pytestmark = pytest.mark.skipif(not SHM.is_dir() or not sys.platform.startswith("linux"),
-                                reason="POSIX shared memory in /dev/shm (Linux)")
+pytestmark = pytest.mark.skipif(
+    not SHM.is_dir() or not sys.platform.startswith("linux"), reason="POSIX shared memory in /dev/shm (Linux)"
+)
 
 
 def _deepspeed_files() -> set[str]:
@@ -68,8 +70,15 @@ def test_avoid_shm_allreduce_keeps_the_op_out(tmp_path):
         "assert shm_buffer_path(1) == f'/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1234_1'\n"
         "print('ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(tmp_path), capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
@@ -85,8 +94,9 @@ def test_deepspeed_launcher_example_leaves_no_shm_files(tmp_path):
     env.update(NUM_GPUS="2", MASTER_PORT=str(port))
     cmd = ["bash", str(ROOT / "scripts" / "launch_small_zero2.sh"), "--steps", "2"]
     # Own process group: on a timeout the launcher and both ranks are killed together.
-    with subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as popen:
+    with subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as popen:
         try:
             stdout, stderr = popen.communicate(timeout=380)
         except subprocess.TimeoutExpired:  # e.g. DeepSpeed JIT-building the shm op again (minutes)

@@ -2,6 +2,7 @@
 1, 2 and 4 ranks, the run continues as the uninterrupted one — parameters and the last update
 equal the single-process reference (8 micro-batches per step on every world size). DeepSpeed's
 own converter drops the VR state: such a checkpoint is refused at load_checkpoint, on every rank."""
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,31 @@ def saved(tmp_path_factory):
     full = run_ranks(save_and_continue, 2, list(CASES.values()), root, timeout=300, init="deepspeed")
     for case in ZERO:
         src = os.path.join(root, case["name"], TAG)
-        convert_cli(["--input_folder", src, "--output_folder", os.path.join(root, case["name"] + "-universal", TAG),
-                     "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"])
+        convert_cli(
+            [
+                "--input_folder",
+                src,
+                "--output_folder",
+                os.path.join(root, case["name"] + "-universal", TAG),
+                "--num_extract_workers",
+                "1",
+                "--num_merge_workers",
+                "1",
+                "--inject_missing_state",
+            ]
+        )
         if case["type"] == "VRLamb":
-            ds_to_universal.main(argparse.Namespace(
-                input_folder=src, output_folder=os.path.join(root, case["name"] + "-deepspeed", TAG),
-                num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                inject_missing_state=True))
+            ds_to_universal.main(
+                argparse.Namespace(
+                    input_folder=src,
+                    output_folder=os.path.join(root, case["name"] + "-deepspeed", TAG),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=True,
+                )
+            )
     return root, full
 
 
@@ -82,8 +101,11 @@ def resumed(saved):
             z0 = CASES["lamb-z0"]
             out += [(z0, os.path.join(root, z0["name"]), False), (z0, os.path.join(root, z0["name"]), True)]
         if world == 2:
-            out += [(case, os.path.join(root, case["name"] + "-deepspeed"), True) for case in ZERO
-                    if case["type"] == "VRLamb"]
+            out += [
+                (case, os.path.join(root, case["name"] + "-deepspeed"), True)
+                for case in ZERO
+                if case["type"] == "VRLamb"
+            ]
         return out
 
     def get(world):
@@ -108,7 +130,7 @@ def test_universal_resume_continues_exactly(world, resumed, references):
     for rank, res in enumerate(resumed(world)):
         done = [case["name"] for (case, folder, universal), _ in res if folder.endswith("-universal")]
         assert len(done) >= 2, done
-        for (case, folder, universal), got in res:
+        for (case, folder, _universal), got in res:
             if folder.endswith("-universal"):
                 _check(case["name"], got, references, f"{case['name']} resumed on {world} rank(s), rank {rank}")
 
@@ -119,8 +141,11 @@ def test_deepspeed_converted_checkpoint_is_refused_on_every_rank(resumed):
         assert len(refused) == 2
         for case, got in refused:
             assert isinstance(got, str), f"{case['name']} rank {rank}: loaded a checkpoint without the VR state"
-            assert got.startswith("RuntimeError: vrgd_ds:") and "converted by DeepSpeed's ds_to_universal" in got \
-                and "python -m vrgd_ds.universal" in got, f"{case['name']} rank {rank}: {got}"
+            assert (
+                got.startswith("RuntimeError: vrgd_ds:")
+                and "converted by DeepSpeed's ds_to_universal" in got
+                and "python -m vrgd_ds.universal" in got
+            ), f"{case['name']} rank {rank}: {got}"
 
 
 def test_stage0_ordinary_checkpoint_loads_on_another_world_size_and_universal_is_refused(saved, resumed, references):
@@ -133,5 +158,8 @@ def test_stage0_ordinary_checkpoint_loads_on_another_world_size_and_universal_is
     (plain,) = [got for (case, _, universal), got in resumed(1)[0] if case["stage"] == 0 and not universal]
     (universal,) = [got for (case, _, universal), got in resumed(1)[0] if case["stage"] == 0 and universal]
     _check("lamb-z0", plain, references, "stage 0 resumed on 1 rank")
-    assert isinstance(universal, str) and universal.startswith("ValueError: vrgd_ds:") \
-        and "remove load_universal" in universal, universal
+    assert (
+        isinstance(universal, str)
+        and universal.startswith("ValueError: vrgd_ds:")
+        and "remove load_universal" in universal
+    ), universal

@@ -18,6 +18,7 @@ moments: UPDATE_RTOL_BF16, UPDATE_RTOL_FP16. (Taking the samples from the float6
 16-bit forward's own noise: at step 1 an Adam/LAMB element whose gradient is ≈ 0 then flips
 sign, for vr=False as much as for VR.)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -60,35 +61,93 @@ def _cases():
     sgd = OPTIMIZERS["VRSGD"][1]
     for stage in (0, 1, 2):
         cases += [
-            dict(name=f"VRLamb-z{stage}-non_reentrant_ckpt", type="VRLamb", params=lamb, stage=stage, model="non_reentrant"),
+            dict(
+                name=f"VRLamb-z{stage}-non_reentrant_ckpt",
+                type="VRLamb",
+                params=lamb,
+                stage=stage,
+                model="non_reentrant",
+            ),
             dict(name=f"VRSGD-z{stage}-frozen", type="VRSGD", params=sgd, stage=stage, model="frozen"),
-            dict(name=f"VRLamb-z{stage}-frozen-clip", type="VRLamb", params=lamb, stage=stage, model="frozen", clip=0.05),
+            dict(
+                name=f"VRLamb-z{stage}-frozen-clip", type="VRLamb", params=lamb, stage=stage, model="frozen", clip=0.05
+            ),
             dict(name=f"VRLamb-z{stage}-tied", type="VRLamb", params=lamb, stage=stage, model="tied"),
             dict(name=f"VRSGD-z{stage}-tied-clip", type="VRSGD", params=sgd, stage=stage, model="tied", clip=0.05),
             dict(name=f"VRLamb-z{stage}-warmup_decay_lr", type="VRLamb", params=lamb, stage=stage, scheduler=True),
-            dict(name=f"VRLars-z{stage}-two_groups", type="VRLars", params=OPTIMIZERS["VRLars"][1], stage=stage,
-                 groups=True),
+            dict(
+                name=f"VRLars-z{stage}-two_groups",
+                type="VRLars",
+                params=OPTIMIZERS["VRLars"][1],
+                stage=stage,
+                groups=True,
+            ),
         ]
     # Reentrant activation checkpointing with a module shared by two segments: one micro-batch's
     # gradient arrives in two pieces. ZeRO-2 itself refuses a parameter reduced twice per micro-batch.
-    cases += [dict(name=f"{opt}-z{stage}-reentrant_ckpt", type=opt, params=OPTIMIZERS[opt][1], stage=stage,
-                   model="reentrant") for opt in ("VRLamb", "VRSGD") for stage in (0, 1)]
-    cases += [dict(name=f"VRLamb-z{stage}-{red}", type="VRLamb", params=dict(lamb, moment_reduction=red), stage=stage,
-                   clip=0.05) for stage in (1, 2) for red in ("per_step", "per_micro_step")]
+    cases += [
+        dict(name=f"{opt}-z{stage}-reentrant_ckpt", type=opt, params=OPTIMIZERS[opt][1], stage=stage, model="reentrant")
+        for opt in ("VRLamb", "VRSGD")
+        for stage in (0, 1)
+    ]
+    cases += [
+        dict(
+            name=f"VRLamb-z{stage}-{red}",
+            type="VRLamb",
+            params=dict(lamb, moment_reduction=red),
+            stage=stage,
+            clip=0.05,
+        )
+        for stage in (1, 2)
+        for red in ("per_step", "per_micro_step")
+    ]
     # BF16_Optimizer (bf16 + ZeRO-1 + fp32 gradient accumulation: the Megatron-DeepSpeed path).
     bf16_optimizer = {"data_types": {"grad_accum_dtype": "fp32"}}
-    cases += [dict(name=f"{opt}-bf16_optimizer" + ("-clip" if clip else ""), type=opt, params=params, stage=1,
-                   precision="bf16", clip=clip, extra=bf16_optimizer)
-              for opt, (_, params, _) in OPTIMIZERS.items() for clip in (0.0, 0.05)]
-    cases += [dict(name="VRLamb-bf16_optimizer-per_micro_step-two_groups", type="VRLamb",
-                   params=dict(lamb, moment_reduction="per_micro_step"), stage=1, precision="bf16", groups=True,
-                   extra=bf16_optimizer)]
+    cases += [
+        dict(
+            name=f"{opt}-bf16_optimizer" + ("-clip" if clip else ""),
+            type=opt,
+            params=params,
+            stage=1,
+            precision="bf16",
+            clip=clip,
+            extra=bf16_optimizer,
+        )
+        for opt, (_, params, _) in OPTIMIZERS.items()
+        for clip in (0.0, 0.05)
+    ]
+    cases += [
+        dict(
+            name="VRLamb-bf16_optimizer-per_micro_step-two_groups",
+            type="VRLamb",
+            params=dict(lamb, moment_reduction="per_micro_step"),
+            stage=1,
+            precision="bf16",
+            groups=True,
+            extra=bf16_optimizer,
+        )
+    ]
     # Any optimizer gets the noise statistics: vr=False with gradient_stats is exactly the base.
-    cases += [dict(name=f"{opt}-z{stage}-{prec}-vr_false-stats", type=opt,
-                   params=dict(OPTIMIZERS[opt][1], vr=False, gradient_stats=True), stage=stage, precision=prec)
-              for opt in ("VRLamb", "VRAdamW") for stage, prec in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "fp16"))]
-    cases += [dict(name="VRLamb-z1-per_micro_step-reentrant_ckpt", type="VRLamb",
-                   params=dict(lamb, moment_reduction="per_micro_step"), stage=1, model="reentrant")]
+    cases += [
+        dict(
+            name=f"{opt}-z{stage}-{prec}-vr_false-stats",
+            type=opt,
+            params=dict(OPTIMIZERS[opt][1], vr=False, gradient_stats=True),
+            stage=stage,
+            precision=prec,
+        )
+        for opt in ("VRLamb", "VRAdamW")
+        for stage, prec in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "fp16"))
+    ]
+    cases += [
+        dict(
+            name="VRLamb-z1-per_micro_step-reentrant_ckpt",
+            type="VRLamb",
+            params=dict(lamb, moment_reduction="per_micro_step"),
+            stage=1,
+            model="reentrant",
+        )
+    ]
     return cases
 
 
@@ -123,7 +182,9 @@ def reference_updates(case: dict, ds_steps: list[dict]):
         overrides = [{}, {"weight_decay": 0.0}]
     else:
         groups, overrides = [trainable], [{}]
-    refs = [ReferenceVR([params[i] for i in idx], kind, **defaults, **dict(hp, **ov)) for idx, ov in zip(groups, overrides)]
+    refs = [
+        ReferenceVR([params[i] for i in idx], kind, **defaults, **dict(hp, **ov)) for idx, ov in zip(groups, overrides)
+    ]
     batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)
     names = [n for n, _ in model.named_parameters()]
     out, moments = [], []
@@ -133,7 +194,7 @@ def reference_updates(case: dict, ds_steps: list[dict]):
                 p.copy_(value)
                 q.copy_(value)
         samples = {i: [] for i in trainable}
-        for x, y, _ in batches[step * SAMPLES_PER_STEP:(step + 1) * SAMPLES_PER_STEP]:
+        for x, y, _ in batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]:
             dtype = sample_params[0].dtype
             loss = case_loss(sample_model, x.to(dtype), y.to(dtype)) / SAMPLES_PER_STEP
             grads = torch.autograd.grad(loss, [sample_params[i] for i in trainable], allow_unused=True)
@@ -141,9 +202,15 @@ def reference_updates(case: dict, ds_steps: list[dict]):
                 samples[i].append(torch.zeros_like(params[i]) if g is None else g.double())
         G = {i: sum(samples[i]) for i in trainable}
         # Samples are gradients of loss / SAMPLES_PER_STEP: the user's units are SAMPLES_PER_STEP × that.
-        moments.append({names[i]: ((G[i] * SAMPLES_PER_STEP).pow(2).sum().item(),
-                                   sum((s * SAMPLES_PER_STEP).pow(2) for s in samples[i]).sum().item())
-                        for i in trainable})
+        moments.append(
+            {
+                names[i]: (
+                    (G[i] * SAMPLES_PER_STEP).pow(2).sum().item(),
+                    sum((s * SAMPLES_PER_STEP).pow(2) for s in samples[i]).sum().item(),
+                )
+                for i in trainable
+            }
+        )
         if case.get("clip"):  # DeepSpeed's gradient_clipping: max_norm / (‖G‖ + 1e-6) when < 1
             norm = torch.sqrt(sum((g * g).sum() for g in G.values())).item()
             coef = case["clip"] / (norm + 1e-6)
@@ -161,8 +228,9 @@ def test_update_matches_reference(case, matrix):
     results = [rank_results[case["name"]] for rank_results in matrix]
     if case.get("refused"):
         for rank, res in enumerate(results):
-            assert res["error"] is not None and __import__("re").search(case["refused"], res["error"]), \
+            assert res["error"] is not None and __import__("re").search(case["refused"], res["error"]), (
                 f"rank {rank}: expected a refusal at initialize, got {res['error']!r}"
+            )
         return
     for rank, res in enumerate(results):
         assert res["error"] is None, f"rank {rank}: {res['error']}"
@@ -188,12 +256,13 @@ def test_update_matches_reference(case, matrix):
     assert errors, "nothing was compared"
 
 
-NOISE_RTOL_FP32 = 1e-4   # |G|² and tr Σ are differences of fp32 sums: ~1e-7·(k + B_simple/b)/(k−1) relative
+NOISE_RTOL_FP32 = 1e-4  # |G|² and tr Σ are differences of fp32 sums: ~1e-7·(k + B_simple/b)/(k−1) relative
 NOISE_RTOL_16BIT = 3e-2
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.get("refused")],
-                         ids=[c["name"] for c in CASES if not c.get("refused")])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.get("refused")], ids=[c["name"] for c in CASES if not c.get("refused")]
+)
 def test_noise_stats_match_reference(case, matrix):
     """opt.noise_stats() of every step (VRGD.md §5), global and per tensor, against the formulas
     applied to the reference's per-micro-batch gradients: units of one micro-batch's loss
@@ -205,7 +274,9 @@ def test_noise_stats_match_reference(case, matrix):
     tol = NOISE_RTOL_FP32 if case.get("precision", "fp32") == "fp32" else NOISE_RTOL_16BIT
     for step, (rec, ref) in enumerate(zip(res["steps"], moments)):
         stats = rec["noise"]
-        assert stats["k"] == k and stats["micro_batch_size"] == b, f"step {step}: {stats['k']}, {stats['micro_batch_size']}"
+        assert stats["k"] == k and stats["micro_batch_size"] == b, (
+            f"step {step}: {stats['k']}, {stats['micro_batch_size']}"
+        )
         assert set(stats["per_tensor"]) == set(ref), f"step {step}: tensors {sorted(stats['per_tensor'])}"
         s2, q = sum(v[0] for v in ref.values()), sum(v[1] for v in ref.values())
         expect = {"grad_norm_sq": (s2 - q) / (k * (k - 1)), "noise_trace": b * (k * q - s2) / (k * (k - 1))}

@@ -11,6 +11,7 @@ local elements (three inner ``step()`` calls); ``reduce_bucket_size`` 40 makes t
 (20 elements per rank) smaller than the largest slice (39), so both the bucketed reduction and a
 slice reduced on its own run. All cases of one world size share one process group.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,7 @@ import torch
 
 from . import test_update_matrix as matrix_tests
 from .multiproc import run_ranks
-from .zero3_bodies import (hook_facts, run_z3_matrix, z3_checkpoint_case, z3_overflow_case,
-                           z3_universal_load_case)
+from .zero3_bodies import hook_facts, run_z3_matrix, z3_checkpoint_case, z3_overflow_case, z3_universal_load_case
 
 OPT = {name: params for name, (_, params, _) in matrix_tests.OPTIMIZERS.items()}
 LAMB = OPT["VRLamb"]
@@ -54,12 +54,18 @@ CASES_4 = [
     _z3("VRSGD-z3-4ranks", "VRSGD"),
 ]
 REFUSALS = [
-    (_z3("refuse-nvme-optimizer", "VRLamb", zero={"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}),
-     r"NVMe offload \(zero_optimization\.offload_optimizer"),
-    (_z3("refuse-nvme-param", "VRLamb", zero={"offload_param": {"device": "nvme", "nvme_path": "/tmp"}}),
-     r"NVMe offload \(zero_optimization\.offload_param"),
-    (_z3("refuse-quantized-gradients", "VRLamb", zero={"zero_quantized_gradients": True}),
-     r"quantized gradients \(zero_quantized_gradients\): not examined; set it to false"),
+    (
+        _z3("refuse-nvme-optimizer", "VRLamb", zero={"offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}),
+        r"NVMe offload \(zero_optimization\.offload_optimizer",
+    ),
+    (
+        _z3("refuse-nvme-param", "VRLamb", zero={"offload_param": {"device": "nvme", "nvme_path": "/tmp"}}),
+        r"NVMe offload \(zero_optimization\.offload_param",
+    ),
+    (
+        _z3("refuse-quantized-gradients", "VRLamb", zero={"zero_quantized_gradients": True}),
+        r"quantized gradients \(zero_quantized_gradients\): not examined; set it to false",
+    ),
     (_z3("refuse-hpz", "VRLamb", zero={"zero_hpz_partition_size": 2}), r"MiCS / hpZ"),
 ]
 
@@ -128,8 +134,10 @@ def test_refusals_at_initialize_on_every_rank(case, match, results2):
 def test_sub_groups_buckets_and_hooks(results2):
     """The stage-3 structure the exactness above rests on, as seen on the ranks."""
     res = results2[0]
-    info = {name: res[name]["info"] for name in ("VRLamb-z3", "VRLamb-z3-sub_groups-small_bucket-clip",
-                                                 "VRLamb-z3-per_step-sub_groups-clip")}
+    info = {
+        name: res[name]["info"]
+        for name in ("VRLamb-z3", "VRLamb-z3-sub_groups-small_bucket-clip", "VRLamb-z3-per_step-sub_groups-clip")
+    }
     # One sub-group by default; sub_group_size 40 → 45, 44, 3 local elements, one inner step() each.
     assert info["VRLamb-z3"]["sub_group_numels"] == [92] and info["VRLamb-z3"]["inner_steps"] == 3
     assert info["VRLamb-z3-sub_groups-small_bucket-clip"]["sub_group_numels"] == [45, 44, 3]
@@ -156,8 +164,15 @@ def test_universal_checkpoint_load_refused(results2):
 
 def test_fp16_overflow_skips_step_without_touching_vr_state(results2):
     for rank, res in enumerate(results2):
-        assert res["__overflow__"] == dict(skipped=1, unchanged=True, state_unchanged=True, steps_unchanged=True,
-                                           buffers_clear=True, moved=True, finite=True), f"rank {rank}"
+        assert res["__overflow__"] == dict(
+            skipped=1,
+            unchanged=True,
+            state_unchanged=True,
+            steps_unchanged=True,
+            buffers_clear=True,
+            moved=True,
+            finite=True,
+        ), f"rank {rank}"
 
 
 def test_checkpoint_resume_in_new_processes_is_exact(results2, ckpt_dir):

@@ -1,4 +1,5 @@
 """Rank bodies for the universal-checkpoint tests (module level: the harness pickles them by name)."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,16 @@ def _engine(case: dict, world: int, load_universal: bool = False):
     extra = dict(case.get("extra", {}))
     if load_universal:
         extra["checkpoint"] = {"load_universal": True}
-    cfg = ds_config(case["type"], case["params"], case["stage"], SAMPLES_PER_STEP // world, world,
-                    case.get("precision", "fp32"), 0.0, **extra)
+    cfg = ds_config(
+        case["type"],
+        case["params"],
+        case["stage"],
+        SAMPLES_PER_STEP // world,
+        world,
+        case.get("precision", "fp32"),
+        0.0,
+        **extra,
+    )
     model = TinyNet(**case.get("model", DS_MODEL))
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     assert vrgd_ds.universal.installed(engine), "deepspeed_glue.attach installs the universal-checkpoint hook"

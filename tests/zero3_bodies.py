@@ -1,6 +1,7 @@
 """Rank bodies for the ZeRO-3 tests (tests/test_zero3.py): the update matrix's cases
 (tests/matrix_bodies.py) at stage 3, with the stage-3 knobs (sub_group_size, bucket size,
 offload) merged into ``zero_optimization``; a checkpoint round trip; refusals."""
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ def _engine(case: dict, world: int):
     import vrgd_ds  # noqa: F401  (registers the config types)
 
     model = build_model(case.get("model", "tiny"))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, case),
-                                      config=z3_config(case, world))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, case), config=z3_config(case, world)
+    )
     if case.get("collectives"):
         # The NCCL code path (dist.reduce_scatter) instead of gloo's point-to-point one.
         engine.vrgd_moment_source.pairwise_exchange = False
@@ -50,8 +52,14 @@ def _train(engine, case, rank, world, first_step, steps, record=True):
             engine.step()
         if record:
             noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
-            out.append({"before": [t.cpu() for t in before], "after": [t.cpu() for t in master_params(engine)],
-                        "lr": lrs, "noise": dict(noise)})
+            out.append(
+                {
+                    "before": [t.cpu() for t in before],
+                    "after": [t.cpu() for t in master_params(engine)],
+                    "lr": lrs,
+                    "noise": dict(noise),
+                }
+            )
     return out
 
 
@@ -63,10 +71,12 @@ def run_z3_case(case: dict, rank: int, world: int) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
     opt = engine.basic_optimizer
     source = getattr(engine, "vrgd_moment_source", None)
-    info = {"sub_groups": len(engine.optimizer.fp16_groups),
-            "sub_group_numels": [int(f.numel()) for f in engine.optimizer.fp32_partitioned_groups_flat],
-            "capacity": getattr(source, "capacity", None),
-            "layout_pieces": [opt.layout_of(f).piece_lengths for f in engine.optimizer.fp32_partitioned_groups_flat]}
+    info = {
+        "sub_groups": len(engine.optimizer.fp16_groups),
+        "sub_group_numels": [int(f.numel()) for f in engine.optimizer.fp32_partitioned_groups_flat],
+        "capacity": getattr(source, "capacity", None),
+        "layout_pieces": [opt.layout_of(f).piece_lengths for f in engine.optimizer.fp32_partitioned_groups_flat],
+    }
     calls = {"inner_steps": 0, "flushes": 0}
     original_step = opt.step
 
@@ -129,9 +139,11 @@ def hook_facts(rank: int, world: int):
     full = {id(p): torch.zeros(int(p.ds_numel)) for p in params}
     shapes = []
     for p in params:
+
         def hook(g, p=p):
             shapes.append(tuple(g.shape) == tuple(p.ds_shape))
             full[id(p)].add_(g.detach().reshape(-1).float() ** 2)
+
         p.register_hook(hook)
     gas = SAMPLES_PER_STEP // world
     batches = micro_batches(SAMPLES_PER_STEP, skip_extra=False)
@@ -143,20 +155,19 @@ def hook_facts(rank: int, world: int):
     source.ensure_reduced()
     err = 0.0
     rank_in = torch.distributed.get_rank()
-    for i, (flat, part) in enumerate(zip(wrapper.fp32_partitioned_groups_flat, source.partitions)):
+    for i, (_flat, part) in enumerate(zip(wrapper.fp32_partitioned_groups_flat, source.partitions)):
         pos = 0
         for p in wrapper.fp16_groups[i]:
             total = full[id(p)].clone()
             torch.distributed.all_reduce(total)
             ps = p.partition_numel()
             expect = torch.zeros(ps)
-            piece = total[rank_in * ps:(rank_in + 1) * ps]
-            expect[:piece.numel()] = piece
-            err = max(err, float((part[pos:pos + ps] - expect).abs().max() / total.abs().max()))
+            piece = total[rank_in * ps : (rank_in + 1) * ps]
+            expect[: piece.numel()] = piece
+            err = max(err, float((part[pos : pos + ps] - expect).abs().max() / total.abs().max()))
             pos += ps
     engine.step()
-    return {"shapes_ok": all(shapes), "hooks": len(shapes), "max_err": err,
-            "sub_groups": len(wrapper.fp16_groups)}
+    return {"shapes_ok": all(shapes), "hooks": len(shapes), "max_err": err, "sub_groups": len(wrapper.fp16_groups)}
 
 
 def z3_overflow_case(rank: int, world: int):
@@ -164,8 +175,14 @@ def z3_overflow_case(rank: int, world: int):
     DeepSpeed skips it: weights and VR state untouched, our buffers cleared, the next step normal."""
     import vrgd_ds
 
-    case = dict(name="overflow", type="VRLamb", params={"lr": 1e-2}, stage=3, precision="fp16",
-                zero={"sub_group_size": 40, "reduce_bucket_size": 40})
+    case = dict(
+        name="overflow",
+        type="VRLamb",
+        params={"lr": 1e-2},
+        stage=3,
+        precision="fp16",
+        zero={"sub_group_size": 40, "reduce_bucket_size": 40},
+    )
     engine = _engine(case, world)
     opt = vrgd_ds.find_vr_optimizer(engine)
     _train(engine, case, rank, world, 0, 1, record=False)
@@ -183,23 +200,37 @@ def z3_overflow_case(rank: int, world: int):
         engine.step()
     source = engine.vrgd_moment_source
     unchanged = all(torch.equal(a, b) for a, b in zip(before, master_params(engine)))
-    state_unchanged = all(torch.equal(state_before[(id(p), k)], v) for p, s in opt.state.items()
-                          for k, v in s.items() if torch.is_tensor(v))
+    state_unchanged = all(
+        torch.equal(state_before[(id(p), k)], v)
+        for p, s in opt.state.items()
+        for k, v in s.items()
+        if torch.is_tensor(v)
+    )
     steps_unchanged = steps_before == [s["step"] for s in opt.state.values()]
-    buffers_clear = (source.local_samples == 0 and not source._hook_counts and source._used == 0
-                     and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero()))
+    buffers_clear = (
+        source.local_samples == 0
+        and not source._hook_counts
+        and source._used == 0
+        and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero())
+    )
     _train(engine, case, rank, world, 2, 1, record=False)
     after = master_params(engine)
-    return dict(skipped=engine.skipped_steps, unchanged=unchanged, state_unchanged=state_unchanged,
-                steps_unchanged=steps_unchanged, buffers_clear=buffers_clear,
-                moved=any(not torch.equal(a, b) for a, b in zip(before, after)),
-                finite=all(bool(torch.isfinite(t).all()) for t in after))
+    return dict(
+        skipped=engine.skipped_steps,
+        unchanged=unchanged,
+        state_unchanged=state_unchanged,
+        steps_unchanged=steps_unchanged,
+        buffers_clear=buffers_clear,
+        moved=any(not torch.equal(a, b) for a, b in zip(before, after)),
+        finite=all(bool(torch.isfinite(t).all()) for t in after),
+    )
 
 
 def z3_universal_load_case(rank: int, world: int, ckpt_dir: str):
     """load_checkpoint with "checkpoint": {"load_universal": true} at stage 3: the error text."""
-    case = dict(name="universal", type="VRLamb", params={"lr": 1e-2}, stage=3,
-                extra={"checkpoint": {"load_universal": True}})
+    case = dict(
+        name="universal", type="VRLamb", params={"lr": 1e-2}, stage=3, extra={"checkpoint": {"load_universal": True}}
+    )
     engine = _engine(case, world)
     try:
         engine.load_checkpoint(ckpt_dir, tag="step2")

@@ -4,12 +4,19 @@
 the optimizer types with DeepSpeed (``"optimizer": {"type": "VRLamb", ...}``) when DeepSpeed
 is installed; see :mod:`vrgd_ds.deepspeed_glue`.
 """
+
 from .adam import VRAdam, VRAdamW
 from .gsnr import gsnr_from_moments, normalize_and_clip, update_gsnr_momentum
 from .lamb import VRLamb
 from .lars import VRLars
-from .noise import (NoiseScaleEMA, build_noise_stats, critical_batch_summary, noise_from_sums, unbiased_from_paper_r,
-                    unbiased_gsnr)
+from .noise import (
+    NoiseScaleEMA,
+    build_noise_stats,
+    critical_batch_summary,
+    noise_from_sums,
+    unbiased_from_paper_r,
+    unbiased_gsnr,
+)
 from .optimizer import VROptimizer
 from .segments import SegmentLayout
 from .sgd import VRSGD
@@ -36,10 +43,26 @@ def find_vr_optimizer(obj):
     return None
 
 
-__all__ = ["VRSGD", "VRAdam", "VRAdamW", "VRLamb", "VRLars", "VROptimizer", "SegmentLayout", "OPTIMIZERS",
-           "find_vr_optimizer", "gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum",
-           "NoiseScaleEMA", "build_noise_stats", "critical_batch_summary", "noise_from_sums", "unbiased_from_paper_r",
-           "unbiased_gsnr"]
+__all__ = [
+    "VRSGD",
+    "VRAdam",
+    "VRAdamW",
+    "VRLamb",
+    "VRLars",
+    "VROptimizer",
+    "SegmentLayout",
+    "OPTIMIZERS",
+    "find_vr_optimizer",
+    "gsnr_from_moments",
+    "normalize_and_clip",
+    "update_gsnr_momentum",
+    "NoiseScaleEMA",
+    "build_noise_stats",
+    "critical_batch_summary",
+    "noise_from_sums",
+    "unbiased_from_paper_r",
+    "unbiased_gsnr",
+]
 
 from . import deepspeed_glue as _deepspeed_glue  # noqa: E402
 

@@ -1,4 +1,5 @@
 """VR-Adam(W): VRGD in front of torch.optim.Adam / AdamW."""
+
 from __future__ import annotations
 
 
@@ -14,7 +15,8 @@ class VRAdam(VROptimizer):
     .. math::
         \begin{aligned}
         g' &= \hat p \odot G,\quad p_t = \beta_3 p_{t-1} + (1-\beta_3) r_t,\ \hat p_t = p_t/(1-\beta_3^t) \\
-        \text{AdamW: } \theta &\leftarrow \theta(1-\mathrm{lr}\,\lambda);\quad \text{Adam: } g' \leftarrow g' + \lambda\theta \\
+        \text{AdamW: } \theta &\leftarrow \theta(1-\mathrm{lr}\,\lambda);\quad
+        \text{Adam: } g' \leftarrow g' + \lambda\theta \\
         m &= \beta_1 m + (1-\beta_1) g',\quad v = \beta_2 v + (1-\beta_2) g'^2 \\
         \theta &\leftarrow \theta - \mathrm{lr}\, \hat m / (\sqrt{\hat v} + \epsilon)
         \end{aligned}
@@ -29,12 +31,31 @@ class VRAdam(VROptimizer):
         gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 decoupled_weight_decay: bool = True, *, gamma: float = 0.1, gsnr_beta: float | None = 0.9,
-                 gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, gamma=gamma, gsnr_beta=gsnr_beta,
-                        gsnr_eps=gsnr_eps)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        *,
+        gamma: float = 0.1,
+        gsnr_beta: float | None = 0.9,
+        gsnr_eps: float = 1e-6,
+        vr: bool = True,
+        **kwargs,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            gamma=gamma,
+            gsnr_beta=gsnr_beta,
+            gsnr_eps=gsnr_eps,
+        )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def _validate_group(self, group):
@@ -45,8 +66,14 @@ class VRAdam(VROptimizer):
 
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]
-        hp = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                  decoupled_weight_decay=group["decoupled_weight_decay"])
+        hp = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
         steps = tensor_steps(state)
         if steps is None:
             adam_update(p, grad, state, state["step"], **hp)
@@ -56,14 +83,20 @@ class VRAdam(VROptimizer):
         flat_p, flat_g = p.view(-1), grad.reshape(-1)
         exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         for key, a, b in layout.pieces():
-            adam_update(flat_p[a:b], flat_g[a:b], {"exp_avg": exp_avg[a:b], "exp_avg_sq": exp_avg_sq[a:b]},
-                        int(steps[key]), **hp)
+            adam_update(
+                flat_p[a:b],
+                flat_g[a:b],
+                {"exp_avg": exp_avg[a:b], "exp_avg_sq": exp_avg_sq[a:b]},
+                int(steps[key]),
+                **hp,
+            )
 
 
 class VRAdamW(VRAdam):
     """:class:`VRAdam` with ``decoupled_weight_decay=True`` and AdamW's default weight decay 1e-2."""
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 **kwargs):
+    def __init__(
+        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs
+    ):
         kwargs.pop("decoupled_weight_decay", None)
         super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, **kwargs)

@@ -10,6 +10,7 @@ Memory: 2·N fp32 (Σg and Σg² for the N elements of the optimizer's parameter
 the first backward. Σg is collected here rather than read back from ``.grad`` so that r never
 depends on what user code does to ``.grad`` after backward.
 """
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -113,7 +114,7 @@ class GradientMomentCollector:
         :meth:`raw_gsnr`, which overwrites Q."""
         offset, numel = self._offsets[id(p)]
         buf = self._buffer
-        s, q = buf[offset:offset + numel], buf[self.numel + offset:self.numel + offset + numel]
+        s, q = buf[offset : offset + numel], buf[self.numel + offset : self.numel + offset + numel]
         return torch.cat([layout.local_sums([s], squares=True).view(-1), layout.local_sums([q]).view(-1)])
 
     def sample_scale(self) -> float:

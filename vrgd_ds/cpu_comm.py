@@ -26,6 +26,7 @@ Called after the backend already exists with the op loaded, it cannot undo that,
 exit handler that removes this rank's buffer file (each rank its own), so the run still leaves
 /dev/shm as it found it when it exits normally.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -98,8 +99,10 @@ def avoid_shm_allreduce() -> bool:
         from deepspeed.utils import logger
 
         path = shm_buffer_path()
-        logger.warning(f"vrgd_ds.cpu_comm.avoid_shm_allreduce() was called after DeepSpeed loaded its shm "
-                       f"op; {path} will be removed at exit. Call it before deepspeed.init_distributed().")
+        logger.warning(
+            f"vrgd_ds.cpu_comm.avoid_shm_allreduce() was called after DeepSpeed loaded its shm "
+            f"op; {path} will be removed at exit. Call it before deepspeed.init_distributed()."
+        )
         _remove_at_exit(path)
         return False
     return True

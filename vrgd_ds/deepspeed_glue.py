@@ -34,6 +34,7 @@ What :func:`attach` installs (VRGD.md §1, DEEPSPEED_NOTES.md):
 * After every optimizer step (applied or skipped on fp16 overflow) the accumulators are
   cleared; a skipped step never reaches our ``step()``, so GSNR momentum is untouched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -83,7 +84,9 @@ def register() -> bool:
     except ImportError:
         return False
     version = _version_tuple(deepspeed.__version__)
-    if not (TESTED_DEEPSPEED[0] <= version < TESTED_DEEPSPEED[1]) and not os.environ.get("VRGD_DS_ALLOW_UNTESTED_DEEPSPEED"):
+    if not (TESTED_DEEPSPEED[0] <= version < TESTED_DEEPSPEED[1]) and not os.environ.get(
+        "VRGD_DS_ALLOW_UNTESTED_DEEPSPEED"
+    ):
         raise ImportError(
             f"vrgd_ds hooks into DeepSpeed internals and is tested with deepspeed {TESTED_RANGE_TEXT}; "
             f"found {deepspeed.__version__}. Install a tested version (pip install 'deepspeed{TESTED_RANGE_TEXT}') "
@@ -114,7 +117,9 @@ def register() -> bool:
     @functools.wraps(original_configure)
     def _configure_optimizer(self, client_optimizer, model_parameters):
         name = str(self.optimizer_name()).lower() if client_optimizer is None else None
-        if (name in _optimizer_classes() or isinstance(client_optimizer, VROptimizer)) and self.zero_optimization_stage() > 2:
+        if (
+            name in _optimizer_classes() or isinstance(client_optimizer, VROptimizer)
+        ) and self.zero_optimization_stage() > 2:
             from .zero3 import check_supported
 
             check_supported(self)  # before DeepSpeed builds its stage-3 optimizer
@@ -147,7 +152,9 @@ def build_from_config(cls, params: dict, model_parameters):
     for klass in cls.__mro__:
         if klass is object or not issubclass(klass, VROptimizer):
             continue
-        accepted |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "params", "kwargs", "defaults")}
+        accepted |= {
+            p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "params", "kwargs", "defaults")
+        }
     accepted |= {"moment_reduction"}
     unknown = sorted(set(params) - accepted)
     if unknown:
@@ -244,9 +251,12 @@ class DeepSpeedMomentSource:
                 layout = self.optimizer.layout_of(p)
                 grad = p.grad.reshape(-1)
                 # S = world size · G (DeepSpeed averages over ranks), same units as the samples.
-                self._moment_sums[id(p)] = torch.cat([
-                    layout.local_sums([grad.float()], squares=True).view(-1) * float(self.world_size) ** 2,
-                    layout.local_sums([sq]).view(-1)])
+                self._moment_sums[id(p)] = torch.cat(
+                    [
+                        layout.local_sums([grad.float()], squares=True).view(-1) * float(self.world_size) ** 2,
+                        layout.local_sums([sq]).view(-1),
+                    ]
+                )
             if not self.optimizer.vr:
                 self._prepared.add(id(p))
                 continue
@@ -310,7 +320,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         self.count_index: dict[int, int] = {}
         offset = 0
         for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
-            view = self.buffer[offset:offset + mp.numel()]
+            view = self.buffer[offset : offset + mp.numel()]
             offset += mp.numel()
             self.sq[id(ip)] = view
             self.count_index[id(ip)] = index
@@ -321,6 +331,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             g = grad.detach().reshape(-1).float()
             view.addcmul_(g, g)
             self._count(p)
+
         return add_sample
 
     def all_finite(self) -> bool:
@@ -381,14 +392,16 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
             offsets = zero_opt.round_robin_bit16_offsets[i]
             if full is not None:
-                self.views.append([(p, full[offset:offset + p.numel()]) for p, offset in zip(tensors, offsets)])
+                self.views.append([(p, full[offset : offset + p.numel()]) for p, offset in zip(tensors, offsets)])
             for p, offset in zip(tensors, offsets):
-                self.handles.append(p.register_hook(self.samples.hook(p, self._make_sink(i, p, offset, part_size, group))))
+                self.handles.append(
+                    p.register_hook(self.samples.hook(p, self._make_sink(i, p, offset, part_size, group)))
+                )
 
     def _make_sink(self, i, p, offset, part_size, group):
         numel = p.numel()
         if self.strategy == "per_step":
-            view = self.full[i][offset:offset + numel]
+            view = self.full[i][offset : offset + numel]
 
             def add_sample(grad):
                 g = grad.detach().reshape(-1).float()
@@ -397,6 +410,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 else:
                     view.addcmul_(g, g)
                 self._count(p)
+
             return add_sample
 
         # per_micro_step: reduce g² of this parameter to the rank(s) owning its elements.
@@ -416,13 +430,13 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     piece = sq[a:b].contiguous()
                     dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
                     if owner == self.rank:
-                        partition[dst_offset:dst_offset + (b - a)].add_(piece)
+                        partition[dst_offset : dst_offset + (b - a)].add_(piece)
                 self._count(p)
                 return
             for owner, a, b, dst_offset in owners:
                 piece = g[a:b]
                 if owner == self.rank:
-                    target = partition[dst_offset:dst_offset + (b - a)]
+                    target = partition[dst_offset : dst_offset + (b - a)]
                     target.addcmul_(piece, piece)
                     for src in range(self.world_size):
                         if src != self.rank:
@@ -435,6 +449,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
             self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
             self._count(p)
+
         return add_sample
 
     def ensure_reduced(self):
@@ -470,7 +485,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             return dist.get_global_rank(group, q) if group is not None else q
 
         def slice_of(q):
-            return full[q * size:(q + 1) * size]
+            return full[q * size : (q + 1) * size]
 
         incoming = partition if w == 2 else torch.empty_like(partition)
         if w > 2:
@@ -521,8 +536,10 @@ class BF16OptimizerLayout:
         self.round_robin_bit16_groups = bf16_opt.bf16_groups
         self.bit16_groups_flat = bf16_opt.bf16_groups_flat
         self.single_partition_of_fp32_groups = bf16_opt.fp32_groups_flat_partition
-        self.partition_size = [flat.numel() // dist.get_world_size(group=g)
-                               for flat, g in zip(bf16_opt.bf16_groups_flat, bf16_opt.real_dp_process_group)]
+        self.partition_size = [
+            flat.numel() // dist.get_world_size(group=g)
+            for flat, g in zip(bf16_opt.bf16_groups_flat, bf16_opt.real_dp_process_group)
+        ]
         self.round_robin_bit16_offsets = []
         for tensors in bf16_opt.bf16_groups:
             offsets, pos = [], 0
@@ -559,9 +576,13 @@ def _zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
             if world > 1:
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
 
-        layout = SegmentLayout(lengths, keys, [p.numel() for p in tensors],
-                               names=[names.get(id(p), f"group{i}.param{k}") for k, p in enumerate(tensors)],
-                               complete=complete)
+        layout = SegmentLayout(
+            lengths,
+            keys,
+            [p.numel() for p in tensors],
+            names=[names.get(id(p), f"group{i}.param{k}") for k, p in enumerate(tensors)],
+            complete=complete,
+        )
         opt.set_layout(zero_opt.single_partition_of_fp32_groups[i], layout)
 
 
@@ -594,28 +615,36 @@ def _model_parallel_size(mpu) -> int:
 def unsupported_parallelism(engine) -> str | None:
     """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
 
-    Data parallelism (ZeRO 0/1/2) and pipeline parallelism without weights tied across stages
+    Data parallelism (ZeRO 0-3, BF16_Optimizer) and pipeline parallelism without weights tied across stages
     are exact: every collective of ours runs over the data-parallel group and k counts
     data-parallel ranks only. Everything else is refused at ``deepspeed.initialize``.
     """
     mpu = getattr(engine, "mpu", None)
     if mpu is not None and _model_parallel_size(mpu) > 1:
-        return (f"tensor (model) parallelism with {_model_parallel_size(mpu)} shards per tensor: the layer mean of r "
-                "and the LAMB/LARS norms of a sharded tensor would be per shard. Use tensor-model-parallel size 1 "
-                "(data and pipeline parallelism, with ZeRO 0/1/2, are supported).")
+        return (
+            f"tensor (model) parallelism with {_model_parallel_size(mpu)} shards per tensor: the layer mean of r "
+            "and the LAMB/LARS norms of a sharded tensor would be per shard. Use tensor-model-parallel size 1 "
+            "(data and pipeline parallelism, with ZeRO 0-3, are supported)."
+        )
     if getattr(engine, "sequence_parallel_size", 1) > 1:
-        return ("sequence parallelism (sequence_parallel_size > 1): the gradient samples of one micro-batch are "
-                "split over the sequence-parallel ranks. Set sequence_parallel_size to 1.")
+        return (
+            "sequence parallelism (sequence_parallel_size > 1): the gradient samples of one micro-batch are "
+            "split over the sequence-parallel ranks. Set sequence_parallel_size to 1."
+        )
     if getattr(engine, "has_moe_layers", False):
-        return ("mixture-of-experts layers: expert parameters are reduced over expert-data-parallel groups of other "
-                "sizes than the dense ones. Use a dense model, or a non-VR optimizer for MoE.")
+        return (
+            "mixture-of-experts layers: expert parameters are reduced over expert-data-parallel groups of other "
+            "sizes than the dense ones. Use a dense model, or a non-VR optimizer for MoE."
+        )
     zero = engine._config.zero_config
     if (getattr(zero, "mics_shard_size", -1) or -1) > 0 or (getattr(zero, "zero_hpz_partition_size", 1) or 1) > 1:
         return "MiCS / hpZ (mics_shard_size, zero_hpz_partition_size): remove them from zero_optimization."
     for key, comm in (getattr(engine.module, "tied_comms", None) or {}).items():
         if len(comm.get("ranks", ())) > 1:
-            return (f"weights tied across pipeline stages (TiedLayerSpec key {key!r}): each stage would apply its own "
-                    "r to its copy. Put the tied layers on one stage, or untie them.")
+            return (
+                f"weights tied across pipeline stages (TiedLayerSpec key {key!r}): each stage would apply its own "
+                "r to its copy. Put the tied layers on one stage, or untie them."
+            )
     return None
 
 
@@ -628,8 +657,9 @@ def _warn_flat_weight_decay(opt: VROptimizer) -> None:
         logger.warning(
             "vrgd_ds: %s got one flat parameter list with weight_decay > 0, so 1-D tensors (biases, LayerNorm "
             "weights) get weight decay too. To exclude them as the HF Trainer and NVIDIA's BERT recipe do, set "
-            "\"weight_decay_exclude_1d\": true in optimizer.params (or pass parameter groups).",
-            type(opt).__name__)
+            '"weight_decay_exclude_1d": true in optimizer.params (or pass parameter groups).',
+            type(opt).__name__,
+        )
 
 
 def _is_bf16_optimizer(wrapper) -> bool:
@@ -638,63 +668,121 @@ def _is_bf16_optimizer(wrapper) -> bool:
     return isinstance(wrapper, BF16_Optimizer)
 
 
-def attach(engine) -> None:
-    """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see module docstring)."""
+def _refuse_unsupported(engine, wrapper, stage: int) -> None:
+    """Every configuration that cannot give the exact update: a ValueError saying what to change."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    opt: VROptimizer = engine.basic_optimizer
-    stage = engine.zero_optimization_stage()
     reason = unsupported_parallelism(engine)
     if reason is not None:
         raise ValueError(f"vrgd_ds does not support {reason}")
-    wrapper = engine.optimizer
     if isinstance(wrapper, FP16_UnfusedOptimizer) and engine.fp16_enabled():
         raise ValueError(
             "vrgd_ds refuses fp16 at ZeRO stage 0: DeepSpeed 0.19.8's stage-0 fp16 wrapper (FP16_UnfusedOptimizer) "
             "divides the gradients by the loss scale although engine.backward did not scale the loss, so every "
             "update would be off by the loss scale (DeepSpeed's own SGD is wrong the same way). Use "
-            "\"zero_optimization\": {\"stage\": 1} (or 2) with fp16, or bf16 at stage 0."
+            '"zero_optimization": {"stage": 1} (or 2) with fp16, or bf16 at stage 0.'
         )
+    if stage in (1, 2) and not _is_bf16_optimizer(wrapper):
+        if not isinstance(wrapper, DeepSpeedZeroOptimizer):
+            raise ValueError(
+                f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer or BF16_Optimizer, got "
+                f"{type(wrapper).__name__}: use ZeRO stage 1 or 2 without other optimizer wrappers."
+            )
+        if getattr(wrapper, "cpu_offload", False):
+            raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
+
+
+def _zero_source(opt: VROptimizer, wrapper, strategy: str, names: dict) -> DeepSpeedMomentSource:
+    """ZeRO 1/2: r from the reduced partition just before DeepSpeed unscales and clips it."""
+    source = ZeroMomentSource(opt, wrapper, strategy, names)
+    fp32_partitions = wrapper.single_partition_of_fp32_groups
+
+    def before_unscale(grad_groups_flat, total_norm, *a, **k):
+        grads = grad_groups_flat if isinstance(grad_groups_flat, (list, tuple)) else [grad_groups_flat]
+        source.prepare([p for p in fp32_partitions if p.grad is not None and any(p.grad is g for g in grads)])
+
+    _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
+    return source
+
+
+def _bf16_optimizer_source(opt: VROptimizer, wrapper, zero_view, strategy: str, names: dict):
+    """BF16_Optimizer clips inside step() and then calls the inner step once for all groups: r is
+    formed before step(), from the reduced, unclipped partition views."""
+    source = ZeroMomentSource(opt, zero_view, strategy, names)
+
+    def before_step(*a, **k):
+        for part, grad in zip(wrapper.fp32_groups_flat_partition, wrapper.fp32_groups_gradient_flat_partition):
+            part.grad = grad if grad.dtype == part.dtype else grad.to(part.dtype)
+        source.prepare(list(wrapper.fp32_groups_flat_partition))
+
+    _wrap_method(wrapper, "step", before=before_step)
+    return source
+
+
+def _stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMomentSource:
+    """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
+    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
+    # the world holds other stages' tensors); sequence parallelism is refused.
+    dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        model_params = [p for g in wrapper.fp16_groups for p in g]
+        inner_params = [p for g in wrapper.fp32_groups for p in g]
+        source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
+        for mp, ip in zip(model_params, inner_params):
+            if id(mp) in names:
+                opt._names.setdefault(id(ip), names[id(mp)])
+        _wrap_method(wrapper, "unscale_and_clip_grads", before=lambda *a, **k: source.prepare(inner_params))
+        return source
+    if wrapper is opt:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names)
+        for p in params:
+            if id(p) in names:
+                opt._names.setdefault(id(p), names[id(p)])
+        _wrap_method(engine, "clip_fp32_gradients", before=lambda *a, **k: source.prepare(params))
+        return source
+    raise ValueError(
+        f"vrgd_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper at ZeRO stage 0; "
+        "use ZeRO stage 1 or 2 for fp16/bf16."
+    )
+
+
+def attach(engine) -> None:
+    """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see module docstring)."""
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+    from .universal import install as install_universal  # lazy: keeps `python -m vrgd_ds.universal` warning-free
+
+    opt: VROptimizer = engine.basic_optimizer
+    stage = engine.zero_optimization_stage()
+    wrapper = engine.optimizer
+    _refuse_unsupported(engine, wrapper, stage)
     _warn_flat_weight_decay(opt)
     names = {id(p): n for n, p in engine.module.named_parameters()}
     gas = engine.gradient_accumulation_steps()
-    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
-    # the world holds other stages' tensors); sequence parallelism is refused above.
-    dp_group = engine.seq_data_parallel_group
     dp_world = engine.seq_dp_world_size
     strategy = getattr(opt, "moment_reduction", "auto")
     if strategy not in MOMENT_REDUCTIONS:
         raise ValueError(f"Invalid moment_reduction: {strategy!r}; use one of {MOMENT_REDUCTIONS}.")
+    if opt.micro_batch_size is None:
+        opt.micro_batch_size = engine.train_micro_batch_size_per_gpu()
     if stage == 3:
         from .zero3 import attach_zero3
 
-        opt.micro_batch_size = opt.micro_batch_size or engine.train_micro_batch_size_per_gpu()
         attach_zero3(engine, opt, names, strategy)
         return
     if strategy == "auto":
         strategy = "per_step" if gas > 1 else "per_micro_step"
 
     bf16_optimizer = _is_bf16_optimizer(wrapper)
-    if bf16_optimizer:
-        zero_view = BF16OptimizerLayout(wrapper)
+    zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
+    if bf16_optimizer or stage in (1, 2):
         _zero_layouts(opt, zero_view, names)
-    elif stage in (1, 2):
-        if not isinstance(wrapper, DeepSpeedZeroOptimizer):
-            raise ValueError(
-                f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer, got {type(wrapper).__name__} "
-                "(bf16 with ZeRO-1 and data_types.grad_accum_dtype=fp32 selects BF16_Optimizer): remove "
-                "data_types.grad_accum_dtype or use ZeRO stage 2."
-            )
-        if getattr(wrapper, "cpu_offload", False):
-            raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
-        _zero_layouts(opt, wrapper, names)
-
-    from .universal import install as install_universal  # lazy: keeps `python -m vrgd_ds.universal` warning-free
-
     install_universal(engine)  # universal checkpoints keep the VR state, or are refused
-    if opt.micro_batch_size is None:
-        opt.micro_batch_size = engine.train_micro_batch_size_per_gpu()
     if not (opt.vr or opt.gradient_stats):
         return
     if gas * dp_world < 2:
@@ -702,61 +790,14 @@ def attach(engine) -> None:
             k_too_small_message(gas * dp_world)
             + f" (DeepSpeed config: gradient_accumulation_steps={gas}, data-parallel world size={dp_world})."
         )
-
     if bf16_optimizer:
-        # BF16_Optimizer clips inside step() and then calls the inner step once for all groups:
-        # r is formed before, from the reduced, unclipped partition views.
-        source = ZeroMomentSource(opt, zero_view, strategy, names)
-
-        def before_step(*a, **k):
-            for part, grad in zip(wrapper.fp32_groups_flat_partition, wrapper.fp32_groups_gradient_flat_partition):
-                part.grad = grad if grad.dtype == part.dtype else grad.to(part.dtype)
-            source.prepare(list(wrapper.fp32_groups_flat_partition))
-
-        _wrap_method(wrapper, "step", before=before_step)
+        source = _bf16_optimizer_source(opt, wrapper, zero_view, strategy, names)
     elif stage in (1, 2):
-        source = ZeroMomentSource(opt, wrapper, strategy, names)
-        fp32_partitions = wrapper.single_partition_of_fp32_groups
-
-        def before_unscale(grad_groups_flat, total_norm, *a, **k):
-            grads = grad_groups_flat if isinstance(grad_groups_flat, (list, tuple)) else [grad_groups_flat]
-            source.prepare([p for p in fp32_partitions if p.grad is not None and any(p.grad is g for g in grads)])
-
-        _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
+        source = _zero_source(opt, wrapper, strategy, names)
     else:
-        if isinstance(wrapper, FP16_UnfusedOptimizer):
-            model_params = [p for g in wrapper.fp16_groups for p in g]
-            inner_params = [p for g in wrapper.fp32_groups for p in g]
-
-            def before_unscale(*a, **k):
-                source.prepare(inner_params)
-
-            source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
-            for mp, ip in zip(model_params, inner_params):
-                if id(mp) in names:
-                    opt._names.setdefault(id(ip), names[id(mp)])
-            _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
-        elif wrapper is opt:
-            params = [p for g in opt.param_groups for p in g["params"]]
-            source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names)
-            for p in params:
-                if id(p) in names:
-                    opt._names.setdefault(id(p), names[id(p)])
-
-            def before_clip(*a, **k):
-                source.prepare(params)
-
-            _wrap_method(engine, "clip_fp32_gradients", before=before_clip)
-        else:
-            raise ValueError(
-                f"vrgd_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper at ZeRO stage 0; "
-                "use ZeRO stage 1 or 2 for fp16/bf16."
-            )
-
-    from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-    # engine.backward scales the loss by the loss scale only for ZeRO wrappers (see the fp16
-    # stage-0 refusal above), and always divides it by gradient_accumulation_steps.
+        source = _stage0_source(engine, opt, wrapper, names)
+    # engine.backward scales the loss by the loss scale only for ZeRO wrappers (BF16_Optimizer
+    # never scales; see the fp16 stage-0 refusal) and always divides it by gradient_accumulation_steps.
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:
         source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
     source.gas = gas

@@ -5,6 +5,7 @@ collector and the DeepSpeed glue only decide *which* tensors these functions see
 Equation numbers refer to arXiv 2309.13681; choices the paper leaves open follow
 ``VRGD.md`` (the project's math reference).
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,14 @@ from torch import Tensor
 __all__ = ["gsnr_from_moments", "normalize_and_clip", "update_gsnr_momentum"]
 
 
-def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | float, eps: float,
-                      sum_scale: float = 1.0, out: Tensor | None = None) -> Tensor:
+def gsnr_from_moments(
+    grad_sum: Tensor,
+    grad_sq_sum: Tensor,
+    num_samples: int | float,
+    eps: float,
+    sum_scale: float = 1.0,
+    out: Tensor | None = None,
+) -> Tensor:
     r"""Element-wise GSNR from the first two raw moments of k gradient samples (paper eq. 2, 7).
 
     .. math::
@@ -60,11 +67,13 @@ def gsnr_from_moments(grad_sum: Tensor, grad_sq_sum: Tensor, num_samples: int | 
     return out.sub_(c).clamp_(min=c * eps / (1.0 - eps)).reciprocal_().mul_(c)
 
 
-def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float, layout=None,
-                       out: Tensor | None = None) -> Tensor:
+def normalize_and_clip(
+    gsnr: Tensor, layer_mean: Tensor, gamma: float, layout=None, out: Tensor | None = None
+) -> Tensor:
     r"""Per-tensor normalization then clipping to [γ, 1] (paper eq. 8, 9).
 
-    .. math:: r_j \leftarrow \min\!\big(\max(r_j / m,\ \gamma),\ 1\big),\qquad m = \tfrac1J \textstyle\sum_{i\in\theta} r_i
+    .. math:: r_j \leftarrow \min\!\big(\max(r_j / m,\ \gamma),\ 1\big),\qquad
+              m = \tfrac1J \textstyle\sum_{i\in\theta} r_i
 
     ``layer_mean`` is m: a scalar tensor, one value per element, or — with ``layout`` (a
     :class:`~vrgd_ds.segments.SegmentLayout` of a flat ZeRO shard holding pieces of several
@@ -84,8 +93,9 @@ def normalize_and_clip(gsnr: Tensor, layer_mean: Tensor, gamma: float, layout=No
     return layout.scale_(out, safe_mean, divide=True).clamp_(min=gamma, max=1.0)
 
 
-def update_gsnr_momentum(momentum: Tensor, gsnr: Tensor, beta: float, step, out: Tensor | None = None,
-                         layout=None) -> Tensor:
+def update_gsnr_momentum(
+    momentum: Tensor, gsnr: Tensor, beta: float, step, out: Tensor | None = None, layout=None
+) -> Tensor:
     r"""GSNR momentum with bias correction (VRGD.md §3), updating ``momentum`` in place.
 
     .. math:: p_t = \beta_3 p_{t-1} + (1-\beta_3)\, r_t,\qquad \hat p_t = p_t / (1 - \beta_3^t)

@@ -13,6 +13,7 @@ the console / progress bar and the ``report_to`` integrations (TensorBoard, W&B,
 This module imports ``transformers``; ``import vrgd_ds`` does not import this module, so the
 package works without transformers installed.
 """
+
 from __future__ import annotations
 
 try:
@@ -79,8 +80,11 @@ class NoiseStatsCallback(TrainerCallback):
         # Trainer.log appended {**logs, "step": global_step} to log_history just before on_log.
         history = getattr(state, "log_history", None)
         last = history[-1] if history else None
-        if last is not None and last.get("step") == state.global_step and all(
-                last.get(key, _MISSING) is value for key, value in logs.items()):
+        if (
+            last is not None
+            and last.get("step") == state.global_step
+            and all(last.get(key, _MISSING) is value for key, value in logs.items())
+        ):
             last.update(extra)
         logs.update(extra)
 

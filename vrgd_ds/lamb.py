@@ -1,4 +1,5 @@
 """VR-LAMB: VRGD in front of LAMB, with the trust ratio per parameter tensor (also under ZeRO)."""
+
 from __future__ import annotations
 
 import torch
@@ -51,13 +52,39 @@ class VRLamb(VROptimizer):
         gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01,
-                 *, gamma: float = 0.1, gsnr_beta: float | None = 0.9, bias_correction: bool = True,
-                 min_trust_ratio: float | None = None, max_trust_ratio: float | None = None, trust_ratio: bool = True,
-                 use_nvlamb: bool = True, gsnr_eps: float = 1e-6, vr: bool = True, **kwargs):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        min_trust_ratio=min_trust_ratio, max_trust_ratio=max_trust_ratio, trust_ratio=trust_ratio,
-                        use_nvlamb=use_nvlamb, gamma=gamma, gsnr_beta=gsnr_beta, gsnr_eps=gsnr_eps)
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        gamma: float = 0.1,
+        gsnr_beta: float | None = 0.9,
+        bias_correction: bool = True,
+        min_trust_ratio: float | None = None,
+        max_trust_ratio: float | None = None,
+        trust_ratio: bool = True,
+        use_nvlamb: bool = True,
+        gsnr_eps: float = 1e-6,
+        vr: bool = True,
+        **kwargs,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            min_trust_ratio=min_trust_ratio,
+            max_trust_ratio=max_trust_ratio,
+            trust_ratio=trust_ratio,
+            use_nvlamb=use_nvlamb,
+            gamma=gamma,
+            gsnr_beta=gsnr_beta,
+            gsnr_eps=gsnr_eps,
+        )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def __setstate__(self, state):
@@ -84,8 +111,20 @@ class VRLamb(VROptimizer):
 
     def _base_update(self, p, grad, state, group, layout):
         beta1, beta2 = group["betas"]
-        lamb_update(p.view(-1), grad.reshape(-1), {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
-                    state["step"] if tensor_steps(state) is None else tensor_steps(state), layout, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                    trust_ratio=group["trust_ratio"], min_trust_ratio=group["min_trust_ratio"],
-                    max_trust_ratio=group["max_trust_ratio"], use_nvlamb=group["use_nvlamb"])
+        lamb_update(
+            p.view(-1),
+            grad.reshape(-1),
+            {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
+            state["step"] if tensor_steps(state) is None else tensor_steps(state),
+            layout,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            bias_correction=group["bias_correction"],
+            trust_ratio=group["trust_ratio"],
+            min_trust_ratio=group["min_trust_ratio"],
+            max_trust_ratio=group["max_trust_ratio"],
+            use_nvlamb=group["use_nvlamb"],
+        )

@@ -1,4 +1,5 @@
 """VR-LARS: VRGD in front of LARS, with the local LR per parameter tensor (also under ZeRO)."""
+
 from __future__ import annotations
 
 from .optimizer import VROptimizer, _check_range
@@ -13,7 +14,8 @@ class VRLars(VROptimizer):
     .. math::
         \begin{aligned}
         g' &= r \odot G \quad (\hat p \odot G \text{ with } \texttt{gsnr\_beta}) \\
-        d &= g' + \lambda\theta;\quad d \leftarrow d\cdot \frac{\eta\lVert\theta\rVert}{\lVert g'\rVert + \lambda\lVert\theta\rVert + \epsilon}
+        d &= g' + \lambda\theta;\quad
+        d \leftarrow d\cdot \frac{\eta\lVert\theta\rVert}{\lVert g'\rVert + \lambda\lVert\theta\rVert + \epsilon}
         \ \ (\text{if both norms} > 0) \\
         b &= \mu b + d \ (b = d \text{ at first});\quad \theta \leftarrow \theta - \mathrm{lr}\cdot b
         \ \ (\text{nesterov: } \theta \leftarrow \theta - \mathrm{lr}(d + \mu b))
@@ -34,13 +36,35 @@ class VRLars(VROptimizer):
 
     _exclude_1d_overrides = {"weight_decay": 0.0, "trust_ratio": False}
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001, eps: float = 1e-8, nesterov: bool = False, *, gamma: float = 0.1,
-                 gsnr_beta: float | None = None, trust_ratio: bool = True, gsnr_eps: float = 1e-6, vr: bool = True,
-                 **kwargs):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
-                        eps=eps, nesterov=nesterov, trust_ratio=trust_ratio, gamma=gamma, gsnr_beta=gsnr_beta,
-                        gsnr_eps=gsnr_eps)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        nesterov: bool = False,
+        *,
+        gamma: float = 0.1,
+        gsnr_beta: float | None = None,
+        trust_ratio: bool = True,
+        gsnr_eps: float = 1e-6,
+        vr: bool = True,
+        **kwargs,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            nesterov=nesterov,
+            trust_ratio=trust_ratio,
+            gamma=gamma,
+            gsnr_beta=gsnr_beta,
+            gsnr_eps=gsnr_eps,
+        )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def _validate_group(self, group):
@@ -56,8 +80,18 @@ class VRLars(VROptimizer):
 
     def _base_update(self, p, grad, state, group, layout):
         flat_state = {k: (v.view(-1) if hasattr(v, "view") else v) for k, v in state.items()}
-        lars_update(p.view(-1), grad.reshape(-1), flat_state, layout, lr=group["lr"], momentum=group["momentum"],
-                    weight_decay=group["weight_decay"], trust_coefficient=group["trust_coefficient"],
-                    eps=group["eps"], nesterov=group["nesterov"], trust_ratio=group["trust_ratio"])
+        lars_update(
+            p.view(-1),
+            grad.reshape(-1),
+            flat_state,
+            layout,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            weight_decay=group["weight_decay"],
+            trust_coefficient=group["trust_coefficient"],
+            eps=group["eps"],
+            nesterov=group["nesterov"],
+            trust_ratio=group["trust_ratio"],
+        )
         if "momentum_buffer" in flat_state and "momentum_buffer" not in state:
             state["momentum_buffer"] = flat_state["momentum_buffer"].view_as(p)

@@ -12,6 +12,7 @@ The statistics are :meth:`VROptimizer.noise_stats` (VRGD.md §5): the same numbe
 so calling this on every rank is fine; DeepSpeed's monitor and :class:`LongCSVWriter` write on
 rank 0 only.
 """
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,15 @@ __all__ = ["GLOBAL_KEYS", "PER_TENSOR_KEYS", "LongCSVWriter", "find_noise_source
 #: The global statistics written as scalars (keys of ``noise_stats()``).
 GLOBAL_KEYS = ("k", "grad_norm_sq", "noise_trace", "b_simple", "b_simple_ema", "gsnr_unbiased_mean")
 #: The per-tensor statistics (keys of ``noise_stats()["per_tensor"][name]``), in CSV order.
-PER_TENSOR_KEYS = ("grad_norm_sq", "noise_trace", "b_simple", "gsnr_unbiased_mean", "gsnr_unbiased_q10",
-                   "gsnr_unbiased_q50", "gsnr_unbiased_q90")
+PER_TENSOR_KEYS = (
+    "grad_norm_sq",
+    "noise_trace",
+    "b_simple",
+    "gsnr_unbiased_mean",
+    "gsnr_unbiased_q10",
+    "gsnr_unbiased_q50",
+    "gsnr_unbiased_q90",
+)
 #: DeepSpeed's own monitor events are "Train/Samples/<name>" at step = engine.global_samples.
 DEFAULT_PREFIX = "Train/Samples/noise/"
 
@@ -47,8 +55,14 @@ def find_noise_source(obj) -> Any:
         if callable(getattr(obj, "noise_stats", None)):
             return obj
         seen.add(id(obj))
-        obj = next((c for c in (getattr(obj, a, None) for a in ("basic_optimizer", "optimizer"))
-                    if c is not None and id(c) not in seen), None)
+        obj = next(
+            (
+                c
+                for c in (getattr(obj, a, None) for a in ("basic_optimizer", "optimizer"))
+                if c is not None and id(c) not in seen
+            ),
+            None,
+        )
     return None
 
 
@@ -83,8 +97,14 @@ def noise_events(stats: dict | None, step: int, prefix: str = DEFAULT_PREFIX, pe
     return events
 
 
-def log_noise_stats(engine_or_optimizer, monitor=None, step: int | None = None, per_tensor: bool = False,
-                    prefix: str = DEFAULT_PREFIX, csv_writer: LongCSVWriter | None = None) -> list:
+def log_noise_stats(
+    engine_or_optimizer,
+    monitor=None,
+    step: int | None = None,
+    per_tensor: bool = False,
+    prefix: str = DEFAULT_PREFIX,
+    csv_writer: LongCSVWriter | None = None,
+) -> list:
     """Write this step's gradient-noise statistics to DeepSpeed's monitor (and optionally a CSV).
 
     Call after ``engine.step()``. Finds the VR optimizer in ``engine_or_optimizer``
@@ -113,18 +133,24 @@ def log_noise_stats(engine_or_optimizer, monitor=None, step: int | None = None, 
     """
     source = find_noise_source(engine_or_optimizer)
     if source is None:
-        raise ValueError(f"log_noise_stats: no VR optimizer in {type(engine_or_optimizer).__name__}; pass a DeepSpeed "
-                         "engine built with a vrgd_ds optimizer type (e.g. \"type\": \"VRLamb\") or the VR optimizer.")
+        raise ValueError(
+            f"log_noise_stats: no VR optimizer in {type(engine_or_optimizer).__name__}; pass a DeepSpeed "
+            'engine built with a vrgd_ds optimizer type (e.g. "type": "VRLamb") or the VR optimizer.'
+        )
     if monitor is None:
         monitor = getattr(engine_or_optimizer, "monitor", None)
         if monitor is None:
-            raise ValueError("log_noise_stats: no monitor: pass monitor= (anything with write_events) or a DeepSpeed "
-                             "engine (engine.monitor).")
+            raise ValueError(
+                "log_noise_stats: no monitor: pass monitor= (anything with write_events) or a DeepSpeed "
+                "engine (engine.monitor)."
+            )
     if step is None:
         step = getattr(engine_or_optimizer, "global_samples", None)
         if step is None:
-            raise ValueError("log_noise_stats: no step: pass step= (DeepSpeed's monitors use samples: "
-                             "engine.global_samples) or a DeepSpeed engine.")
+            raise ValueError(
+                "log_noise_stats: no step: pass step= (DeepSpeed's monitors use samples: "
+                "engine.global_samples) or a DeepSpeed engine."
+            )
     stats = source.noise_stats()
     if not stats:
         return []
@@ -187,8 +213,10 @@ class LongCSVWriter:
                 with open(self.path, newline="") as f:
                     header = next(csv.reader(f), None)
                 if tuple(header or ()) != self.COLUMNS:
-                    raise ValueError(f"{self.path} exists with header {header}, not {list(self.COLUMNS)}: "
-                                     "choose another path for the long-format statistics CSV.")
+                    raise ValueError(
+                        f"{self.path} exists with header {header}, not {list(self.COLUMNS)}: "
+                        "choose another path for the long-format statistics CSV."
+                    )
             self._file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open across writes; close()
             self._writer = csv.writer(self._file)
             if new:

@@ -12,6 +12,7 @@ Everything here is pure: functions of per-tensor sums (or element-wise moments) 
 tensors, plus :class:`NoiseScaleEMA`, the one piece of state. The optimizer completes the
 per-tensor sums across ranks and calls :func:`build_noise_stats` once per step.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,10 @@ QUANTILES = (0.1, 0.5, 0.9)
 #: At most this many elements of a tensor enter a quantile (a strided sample beyond it).
 QUANTILE_SAMPLE = 65536
 
-_K_FIX = ("use gradient accumulation >= 2 or >= 2 data-parallel ranks "
-          "(k = ranks x accumulation steps is the number of gradient samples per step)")
+_K_FIX = (
+    "use gradient accumulation >= 2 or >= 2 data-parallel ranks "
+    "(k = ranks x accumulation steps is the number of gradient samples per step)"
+)
 
 
 def _check_k(k) -> int:
@@ -50,8 +53,10 @@ def _check_k(k) -> int:
     except TypeError:
         k = None
     if k is None or k < 2:
-        raise ValueError(f"Invalid number of gradient samples k = {given!r}: gradient-noise statistics need an int "
-                         f"k >= 2 per step; {_K_FIX}.")
+        raise ValueError(
+            f"Invalid number of gradient samples k = {given!r}: gradient-noise statistics need an int "
+            f"k >= 2 per step; {_K_FIX}."
+        )
     return k
 
 
@@ -59,19 +64,21 @@ def _check_micro_batch_size(micro_batch_size) -> None:
     if micro_batch_size is None:
         return
     if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
-        raise ValueError(f"Invalid micro_batch_size: {micro_batch_size!r}; it must be an int >= 1 (examples per "
-                         "gradient sample, e.g. DeepSpeed's train_micro_batch_size_per_gpu) or None (then "
-                         "noise_trace is per micro-batch, not per example).")
+        raise ValueError(
+            f"Invalid micro_batch_size: {micro_batch_size!r}; it must be an int >= 1 (examples per "
+            "gradient sample, e.g. DeepSpeed's train_micro_batch_size_per_gpu) or None (then "
+            "noise_trace is per micro-batch, not per example)."
+        )
 
 
 def _ratio(num: Tensor, den: Tensor) -> Tensor:
     """num / den, NaN where den == 0 (an undefined ratio, never ±inf)."""
-    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)),
-                       torch.full_like(num, math.nan))
+    return torch.where(den != 0, num / torch.where(den != 0, den, torch.ones_like(den)), torch.full_like(num, math.nan))
 
 
-def noise_from_sums(sum_s2, sum_q, k: int, micro_batch_size: int | None = None,
-                    sample_scale: float = 1.0) -> dict[str, Tensor]:
+def noise_from_sums(
+    sum_s2, sum_q, k: int, micro_batch_size: int | None = None, sample_scale: float = 1.0
+) -> dict[str, Tensor]:
     r"""Unbiased |G|², tr Σ and B_simple per tensor and in total (VRGD.md §5; McCandlish App. A.1).
 
     For each parameter tensor t, from :math:`A_t = \sum_{j\in t} S_j^2` and
@@ -112,14 +119,17 @@ def noise_from_sums(sum_s2, sum_q, k: int, micro_batch_size: int | None = None,
     k = _check_k(k)
     _check_micro_batch_size(micro_batch_size)
     if not (isinstance(sample_scale, (int, float)) and math.isfinite(sample_scale) and sample_scale > 0):
-        raise ValueError(f"Invalid sample_scale: {sample_scale!r}; it must be a finite number > 0 (each sample "
-                         "= sample_scale x the gradient of the user's loss).")
+        raise ValueError(
+            f"Invalid sample_scale: {sample_scale!r}; it must be a finite number > 0 (each sample "
+            "= sample_scale x the gradient of the user's loss)."
+        )
     # Per-tensor vectors are tiny; float64 on the CPU keeps A − B exact enough and works on any device.
     a = torch.as_tensor(sum_s2).detach().to("cpu", torch.float64).reshape(-1)
     q = torch.as_tensor(sum_q).detach().to("cpu", torch.float64).reshape(-1)
     if a.shape != q.shape:
-        raise ValueError(f"sum_s2 and sum_q must have one entry per tensor each; got {tuple(a.shape)} and "
-                         f"{tuple(q.shape)}.")
+        raise ValueError(
+            f"sum_s2 and sum_q must have one entry per tensor each; got {tuple(a.shape)} and {tuple(q.shape)}."
+        )
     if sample_scale != 1.0:
         a = a / (sample_scale * sample_scale)
         q = q / (sample_scale * sample_scale)
@@ -150,8 +160,9 @@ def unbiased_from_paper_r(r, k: int):
     return ((k - 1) * r - 1) / k
 
 
-def unbiased_gsnr(grad_sum: Tensor, grad_sq_sum: Tensor, k: int, eps: float = 1e-6, sum_scale: float = 1.0,
-                  out: Tensor | None = None) -> Tensor:
+def unbiased_gsnr(
+    grad_sum: Tensor, grad_sq_sum: Tensor, k: int, eps: float = 1e-6, sum_scale: float = 1.0, out: Tensor | None = None
+) -> Tensor:
     r"""Element-wise unbiased signal-to-noise ratio r̃ from k gradient samples (VRGD.md §5).
 
     .. math::
@@ -192,8 +203,9 @@ def unbiased_gsnr(grad_sum: Tensor, grad_sq_sum: Tensor, k: int, eps: float = 1e
     return r.mul_((k - 1) / k).sub_(1.0 / k).masked_fill_(no_gradient.reshape(r.shape), 0.0)
 
 
-def sampled_quantiles(values: Tensor, quantiles: Sequence[float] = QUANTILES,
-                      max_samples: int = QUANTILE_SAMPLE) -> list[float]:
+def sampled_quantiles(
+    values: Tensor, quantiles: Sequence[float] = QUANTILES, max_samples: int = QUANTILE_SAMPLE
+) -> list[float]:
     """Quantiles of ``values`` (flattened), on a strided sample of at most ``max_samples``
     elements (the sampling :meth:`VROptimizer.gsnr_stats` uses); NaN for an empty tensor."""
     flat = values.detach().reshape(-1).float()
@@ -234,8 +246,9 @@ class NoiseScaleEMA:
 
     def __init__(self, decay: float = 0.99):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-            raise ValueError(f"Invalid noise-scale EMA decay: {decay!r}; it must be in [0, 1) "
-                             "(0.99 averages over about 100 steps).")
+            raise ValueError(
+                f"Invalid noise-scale EMA decay: {decay!r}; it must be in [0, 1) (0.99 averages over about 100 steps)."
+            )
         self.decay = float(decay)
         self._grad_norm_sq = 0.0
         self._noise_trace = 0.0
@@ -270,8 +283,13 @@ class NoiseScaleEMA:
 
     def state_dict(self) -> dict:
         """Plain floats (``torch.save``/JSON friendly)."""
-        return {"decay": self.decay, "grad_norm_sq_sum": self._grad_norm_sq, "noise_trace_sum": self._noise_trace,
-                "weight": self._weight, "count": self.count}
+        return {
+            "decay": self.decay,
+            "grad_norm_sq_sum": self._grad_norm_sq,
+            "noise_trace_sum": self._noise_trace,
+            "weight": self._weight,
+            "count": self.count,
+        }
 
     def load_state_dict(self, state_dict: Mapping) -> None:
         """Restore the averages. The decay stays the one this object was built with (the current
@@ -286,10 +304,18 @@ class NoiseScaleEMA:
         self.count = int(state_dict["count"])
 
 
-def build_noise_stats(names: Sequence[str], per_tensor_s2, per_tensor_q, k: int, micro_batch_size: int | None,
-                      ema: NoiseScaleEMA | None, sample_scale: float = 1.0, gsnr_unbiased_mean=None,
-                      gsnr_unbiased_quantiles: Mapping[str, Sequence[float]] | None = None,
-                      numels=None) -> dict:
+def build_noise_stats(
+    names: Sequence[str],
+    per_tensor_s2,
+    per_tensor_q,
+    k: int,
+    micro_batch_size: int | None,
+    ema: NoiseScaleEMA | None,
+    sample_scale: float = 1.0,
+    gsnr_unbiased_mean=None,
+    gsnr_unbiased_quantiles: Mapping[str, Sequence[float]] | None = None,
+    numels=None,
+) -> dict:
     r"""The dict ``opt.noise_stats()`` returns, from one step's per-tensor sums (all python floats).
 
     Applies :func:`noise_from_sums` (see it for the formulas and the units: ``per_tensor_s2`` =
@@ -321,8 +347,10 @@ def build_noise_stats(names: Sequence[str], per_tensor_s2, per_tensor_q, k: int,
     names = list(names)
     est = noise_from_sums(per_tensor_s2, per_tensor_q, k, micro_batch_size, sample_scale)
     if est["grad_norm_sq"].numel() != len(names):
-        raise ValueError(f"{len(names)} names for {est['grad_norm_sq'].numel()} per-tensor sums: pass one name per "
-                         "entry of per_tensor_s2 / per_tensor_q.")
+        raise ValueError(
+            f"{len(names)} names for {est['grad_norm_sq'].numel()} per-tensor sums: pass one name per "
+            "entry of per_tensor_s2 / per_tensor_q."
+        )
     means = None
     if gsnr_unbiased_mean is not None:
         means = torch.as_tensor(gsnr_unbiased_mean).detach().to("cpu", torch.float64).reshape(-1)
@@ -352,8 +380,10 @@ def build_noise_stats(names: Sequence[str], per_tensor_s2, per_tensor_q, k: int,
         if gsnr_unbiased_quantiles is not None and name in gsnr_unbiased_quantiles:
             values = list(gsnr_unbiased_quantiles[name])
             if len(values) != len(QUANTILES):
-                raise ValueError(f"gsnr_unbiased_quantiles[{name!r}] has {len(values)} values; expected one per "
-                                 f"quantile {QUANTILES}.")
+                raise ValueError(
+                    f"gsnr_unbiased_quantiles[{name!r}] has {len(values)} values; expected one per "
+                    f"quantile {QUANTILES}."
+                )
             for q, v in zip(QUANTILES, values, strict=True):
                 entry[f"gsnr_unbiased_q{round(q * 100)}"] = float(v)
         per_tensor[name] = entry
@@ -387,8 +417,11 @@ def critical_batch_summary(batch_size: float, b_simple: float) -> str:
         the critical size would need (≈ 0.56× its steps)", or, where b_simple is NaN, infinite or
         ≤ 0, a line saying the critical batch is not estimated and why.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, float)) or not (
-            math.isfinite(batch_size) and batch_size > 0):
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, float))
+        or not (math.isfinite(batch_size) and batch_size > 0)
+    ):
         raise ValueError(f"Invalid batch_size: {batch_size!r}; it must be the examples per optimizer step (> 0).")
     head = f"batch B = {_fmt(batch_size)}"
     try:
@@ -396,10 +429,14 @@ def critical_batch_summary(batch_size: float, b_simple: float) -> str:
     except (TypeError, ValueError):
         bs = math.nan
     if not math.isfinite(bs) or bs <= 0:
-        return (f"{head}, critical batch not estimated: B_simple = {bs:.3g} is not a positive number — the "
-                "gradient-noise estimate is too noisy (too few samples per step k, or too few steps averaged) "
-                "or the gradient signal is below the noise; average over more steps (b_simple_ema).")
+        return (
+            f"{head}, critical batch not estimated: B_simple = {bs:.3g} is not a positive number — the "
+            "gradient-noise estimate is too noisy (too few samples per step k, or too few steps averaged) "
+            "or the gradient signal is below the noise; average over more steps (b_simple_ema)."
+        )
     x = (1.0 + batch_size / bs) / 2.0
     y = (1.0 + bs / batch_size) / 2.0
-    return (f"{head}, critical batch ≈ {_fmt(bs)}: this run uses ≈ {x:.3g}× the examples a batch at the "
-            f"critical size would need (≈ {y:.3g}× its steps)")
+    return (
+        f"{head}, critical batch ≈ {_fmt(bs)}: this run uses ≈ {x:.3g}× the examples a batch at the "
+        f"critical size would need (≈ {y:.3g}× its steps)"
+    )

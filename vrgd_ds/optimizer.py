@@ -12,6 +12,7 @@ One step, per tensor θ the optimizer updates (VRGD.md §1–3):
 With ``vr=False`` nothing of 1–3 exists: no hooks, no buffers, no collectives; step 4 alone is
 the base optimizer.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,11 @@ class _ElementsKept:
         self.state = state
         self.numel = p.numel()
         self.saved = [(p, p.view(-1)[self.mask].clone())]
-        self.saved += [(t, t.view(-1)[self.mask].clone()) for k, t in state.items()
-                       if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel]
+        self.saved += [
+            (t, t.view(-1)[self.mask].clone())
+            for k, t in state.items()
+            if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel
+        ]
         self.known = {id(t) for t, _ in self.saved}
 
     def restore(self) -> None:
@@ -138,13 +142,18 @@ class VROptimizer(Optimizer):
             raise ValueError(f"Invalid vr: {vr!r}; it must be True or False.")
         if gradient_stats is not None and not isinstance(gradient_stats, bool):
             raise ValueError(f"Invalid gradient_stats: {gradient_stats!r}; it must be True, False or None (= vr).")
-        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
-                                             or micro_batch_size < 1):
-            raise ValueError(f"Invalid micro_batch_size: {micro_batch_size!r}; it must be an int >= 1 (examples per "
-                             "backward pass), or None (statistics per micro-batch).")
+        if micro_batch_size is not None and (
+            isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1
+        ):
+            raise ValueError(
+                f"Invalid micro_batch_size: {micro_batch_size!r}; it must be an int >= 1 (examples per "
+                "backward pass), or None (statistics per micro-batch)."
+            )
         if gsnr_estimator not in GSNR_ESTIMATORS:
-            raise ValueError(f"Invalid gsnr_estimator: {gsnr_estimator!r}; use one of {GSNR_ESTIMATORS} "
-                             "(\"paper\": r of eq. 7; \"unbiased\": r~ = ((k-1)r - 1)/k, VRGD.md §5).")
+            raise ValueError(
+                f"Invalid gsnr_estimator: {gsnr_estimator!r}; use one of {GSNR_ESTIMATORS} "
+                '("paper": r of eq. 7; "unbiased": r~ = ((k-1)r - 1)/k, VRGD.md §5).'
+            )
         if not isinstance(stats_interval, int) or stats_interval < 0:
             raise ValueError(f"Invalid stats_interval: {stats_interval!r}; it must be an int >= 0 (0 = off).")
         params = list(params) if not isinstance(params, Tensor) else params
@@ -173,7 +182,8 @@ class VROptimizer(Optimizer):
         self._last_stats: dict[str, dict[str, float]] = {}
         self.moment_source = (
             GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group, self._names)
-            if vr or self.gradient_stats else None
+            if vr or self.gradient_stats
+            else None
         )
 
     # ---- construction -------------------------------------------------------------------
@@ -190,7 +200,7 @@ class VROptimizer(Optimizer):
         for group in params:
             group = dict(group)
             plist = []
-            for item in ([group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])):
+            for item in [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"]):
                 if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
                     names[id(item[1])] = item[0]
                     item = item[1]
@@ -220,18 +230,34 @@ class VROptimizer(Optimizer):
             # A group added after construction: watch its parameters too (between steps).
             source.remove()
             self.moment_source = GradientMomentCollector(
-                [p for g in self.param_groups for p in g["params"]], source.process_group, self._names)
+                [p for g in self.param_groups for p in g["params"]], source.process_group, self._names
+            )
 
     @staticmethod
     def _validate_common(group: dict) -> None:
         lr = float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"]
         _check_range("lr", lr, 0.0, math.inf)
-        _check_range("gamma", group["gamma"], 0.0, 1.0, low_open=True, fix="Use 0 < gamma <= 1 (gamma=1 disables VRGD).")
+        _check_range(
+            "gamma", group["gamma"], 0.0, 1.0, low_open=True, fix="Use 0 < gamma <= 1 (gamma=1 disables VRGD)."
+        )
         if group["gsnr_beta"] is not None:
-            _check_range("gsnr_beta", group["gsnr_beta"], 0.0, 1.0, high_open=True,
-                         fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.")
-        _check_range("gsnr_eps", group["gsnr_eps"], 0.0, 1.0, low_open=True, high_open=True,
-                     fix="Use 0 < gsnr_eps < 1 (a floor on the variance relative to the second moment; default 1e-6).")
+            _check_range(
+                "gsnr_beta",
+                group["gsnr_beta"],
+                0.0,
+                1.0,
+                high_open=True,
+                fix="Use 0 <= gsnr_beta < 1, or None for no GSNR momentum.",
+            )
+        _check_range(
+            "gsnr_eps",
+            group["gsnr_eps"],
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+            fix="Use 0 < gsnr_eps < 1 (a floor on the variance relative to the second moment; default 1e-6).",
+        )
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - overridden
         pass
@@ -309,9 +335,17 @@ class VROptimizer(Optimizer):
         unbiased = None
         if all(part[3] is not None for part in parts):
             unbiased = torch.cat([part[3].double().cpu() for part in parts])
-        self._last_noise = build_noise_stats(names, s2, q, self._noise_k, self.micro_batch_size, self._noise_ema,
-                                             sample_scale=self._noise_scale, gsnr_unbiased_mean=unbiased,
-                                             numels=numels)
+        self._last_noise = build_noise_stats(
+            names,
+            s2,
+            q,
+            self._noise_k,
+            self.micro_batch_size,
+            self._noise_ema,
+            sample_scale=self._noise_scale,
+            gsnr_unbiased_mean=unbiased,
+            numels=numels,
+        )
 
     def gsnr_summary(self) -> dict[str, float]:
         """Element-weighted means over all tensors of :meth:`gsnr_stats` (empty if none)."""
@@ -320,13 +354,21 @@ class VROptimizer(Optimizer):
             return {}
         total = sum(s["numel"] for s in stats.values())
         out = {}
-        for key, outkey in (("gsnr_mean", "gsnr_mean"), ("clip_frac", "gsnr_clip_frac"), ("scale_mean", "gsnr_scale_mean")):
+        for key, outkey in (
+            ("gsnr_mean", "gsnr_mean"),
+            ("clip_frac", "gsnr_clip_frac"),
+            ("scale_mean", "gsnr_scale_mean"),
+        ):
             out[outkey] = sum(s[key] * s["numel"] for s in stats.values()) / total
         out["step"] = max(s["step"] for s in stats.values())
         return out
 
-    def _record_stats(self, layout: SegmentLayout, raw: Tensor, normalized_unclipped_low: Tensor, scale: Tensor, step: int):
-        sums = layout.tensor_sums([raw, normalized_unclipped_low.float(), scale if scale.dim() else scale.expand_as(raw)])
+    def _record_stats(
+        self, layout: SegmentLayout, raw: Tensor, normalized_unclipped_low: Tensor, scale: Tensor, step: int
+    ):
+        sums = layout.tensor_sums(
+            [raw, normalized_unclipped_low.float(), scale if scale.dim() else scale.expand_as(raw)]
+        )
         numels = layout.tensor_numels.to(sums.device)
         for t in range(layout.num_tensors):
             entry = {
@@ -349,7 +391,9 @@ class VROptimizer(Optimizer):
     def _init_state(self, p: Tensor, state: dict, group: dict) -> None:  # pragma: no cover
         raise NotImplementedError
 
-    def _base_update(self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout) -> None:  # pragma: no cover
+    def _base_update(
+        self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout
+    ) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def _layer_gsnr(self, p: Tensor, layout: SegmentLayout, eps: float):
@@ -381,21 +425,33 @@ class VROptimizer(Optimizer):
             if not bool(torch.isfinite(vec).all()):
                 return None
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
-        absent = vec[n:2 * n] == 0 if counts is not None else None
+        absent = vec[n : 2 * n] == 0 if counts is not None else None
         if moments is not None:
-            m = vec[-2 * n:]
+            m = vec[-2 * n :]
             present = ~absent if absent is not None else torch.ones(n, dtype=torch.bool, device=vec.device)
             keep = present.nonzero().view(-1).tolist()
             unbiased = None
             if self.vr:
-                unbiased = layer_mean if self.gsnr_estimator == "unbiased" else unbiased_from_paper_r(layer_mean, self._noise_k)
+                unbiased = (
+                    layer_mean
+                    if self.gsnr_estimator == "unbiased"
+                    else unbiased_from_paper_r(layer_mean, self._noise_k)
+                )
                 unbiased = unbiased[keep]
-            self._noise_parts.append(([layout.names[t] for t in keep], m[:n][keep], m[n:][keep], unbiased,
-                                      layout.tensor_numels.to(vec.device)[keep]))
+            self._noise_parts.append(
+                (
+                    [layout.names[t] for t in keep],
+                    m[:n][keep],
+                    m[n:][keep],
+                    unbiased,
+                    layout.tensor_numels.to(vec.device)[keep],
+                )
+            )
         return raw, layer_mean, absent
 
-    def _scaled_gradient(self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor,
-                         layer_mean: Tensor) -> Tensor:
+    def _scaled_gradient(
+        self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor, layer_mean: Tensor
+    ) -> Tensor:
         """Phase 2: r ← clip(r / mean, γ, 1) (:func:`~vrgd_ds.gsnr.normalize_and_clip`), GSNR
         momentum, then g' = scale ⊙ G — all in place in ``raw`` (a buffer of this step's moments,
         free once r is used), so the step makes no full-size temporary here."""
@@ -406,8 +462,14 @@ class VROptimizer(Optimizer):
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
             steps = tensor_steps(state)
-            scale = update_gsnr_momentum(state["gsnr_momentum"], scale, group["gsnr_beta"],
-                                         state["step"] if steps is None else steps, out=scale, layout=layout)
+            scale = update_gsnr_momentum(
+                state["gsnr_momentum"],
+                scale,
+                group["gsnr_beta"],
+                state["step"] if steps is None else steps,
+                out=scale,
+                layout=layout,
+            )
         if stats:
             self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
         return scale.mul_(p.grad.reshape(-1)).view_as(p)
@@ -453,9 +515,18 @@ class VROptimizer(Optimizer):
         # Checked before any tensor is touched; the result is the same on every rank because
         # the moments were just summed across ranks and DDP's .grad is identical everywhere.
         # (Sources over flat ZeRO shards agree on it inside the layer-mean all-reduce instead.)
-        if self.vr and source.checks_finite_locally and not (
-            source.all_finite()
-            and all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"] if p.grad is not None)
+        if (
+            self.vr
+            and source.checks_finite_locally
+            and not (
+                source.all_finite()
+                and all(
+                    bool(torch.isfinite(p.grad).all())
+                    for g in self.param_groups
+                    for p in g["params"]
+                    if p.grad is not None
+                )
+            )
         ):
             self.skipped_steps += 1
             source.reset()
@@ -478,12 +549,15 @@ class VROptimizer(Optimizer):
             if some_absent or (absent is not None and "tensor_step" in state):
                 # Tensors of this flat shard with no gradient this step keep their own t.
                 if "tensor_step" not in state:
-                    state["tensor_step"] = torch.full((layout.num_tensors,), float(state["step"] - 1),
-                                                      dtype=torch.float32, device=p.device)
+                    state["tensor_step"] = torch.full(
+                        (layout.num_tensors,), float(state["step"] - 1), dtype=torch.float32, device=p.device
+                    )
                 state["tensor_step"] += (~absent).to(state["tensor_step"])
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
             keep = _ElementsKept(p, state, layout, absent) if some_absent else None
-            self._base_update(p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout)
+            self._base_update(
+                p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout
+            )
             if keep is not None:
                 keep.restore()
         source.reset()

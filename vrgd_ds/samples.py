@@ -26,6 +26,7 @@ What a micro-batch is (the rule all moment sources share):
 Cost with reentrant checkpointing: an fp32 buffer the size of each parameter that gets a piece
 in a nested pass, held from its first piece to the end of the backward pass.
 """
+
 from __future__ import annotations
 
 import sys
@@ -78,6 +79,7 @@ class MicroBatchSamples:
     def hook(self, p: Tensor, sink: Sink):
         def hook(grad: Tensor) -> None:
             self.add(p, grad, sink)
+
         return hook
 
     def add(self, p: Tensor, grad: Tensor, sink: Sink) -> None:

@@ -7,6 +7,7 @@ partitions) and padding at the end of the last rank's partition. Per-tensor quan
 (VRGD's layer mean of r, LAMB/LARS norms) are then segmented sums over the local pieces,
 completed by one all-reduce over the data-parallel group — never sums over a flat shard.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence
@@ -126,7 +127,9 @@ class SegmentLayout:
         if self.is_whole:
             return per_tensor.reshape(())
         lengths, keys, valid = self._index_tensors(per_tensor.device)
-        per_piece = torch.where(valid, per_tensor[keys], torch.zeros((), dtype=per_tensor.dtype, device=per_tensor.device))
+        per_piece = torch.where(
+            valid, per_tensor[keys], torch.zeros((), dtype=per_tensor.dtype, device=per_tensor.device)
+        )
         return torch.repeat_interleave(per_piece, lengths, output_size=self.numel)
 
     def tensor_norms(self, values: Sequence[Tensor]) -> Tensor:

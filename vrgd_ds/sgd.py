@@ -1,4 +1,5 @@
 """VR-SGD: VRGD in front of torch.optim.SGD (momentum, dampening, nesterov, weight decay)."""
+
 from __future__ import annotations
 
 from .optimizer import VROptimizer, _check_range, tensor_steps
@@ -30,11 +31,31 @@ class VRSGD(VROptimizer):
 
     _exclude_1d_overrides = {"weight_decay": 0.0}
 
-    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                 nesterov: bool = False, *, gamma: float = 0.1, gsnr_beta: float | None = None, gsnr_eps: float = 1e-6,
-                 vr: bool = True, **kwargs):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                        gamma=gamma, gsnr_beta=gsnr_beta, gsnr_eps=gsnr_eps)
+    def __init__(
+        self,
+        params,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        gamma: float = 0.1,
+        gsnr_beta: float | None = None,
+        gsnr_eps: float = 1e-6,
+        vr: bool = True,
+        **kwargs,
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            gamma=gamma,
+            gsnr_beta=gsnr_beta,
+            gsnr_eps=gsnr_eps,
+        )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
     def _validate_group(self, group):
@@ -48,8 +69,13 @@ class VRSGD(VROptimizer):
         state["step"] = 0
 
     def _base_update(self, p, grad, state, group, layout):
-        hp = dict(lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                  weight_decay=group["weight_decay"], nesterov=group["nesterov"])
+        hp = dict(
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+        )
         steps = tensor_steps(state)
         buf = state.get("momentum_buffer")
         if steps is None or buf is None or group["dampening"] == 0 or bool((steps > 1).all()):

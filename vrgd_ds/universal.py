@@ -40,6 +40,7 @@ Tested (tests/test_universal_checkpoint.py): ZeRO 1 and 2, fp32, VRLamb (two par
 and VRSGD with momentum, saved on 2 ranks, resumed on 1, 2 and 4. Pipeline stages (pp > 1) are
 handled as DeepSpeed's converter handles them, untested; tensor parallelism is refused.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,7 +84,8 @@ def _flat_state(group_state: dict, numel: int, padded_numel: int, where: str) ->
             raise ValueError(
                 f"vrgd_ds.universal: optimizer state {key!r} of {where} has shape {tuple(value.shape)}, neither one "
                 f"value per element ({numel}, or {padded_numel} with padding) nor a known per-tensor key "
-                f"{_PER_TENSOR_KEYS}: it cannot be converted.")
+                f"{_PER_TENSOR_KEYS}: it cannot be converted."
+            )
     return out
 
 
@@ -106,8 +108,9 @@ def extract_zero_shards(dir, ds_checkpoint, indices_3D):
     )
 
     pp_index, tp_index, dp_index = indices_3D
-    sd = ds_checkpoint.get_zero_checkpoint_state(pp_index=pp_index, tp_index=tp_index, dp_index=dp_index,
-                                                 strip_tensor_paddings=False)
+    sd = ds_checkpoint.get_zero_checkpoint_state(
+        pp_index=pp_index, tp_index=tp_index, dp_index=dp_index, strip_tensor_paddings=False
+    )
     optim_sd = sd[OPTIMIZER_STATE_DICT]
     param_slice_mappings = optim_sd[PARAM_SLICE_MAPPINGS]
     uc_info = ds_checkpoint.get_checkpoint_info(UNIVERSAL_CHECKPOINT_INFO) or {}
@@ -132,8 +135,9 @@ def extract_zero_shards(dir, ds_checkpoint, indices_3D):
             if pp_index > 0 and any(re.match(pattern, name) for pattern in pipeline_replicated_params):
                 continue  # tied weights replicated in the first and last stages (as DeepSpeed)
             for state_key, value in flat_state.items():
-                dsu.dump_param_fragment(dir, tp_index, dp_index, state_key, value, name, fragment_mapping.start,
-                                        fragment_mapping.numel)
+                dsu.dump_param_fragment(
+                    dir, tp_index, dp_index, state_key, value, name, fragment_mapping.start, fragment_mapping.numel
+                )
     extra = {"per_tensor": per_tensor}
     if isinstance(base, dict) and isinstance(base.get("vrgd"), dict):
         extra["vrgd"] = base["vrgd"]
@@ -169,8 +173,10 @@ def _group_names(ds_checkpoint, pp_index: int, tp_index: int) -> list[list[str]]
     model_file = ds_checkpoint.mp_rank_files[pp_index * ds_checkpoint.tp_degree + tp_index]
     shapes = torch.load(model_file, map_location="cpu", weights_only=False).get(PARAM_SHAPES)
     if not isinstance(shapes, (list, tuple)):
-        raise ValueError(f"vrgd_ds.universal: {model_file} records no per-group param_shapes; cannot map per-tensor "
-                         "step counts to parameter names.")
+        raise ValueError(
+            f"vrgd_ds.universal: {model_file} records no per-group param_shapes; cannot map per-tensor "
+            "step counts to parameter names."
+        )
     return [list(group.keys()) for group in shapes]
 
 
@@ -197,23 +203,37 @@ def _vrgd_info(ds_checkpoint, temp_dir: str) -> dict:
                         # tensor, tensor_step included; the other ranks' copies are whole.
                         continue
                     if not set(state["_slice_names"]) <= set(names[g]):
-                        raise ValueError(f"vrgd_ds.universal: param group {g} of pp stage {pp} holds "
-                                         f"{sorted(set(state['_slice_names']) - set(names[g]))}, which its param_shapes "
-                                         "do not list: the per-tensor step counts cannot be mapped to parameters.")
+                        raise ValueError(
+                            f"vrgd_ds.universal: param group {g} of pp stage {pp} holds "
+                            f"{sorted(set(state['_slice_names']) - set(names[g]))}, which its param_shapes "
+                            "do not list: the per-tensor step counts cannot be mapped to parameters."
+                        )
                     mapped.add(g)
                     for name, t in zip(names[g], steps.tolist()):
                         if tensor_step.setdefault(name, t) != t:
-                            raise ValueError(f"vrgd_ds.universal: the ranks disagree on the step count of {name} "
-                                             f"({tensor_step[name]} and {t}); the checkpoint is inconsistent.")
+                            raise ValueError(
+                                f"vrgd_ds.universal: the ranks disagree on the step count of {name} "
+                                f"({tensor_step[name]} and {t}); the checkpoint is inconsistent."
+                            )
             if wanted - mapped:
-                raise ValueError(f"vrgd_ds.universal: no whole copy of the per-tensor step counts (tensor_step) of "
-                                 f"param group(s) {sorted(wanted - mapped)} in the checkpoint; they cannot be mapped "
-                                 "to parameters.")
+                raise ValueError(
+                    f"vrgd_ds.universal: no whole copy of the per-tensor step counts (tensor_step) of "
+                    f"param group(s) {sorted(wanted - mapped)} in the checkpoint; they cannot be mapped "
+                    "to parameters."
+                )
     return {"format": FORMAT_VERSION, "tensor_step": tensor_step, "skipped_steps": skipped}
 
 
-def convert(input_folder: str, output_folder: str, *, num_extract_workers: int = 4, num_merge_workers: int = 2,
-            keep_temp_folder: bool = False, strict: bool = True, inject_missing_state: bool = False) -> None:
+def convert(
+    input_folder: str,
+    output_folder: str,
+    *,
+    num_extract_workers: int = 4,
+    num_merge_workers: int = 2,
+    keep_temp_folder: bool = False,
+    strict: bool = True,
+    inject_missing_state: bool = False,
+) -> None:
     """DeepSpeed's ``ds_to_universal`` conversion, keeping every optimizer-state key (see the module
     docstring). Arguments as ``python -m deepspeed.checkpoint.ds_to_universal``'s; the output loads
     with ``"checkpoint": {"load_universal": true}`` on any data-parallel world size."""
@@ -223,16 +243,24 @@ def convert(input_folder: str, output_folder: str, *, num_extract_workers: int =
     if not glob.glob(os.path.join(input_folder, "*_optim_states.pt")):
         if glob.glob(os.path.join(input_folder, "*model_states.pt")):
             raise ValueError(
-                f"vrgd_ds.universal: {input_folder} holds no ZeRO optimizer files: a ZeRO stage 0 checkpoint. DeepSpeed "
+                f"vrgd_ds.universal: {input_folder} holds no ZeRO optimizer files: a ZeRO stage 0 checkpoint. "
+                "DeepSpeed "
                 "has no universal format for stage 0, and needs none: a stage-0 checkpoint is not partitioned, so "
-                "engine.load_checkpoint loads it (VR state included) on any world size, without load_universal.")
+                "engine.load_checkpoint loads it (VR state included) on any world size, without load_universal."
+            )
         raise FileNotFoundError(f"vrgd_ds.universal: no DeepSpeed checkpoint in {input_folder}")
     if dsu._get_zero_stage(dsu._get_optim_files(input_folder)) > 2:
         raise ValueError("vrgd_ds.universal: ZeRO stage 3 checkpoints are not supported (vrgd_ds supports ZeRO 0/1/2).")
 
-    args = argparse.Namespace(input_folder=input_folder, output_folder=output_folder,
-                              num_extract_workers=num_extract_workers, num_merge_workers=num_merge_workers,
-                              keep_temp_folder=True, strict=strict, inject_missing_state=inject_missing_state)
+    args = argparse.Namespace(
+        input_folder=input_folder,
+        output_folder=output_folder,
+        num_extract_workers=num_extract_workers,
+        num_merge_workers=num_merge_workers,
+        keep_temp_folder=True,
+        strict=strict,
+        inject_missing_state=inject_missing_state,
+    )
     temp_dir = os.path.join(output_folder, "tmp")
     original = dsu.extract_zero_shards
     dsu.extract_zero_shards = extract_zero_shards  # looked up when DeepSpeed builds its work items
@@ -245,14 +273,20 @@ def convert(input_folder: str, output_folder: str, *, num_extract_workers: int =
     if inject_missing_state:
         dsu._inject_missing_state(ds_checkpoint)
     if ds_checkpoint.tp_degree > 1:
-        raise ValueError("vrgd_ds.universal: tensor-parallel checkpoints are not supported (vrgd_ds refuses tensor "
-                         "parallelism).")
+        raise ValueError(
+            "vrgd_ds.universal: tensor-parallel checkpoints are not supported (vrgd_ds refuses tensor parallelism)."
+        )
     zero_dir = os.path.join(output_folder, "zero")
     slice_shapes = dsu._group_per_tp_shapes(
-        dsu._aggregate_autoep_zero12_metadata(ds_checkpoint.model_state_metadata)[0], ds_checkpoint.pp_degree,
-        ds_checkpoint.tp_degree)
-    dsu._do_parallel_work(functools.partial(merge_extra_keys, zero_dir, temp_dir, ds_checkpoint.tp_degree),
-                          list(slice_shapes.items()), num_merge_workers)
+        dsu._aggregate_autoep_zero12_metadata(ds_checkpoint.model_state_metadata)[0],
+        ds_checkpoint.pp_degree,
+        ds_checkpoint.tp_degree,
+    )
+    dsu._do_parallel_work(
+        functools.partial(merge_extra_keys, zero_dir, temp_dir, ds_checkpoint.tp_degree),
+        list(slice_shapes.items()),
+        num_merge_workers,
+    )
     torch.save(_vrgd_info(ds_checkpoint, temp_dir), os.path.join(zero_dir, VRGD_FILE))
     if not keep_temp_folder:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -285,8 +319,10 @@ def _read_info(checkpoint_folder: str, opt, zero_opt) -> dict | None:
         return None
     info = torch.load(path, weights_only=False)
     if int(info.get("format", 0)) > FORMAT_VERSION:
-        raise RuntimeError(f"vrgd_ds: {path} has format {info.get('format')}, newer than this vrgd_ds reads "
-                           f"({FORMAT_VERSION}); upgrade vrgd_ds.")
+        raise RuntimeError(
+            f"vrgd_ds: {path} has format {info.get('format')}, newer than this vrgd_ds reads "
+            f"({FORMAT_VERSION}); upgrade vrgd_ds."
+        )
     return info
 
 
@@ -302,18 +338,23 @@ def _restore_per_tensor_state(opt, zero_opt, info: dict | None, checkpoint_folde
         if any(known):
             if not all(known):
                 missing = [n for n, k in zip(names, known) if not k]
-                raise RuntimeError(f"vrgd_ds: the universal checkpoint {checkpoint_folder} has per-tensor step counts "
-                                   f"for param group {i} but none for {missing}: it was saved with other parameter "
-                                   "groups; use the same model and parameter groups to resume.")
-            state["tensor_step"] = torch.tensor([float(tensor_step[n]) for n in names], dtype=torch.float32,
-                                                device=flat.device)
+                raise RuntimeError(
+                    f"vrgd_ds: the universal checkpoint {checkpoint_folder} has per-tensor step counts "
+                    f"for param group {i} but none for {missing}: it was saved with other parameter "
+                    "groups; use the same model and parameter groups to resume."
+                )
+            state["tensor_step"] = torch.tensor(
+                [float(tensor_step[n]) for n in names], dtype=torch.float32, device=flat.device
+            )
         else:
             state.pop("tensor_step", None)
         if opt.vr and group.get("gsnr_beta") is not None and state.get("step", 0) > 0 and "gsnr_momentum" not in state:
-            raise RuntimeError(f"vrgd_ds: the universal checkpoint {checkpoint_folder} has no gsnr_momentum for param "
-                               f"group {i} (saved at step {state.get('step')}; by a run without GSNR momentum?), so the "
-                               "GSNR momentum would restart and the run would not continue as the saved one. Resume "
-                               "with the optimizer settings the checkpoint was saved with.")
+            raise RuntimeError(
+                f"vrgd_ds: the universal checkpoint {checkpoint_folder} has no gsnr_momentum for param "
+                f"group {i} (saved at step {state.get('step')}; by a run without GSNR momentum?), so the "
+                "GSNR momentum would restart and the run would not continue as the saved one. Resume "
+                "with the optimizer settings the checkpoint was saved with."
+            )
     if info is not None:
         opt.skipped_steps = int(info.get("skipped_steps", opt.skipped_steps))
 
@@ -337,9 +378,11 @@ def install(engine) -> None:
     def load_checkpoint(*args, **kwargs):
         if engine.load_universal_checkpoint() and engine.zero_optimization_stage() == 0:
             raise ValueError(
-                "vrgd_ds: \"checkpoint\": {\"load_universal\": true} at ZeRO stage 0 would not load the model weights "
-                "(DeepSpeed 0.19.8 restores them from zero/ at ZeRO 1/2 only). A stage-0 checkpoint is not partitioned: "
-                "remove load_universal and load the ordinary checkpoint, on any world size (VR state included).")
+                'vrgd_ds: "checkpoint": {"load_universal": true} at ZeRO stage 0 would not load the model weights '
+                "(DeepSpeed 0.19.8 restores them from zero/ at ZeRO 1/2 only). "
+                "A stage-0 checkpoint is not partitioned: "
+                "remove load_universal and load the ordinary checkpoint, on any world size (VR state included)."
+            )
         return original_load(*args, **kwargs)
 
     engine.load_checkpoint = load_checkpoint
@@ -363,19 +406,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vrgd_ds.universal",
         description="DeepSpeed's ds_to_universal, keeping the VRGD optimizer state (GSNR momentum, momentum "
-                    "buffers, per-tensor step counts).")
+        "buffers, per-tensor step counts).",
+    )
     parser.add_argument("--input_folder", required=True, help="DeepSpeed checkpoint folder (<save_dir>/<tag>)")
     parser.add_argument("--output_folder", required=True, help="universal checkpoint folder (<dir>/<tag>)")
     parser.add_argument("--num_extract_workers", type=int, default=4)
     parser.add_argument("--num_merge_workers", type=int, default=2)
     parser.add_argument("--keep_temp_folder", action="store_true")
     parser.add_argument("--no_strict", dest="strict", action="store_false")
-    parser.add_argument("--inject_missing_state", action="store_true",
-                        help="add DeepSpeed's universal_checkpoint_info if the checkpoint lacks it (plain models)")
+    parser.add_argument(
+        "--inject_missing_state",
+        action="store_true",
+        help="add DeepSpeed's universal_checkpoint_info if the checkpoint lacks it (plain models)",
+    )
     a = parser.parse_args(argv)
-    convert(a.input_folder, a.output_folder, num_extract_workers=a.num_extract_workers,
-            num_merge_workers=a.num_merge_workers, keep_temp_folder=a.keep_temp_folder, strict=a.strict,
-            inject_missing_state=a.inject_missing_state)
+    convert(
+        a.input_folder,
+        a.output_folder,
+        num_extract_workers=a.num_extract_workers,
+        num_merge_workers=a.num_merge_workers,
+        keep_temp_folder=a.keep_temp_folder,
+        strict=a.strict,
+        inject_missing_state=a.inject_missing_state,
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ and its state tensors in place. LAMB and LARS need per-parameter-tensor norms: t
 a flat ZeRO shard. SGD and Adam mirror torch.optim's single-tensor kernels operation for
 operation so that ``vr=False`` reproduces them.
 """
+
 from __future__ import annotations
 
 import torch

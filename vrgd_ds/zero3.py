@@ -43,6 +43,7 @@ NVMe offload of either (not examined: the sub-group tensors are swapped in and o
 ``step()``), ZeRO++ quantized gradients (not examined), ZenFlow, MiCS/hpZ and every other layout
 :func:`~vrgd_ds.deepspeed_glue.unsupported_parallelism` refuses.
 """
+
 from __future__ import annotations
 
 import torch
@@ -72,8 +73,10 @@ def check_supported(engine) -> None:
     problems = []
     for key in ("offload_param", "offload_optimizer"):
         if _offload_device(getattr(zero, key, None)) == "nvme":
-            problems.append(f"NVMe offload (zero_optimization.{key}.device \"nvme\"): tensors swapped to NVMe around "
-                            "step() are not examined; use \"device\": \"cpu\" or no offload")
+            problems.append(
+                f'NVMe offload (zero_optimization.{key}.device "nvme"): tensors swapped to NVMe around '
+                'step() are not examined; use "device": "cpu" or no offload'
+            )
     if getattr(zero, "zero_quantized_gradients", False):
         problems.append("ZeRO++ quantized gradients (zero_quantized_gradients): not examined; set it to false")
     if getattr(zero, "zenflow", None) is not None:
@@ -106,16 +109,21 @@ def _partition_layouts(wrapper, names: dict[int, str]):
             offsets.append(pos)
             pos += ps
         if pos != flat.numel():
-            raise RuntimeError(f"vrgd_ds: ZeRO-3 sub-group {i} holds {flat.numel()} elements, its parameters' "
-                               f"slices {pos}")
+            raise RuntimeError(
+                f"vrgd_ds: ZeRO-3 sub-group {i} holds {flat.numel()} elements, its parameters' slices {pos}"
+            )
 
         def complete(vec, group=group, world=world):
             if world > 1:
                 dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
 
-        layout = SegmentLayout(lengths, keys, [int(p.ds_numel) for p in tensors],
-                               names=[names.get(id(p), f"subgroup{i}.param{k}") for k, p in enumerate(tensors)],
-                               complete=complete)
+        layout = SegmentLayout(
+            lengths,
+            keys,
+            [int(p.ds_numel) for p in tensors],
+            names=[names.get(id(p), f"subgroup{i}.param{k}") for k, p in enumerate(tensors)],
+            complete=complete,
+        )
         out.append((flat, list(tensors), offsets, layout))
     return out
 
@@ -182,10 +190,10 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         def add_into(rows: Tensor, g: Tensor) -> None:
             # rows: (w, ps); row q gets the squares of the elements rank q owns, padding stays 0.
             if full_rows:
-                head = g[:full_rows * ps].view(full_rows, ps)
+                head = g[: full_rows * ps].view(full_rows, ps)
                 rows[:full_rows].addcmul_(head, head)
             if rest:
-                tail = g[full_rows * ps:]
+                tail = g[full_rows * ps :]
                 rows[full_rows, :rest].addcmul_(tail, tail)
 
         def add_sample(grad):
@@ -205,13 +213,14 @@ class Zero3MomentSource(DeepSpeedMomentSource):
                 self._used += ps
                 self._slots[id(p)] = slot
                 self._entries.append((p, slot))
-                self.bucket[:, slot:slot + ps].zero_()
-            add_into(self.bucket[:, slot:slot + ps], g)
+                self.bucket[:, slot : slot + ps].zero_()
+            add_into(self.bucket[:, slot : slot + ps], g)
             self._count(p)
+
         return add_sample
 
     def _add_to_partition(self, i: int, offset: int, values: Tensor) -> None:
-        target = self.partitions[i][offset:offset + values.numel()]
+        target = self.partitions[i][offset : offset + values.numel()]
         target.add_(values.to(target.device, non_blocking=False))
 
     def _flush(self) -> None:
@@ -222,7 +231,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         mine = self._reduce_scatter(self.bucket[:, :n])
         for p, slot in self._entries:
             i, offset, _, ps = self._where[id(p)]
-            self._add_to_partition(i, offset, mine[slot:slot + ps])
+            self._add_to_partition(i, offset, mine[slot : slot + ps])
         self._used = 0
         self._slots.clear()
         self._entries.clear()
@@ -235,8 +244,9 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         rows = rows if rows.stride(1) == 1 else rows.contiguous()
         if not self.pairwise_exchange:
             out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-            dist.reduce_scatter(out, [rows[q].contiguous() for q in range(w)], op=dist.ReduceOp.SUM,
-                                group=self.comm_group)
+            dist.reduce_scatter(
+                out, [rows[q].contiguous() for q in range(w)], op=dist.ReduceOp.SUM, group=self.comm_group
+            )
             return out
         # Round s: send rank (r+s) mod w its row, receive ours from rank (r−s) mod w — 4·n·(w−1)
         # bytes per rank, the reduce-scatter minimum.
@@ -283,8 +293,10 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         return self.partitions  # the bucket's slots are zeroed when taken
 
     def extra_buffer_bytes(self):
-        return {"grad_sq_sum partition (fp32, per sub-group)": sum(p.numel() for p in self.partitions) * 4,
-                f"grad_sq_sum bucket (fp32, {self.strategy})": self.bucket.numel() * 4}
+        return {
+            "grad_sq_sum partition (fp32, per sub-group)": sum(p.numel() for p in self.partitions) * 4,
+            f"grad_sq_sum bucket (fp32, {self.strategy})": self.bucket.numel() * 4,
+        }
 
 
 UNIVERSAL_MESSAGE = (
@@ -312,21 +324,27 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
 
     wrapper = engine.optimizer
     if type(wrapper) is not DeepSpeedZeroOptimizer_Stage3:
-        raise ValueError(f"vrgd_ds supports ZeRO stage 3 through DeepSpeedZeroOptimizer_Stage3, got "
-                         f"{type(wrapper).__name__} (MiCS and hpZ are not supported).")
+        raise ValueError(
+            f"vrgd_ds supports ZeRO stage 3 through DeepSpeedZeroOptimizer_Stage3, got "
+            f"{type(wrapper).__name__} (MiCS and hpZ are not supported)."
+        )
     if getattr(wrapper, "swap_optimizer", False) or getattr(wrapper, "params_in_nvme_and_cpu", False):
-        raise ValueError("vrgd_ds does not support ZeRO-3 NVMe offload (offload_param / offload_optimizer device "
-                         "\"nvme\"); use \"device\": \"cpu\" or no offload.")
+        raise ValueError(
+            "vrgd_ds does not support ZeRO-3 NVMe offload (offload_param / offload_optimizer device "
+            '"nvme"); use "device": "cpu" or no offload.'
+        )
     dp_group = wrapper.dp_process_group
     dp_world = dist.get_world_size(group=dp_group)
     for i, group in enumerate(wrapper.sub_group_process_groups):
         if dist.get_world_size(group=group) != dp_world or dist.get_rank(group=group) != dist.get_rank(group=dp_group):
-            raise ValueError(f"vrgd_ds: ZeRO-3 sub-group {i} is partitioned over another process group than the "
-                             "data-parallel one (AutoEP / custom ds_process_group): not supported.")
+            raise ValueError(
+                f"vrgd_ds: ZeRO-3 sub-group {i} is partitioned over another process group than the "
+                "data-parallel one (AutoEP / custom ds_process_group): not supported."
+            )
     if strategy == "auto":
         strategy = "per_micro_step"
     subgroups = _partition_layouts(wrapper, names)
-    for flat, tensors, _, layout in subgroups:
+    for flat, _tensors, _, layout in subgroups:
         opt.set_layout(flat, layout)
     _refuse_universal_load(engine)
     if not (opt.vr or opt.gradient_stats):
