@@ -47,6 +47,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .collect import k_too_small_message
+from .comm import pairwise_reduce_scatter
 from .gsnr import gsnr_from_moments
 from .optimizer import VROptimizer
 from .samples import MicroBatchSamples
@@ -470,35 +471,10 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 if self.world_size == 1:
                     partition.copy_(full)
                 elif self.pairwise_exchange:
-                    self._exchange(full, partition, group, tag=i)
+                    pairwise_reduce_scatter(full, partition, group, tag=i)
                 else:
                     dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM, group=group)
         self._reduced = True
-
-    def _exchange(self, full: Tensor, partition: Tensor, group, tag: int) -> None:
-        """Reduce-scatter of ``full`` into ``partition`` by point-to-point transfers: in round s
-        this rank sends rank (r+s) mod w its slice and receives its own slice from rank
-        (r−s) mod w — 4·N·(w−1)/w bytes per rank, the reduce-scatter minimum."""
-        size, w, r = partition.numel(), self.world_size, self.rank
-
-        def peer(q):
-            return dist.get_global_rank(group, q) if group is not None else q
-
-        def slice_of(q):
-            return full[q * size : (q + 1) * size]
-
-        incoming = partition if w == 2 else torch.empty_like(partition)
-        if w > 2:
-            partition.copy_(slice_of(r))
-        for s in range(1, w):
-            dst, src = (r + s) % w, (r - s) % w
-            sent = dist.isend(slice_of(dst), dst=peer(dst), group=group, tag=tag)
-            dist.irecv(incoming, src=peer(src), group=group, tag=tag).wait()
-            sent.wait()
-            if w > 2:
-                partition.add_(incoming)
-        if w == 2:
-            partition.add_(slice_of(r))
 
     def clear(self) -> None:
         for work, _ in self._pending:  # a step skipped on overflow never reduced its moments
