@@ -131,6 +131,16 @@ class GradientMomentCollector:
         grad_sq_sum = buf[self.numel + offset : self.numel + offset + numel]
         return gsnr_from_moments(buf[offset : offset + numel], grad_sq_sum, self._finalized_k, eps, out=grad_sq_sum)
 
+    def tensor_sample_counts(self, p: Tensor, layout) -> None:
+        """Whole tensors with a ``.grad`` always had samples: nothing to tell."""
+        return None
+
+    def after_inner_step(self) -> None:
+        self.reset()
+
+    def on_zero_grad(self) -> None:
+        self.reset()
+
     def reset(self) -> None:
         """Forget this step's samples (after step(), zero_grad(), or a skipped step)."""
         self.samples.discard()

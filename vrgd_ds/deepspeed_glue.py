@@ -271,8 +271,12 @@ class DeepSpeedMomentSource:
             self.prepare([p])
         return self.sq[id(p)]
 
-    def reset(self) -> None:
-        # ZeRO calls step() once per param group; the glue clears after the whole step.
+    def after_inner_step(self) -> None:
+        # ZeRO calls step() once per param group: clear() runs after the wrapper's whole step.
+        pass
+
+    def on_zero_grad(self) -> None:
+        # DeepSpeed zeroes gradients itself around its steps; clear() handles the accumulators.
         pass
 
     def clear(self) -> None:

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from .collect import GradientMomentCollector, k_too_small_message
 from .gsnr import normalize_and_clip, update_gsnr_momentum
+from .moments import MomentSource
 from .noise import NoiseScaleEMA, build_noise_stats, unbiased_from_paper_r
 from .segments import SegmentLayout
 
@@ -180,7 +181,8 @@ class VROptimizer(Optimizer):
         self._names = names
         self._layouts: dict[int, SegmentLayout] = {}
         self._last_stats: dict[str, dict[str, float]] = {}
-        self.moment_source = (
+        #: Where the step's gradient samples come from (the MomentSource protocol, vrgd_ds/moments.py).
+        self.moment_source: MomentSource | None = (
             GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group, self._names)
             if vr or self.gradient_stats
             else None
@@ -275,17 +277,17 @@ class VROptimizer(Optimizer):
             raise ValueError(f"layout covers {layout.numel} elements, the tensor has {p.numel()}")
         self._layouts[id(p)] = layout
 
-    def set_moment_source(self, source) -> None:
-        """Replace the plain hook collector (used by the DeepSpeed glue)."""
-        if isinstance(self.moment_source, GradientMomentCollector):
+    def set_moment_source(self, source: MomentSource) -> None:
+        """Replace the plain hook collector (used by the DeepSpeed glue; see vrgd_ds/moments.py)."""
+        if self.moment_source is not None:
             self.moment_source.remove()
         self.moment_source = source
 
     # ---- zero_grad / state ----------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
-        if isinstance(self.moment_source, GradientMomentCollector):
-            self.moment_source.reset()
+        if self.moment_source is not None:
+            self.moment_source.on_zero_grad()
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -411,7 +413,7 @@ class VROptimizer(Optimizer):
         if raw is not None and self.gsnr_estimator == "unbiased":
             # r~ = ((k−1)r − 1)/k (VRGD.md §5), no k-dependent floor; negative estimates are 0.
             raw.mul_((self._noise_k - 1) / self._noise_k).sub_(1.0 / self._noise_k).clamp_(min=0.0)
-        counts = source.tensor_sample_counts(p, layout) if hasattr(source, "tensor_sample_counts") else None
+        counts = source.tensor_sample_counts(p, layout)
         pieces = [layout.local_sums([raw]).view(-1)] if raw is not None else [torch.zeros(n, device=p.device)]
         if counts is not None:
             pieces.append(counts)
@@ -507,10 +509,10 @@ class VROptimizer(Optimizer):
         self._noise_scale = source.sample_scale()
         has_grads = any(p.grad is not None for g in self.param_groups for p in g["params"])
         if not has_grads:
-            source.reset()
+            source.after_inner_step()
             return loss
         if k < 2:
-            source.reset()
+            source.after_inner_step()
             raise RuntimeError(k_too_small_message(k))
         # Checked before any tensor is touched; the result is the same on every rank because
         # the moments were just summed across ranks and DDP's .grad is identical everywhere.
@@ -529,7 +531,7 @@ class VROptimizer(Optimizer):
             )
         ):
             self.skipped_steps += 1
-            source.reset()
+            source.after_inner_step()
             return loss
 
         for p, group, state, layout in self._tensors_with_grad():
@@ -560,7 +562,7 @@ class VROptimizer(Optimizer):
             )
             if keep is not None:
                 keep.restore()
-        source.reset()
+        source.after_inner_step()
         if source.ends_step_in_step:
             self._finish_noise_stats()
         return loss
