@@ -229,3 +229,31 @@ def config_error_case(rank: int, world: int, case: dict):
     except Exception as exc:  # noqa: BLE001 - the message is what the test checks
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def csv_monitor_case(rank: int, world: int, out_dir: str):
+    """Two VRLamb steps with DeepSpeed's CSV monitor on; vrgd_ds.monitor.log_noise_stats after each."""
+    import deepspeed
+
+    import vrgd_ds.monitor
+
+    gas = SAMPLES_PER_STEP // world
+    model = TinyNet(**DS_MODEL)
+    cfg = ds_config(
+        "VRLamb",
+        {"lr": 1e-2},
+        2,
+        gas,
+        world,
+        csv_monitor={"enabled": True, "output_path": out_dir, "job_name": "noise"},
+    )
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    batches = micro_batches(SAMPLES_PER_STEP * 2, skip_extra=False)
+    written = []
+    for step in range(2):
+        for a in range(gas):
+            x, y, use_extra = batches[step * SAMPLES_PER_STEP + a * world + rank]
+            engine.backward(mb_loss(engine, (x, y, use_extra)))
+            engine.step()
+        written.append(vrgd_ds.monitor.log_noise_stats(engine))
+    return {"global_samples": engine.global_samples, "written": written}

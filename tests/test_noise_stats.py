@@ -117,3 +117,17 @@ def test_noise_ema_survives_state_dict():
 def test_statistics_options_are_validated(bad, match):
     with pytest.raises(ValueError, match=match):
         vrgd_ds.VRLamb(TinyNet().parameters(), **bad)
+
+
+def test_deepspeed_csv_monitor_receives_the_statistics(tmp_path):
+    """vrgd_ds.monitor.log_noise_stats(engine) into DeepSpeed's own CSV monitor, at global_samples."""
+    from .ds_bodies import csv_monitor_case
+
+    results = run_ranks(csv_monitor_case, 2, str(tmp_path), timeout=180, init="deepspeed")
+    assert results[0]["global_samples"] == 2 * SAMPLES_PER_STEP * 4
+    files = {p.name: p for p in tmp_path.rglob("*.csv")}
+    name = next((n for n in files if "b_simple_ema" in n), None)
+    assert name is not None, sorted(files)
+    rows = [line.split(",") for line in files[name].read_text().splitlines()[1:]]
+    assert [int(float(r[0])) for r in rows] == [SAMPLES_PER_STEP * 4, 2 * SAMPLES_PER_STEP * 4]
+    assert all(math.isfinite(float(r[1])) and float(r[1]) > 0 for r in rows)
