@@ -20,19 +20,25 @@ def train_ddp(rank: int, world: int, name: str, kwargs: dict, steps: int = 3):
     model = TinyNet(with_unused=False)
     ddp = DDP(model, find_unused_parameters=True)
     opt = make_optimizer(name, model.parameters(), **kwargs)
-    gas = SAMPLES_PER_STEP // world
     batches = micro_batches(SAMPLES_PER_STEP * steps)
     for step in range(steps):
-        for a in range(gas):
-            b = batches[step * SAMPLES_PER_STEP + a * world + rank]
-            if a < gas - 1:
-                with ddp.no_sync():
-                    (mb_loss(ddp, b) / gas).backward()
-            else:
-                (mb_loss(ddp, b) / gas).backward()
+        accumulate_ddp(ddp, batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP], rank, world)
         opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def accumulate_ddp(ddp, step_batches, rank: int, world: int) -> None:
+    """This rank's share of one step's micro-batches, each loss divided by the local count; DDP
+    all-reduces at the last one only (no_sync before)."""
+    gas = SAMPLES_PER_STEP // world
+    for a in range(gas):
+        b = step_batches[a * world + rank]
+        if a < gas - 1:
+            with ddp.no_sync():
+                (mb_loss(ddp, b) / gas).backward()
+        else:
+            (mb_loss(ddp, b) / gas).backward()
 
 
 def train_single(name: str, kwargs: dict, steps: int = 3):
@@ -69,14 +75,6 @@ def noise_stats_ddp(rank: int, world: int):
     model = TinyNet(with_unused=False)
     ddp = DDP(model, find_unused_parameters=True)
     opt = make_optimizer("vrlamb", model.named_parameters(), lr=1e-2, micro_batch_size=4)
-    gas = SAMPLES_PER_STEP // world
-    batches = micro_batches(SAMPLES_PER_STEP)
-    for a in range(gas):
-        b = batches[a * world + rank]
-        if a < gas - 1:
-            with ddp.no_sync():
-                (mb_loss(ddp, b) / gas).backward()
-        else:
-            (mb_loss(ddp, b) / gas).backward()
+    accumulate_ddp(ddp, micro_batches(SAMPLES_PER_STEP), rank, world)
     opt.step()
     return opt.noise_stats()

@@ -529,6 +529,17 @@ class BF16OptimizerLayout:
             self.round_robin_bit16_offsets.append(offsets)
 
 
+def all_reduce_sum(group, world: int):
+    """``complete(vec)`` for a SegmentLayout whose tensors are spread over ``group``: an in-place
+    all-reduce of the per-tensor partial sums (nothing for a group of one)."""
+
+    def complete(vec: Tensor) -> None:
+        if world > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+
+    return complete
+
+
 def _zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
     """Per-tensor segment layouts of every rank-local flat partition."""
     for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
@@ -552,10 +563,7 @@ def _zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
             lengths.append(hi - pos)
             keys.append(-1)
 
-        def complete(vec, group=group, world=world):
-            if world > 1:
-                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
-
+        complete = all_reduce_sum(group, world)
         layout = SegmentLayout(
             lengths,
             keys,

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .collect import k_too_small_message
-from .deepspeed_glue import DeepSpeedMomentSource, _wrap_method, unsupported_parallelism
+from .deepspeed_glue import DeepSpeedMomentSource, _wrap_method, all_reduce_sum, unsupported_parallelism
 from .segments import SegmentLayout
 
 __all__ = ["check_supported", "attach_zero3", "Zero3MomentSource"]
@@ -113,10 +113,7 @@ def _partition_layouts(wrapper, names: dict[int, str]):
                 f"vrgd_ds: ZeRO-3 sub-group {i} holds {flat.numel()} elements, its parameters' slices {pos}"
             )
 
-        def complete(vec, group=group, world=world):
-            if world > 1:
-                dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
-
+        complete = all_reduce_sum(group, world)
         layout = SegmentLayout(
             lengths,
             keys,
