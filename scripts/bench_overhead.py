@@ -126,6 +126,22 @@ VARIANTS = (
     Variant("LAMB", {"type": "VRLamb", "params": {**LAMB_PARAMS, "vr": False}}),
     Variant("AdamW", {"type": "AdamW", "params": {**LAMB_PARAMS, "torch_adam": True}}),
 )
+# --stats-cost: VR-LAMB per_step without the gradient-noise statistics too, to measure what the
+# statistics cost (ratio of the two VR rows). Read from the environment so that the spawned ranks,
+# which import this module afresh, build the same list.
+STATS_COST_ENV = "VRGD_BENCH_STATS_COST"
+STATS_OFF = Variant(
+    "VRLamb per_step no stats",
+    {"type": "VRLamb", "params": {**LAMB_PARAMS, "moment_reduction": "per_step", "gradient_stats": False}},
+    None,  # not what "auto" picks
+)
+
+
+def variants() -> tuple[Variant, ...]:
+    """The variants measured: VARIANTS, plus STATS_OFF with --stats-cost."""
+    return VARIANTS[:1] + (STATS_OFF,) + VARIANTS[1:] if os.environ.get(STATS_COST_ENV) == "1" else VARIANTS
+
+
 BASELINE = "LAMB"
 
 
@@ -759,7 +775,7 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
     fp32_mode = _bf16_matmul_in_fp32_mode() if bf16_matmul == "fp32" and DEVICE == "cpu" else None
     batches = make_batches(cfg, rank, max(cfg.accumulations), DEVICE)
     # Imports and first-call allocations must not count as the first variant's memory.
-    warm = build_engine(VARIANTS[-2], "fp32", 1, QUICK, world)
+    warm = build_engine(VARIANTS[2], "fp32", 1, QUICK, world)
     train_step(warm, make_batches(QUICK, rank, 1, DEVICE), None)
     warm.destroy()
     del warm
@@ -771,7 +787,7 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
         for gas in cfg.accumulations:
             block = {"precision": precision, "gas": gas, "variants": {}}
             engines = {}
-            for variant in VARIANTS:
+            for variant in variants():
                 t = time.perf_counter()
                 engines[variant.name], entry = build_and_measure(
                     variant, precision, gas, cfg, world, batches[:gas], mode
@@ -784,14 +800,14 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
                     + (f", GPU allocated {torch.cuda.memory_allocated() / 2**20:.0f} MiB" if DEVICE == "cuda" else "")
                 )
             for r in range(cfg.rounds):
-                for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
+                for variant in variants()[r % len(variants()) :] + variants()[: r % len(variants())]:
                     timed_step(engines[variant.name], block["variants"][variant.name], batches[:gas], mode)
                 say(
                     f"[{precision} gas={gas}] round {r + 1}/{cfg.rounds}: "
-                    + ", ".join(f"{v.name} {block['variants'][v.name]['total'][-1]:.2f} s" for v in VARIANTS)
+                    + ", ".join(f"{v.name} {block['variants'][v.name]['total'][-1]:.2f} s" for v in variants())
                 )
             if profile:
-                for variant in VARIANTS:
+                for variant in variants():
                     dist.barrier()
                     if rank == 0:
                         block["variants"][variant.name]["profile"] = profiled_step(
@@ -870,7 +886,7 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
     for block in blocks:
         base = block["variants"][BASELINE]
         base_ring = sum(c["ring"] for c in base["collectives"])
-        for variant in VARIANTS:
+        for variant in variants():
             e = block["variants"][variant.name]
             n = e["num_params"]
             limit = 4 * n * (world - 1) / world
@@ -1193,7 +1209,14 @@ def main(argv=None) -> int:
         help="after the timed rounds, profile one optimizer step per variant on rank 0 (torch.profiler)",
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
+    parser.add_argument(
+        "--stats-cost",
+        action="store_true",
+        help="also run VR-LAMB per_step with gradient_stats off (the noise statistics' cost = ratio of the two)",
+    )
     args = parser.parse_args(argv)
+    if args.stats_cost:
+        os.environ[STATS_COST_ENV] = "1"  # read by variants(), here and in the spawned ranks
 
     cfg = QUICK if args.quick else SIZES[args.size]
     world = args.world_size or (WORLD_SIZE if args.device == "cpu" else 1)
