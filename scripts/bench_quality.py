@@ -83,7 +83,13 @@ class OptimizerSpec:
     kwargs: dict = field(default_factory=dict)
 
     def build(
-        self, model: torch.nn.Module, lr: float, vr: bool, gamma: float = 0.1, stats_interval: int = 1
+        self,
+        model: torch.nn.Module,
+        lr: float,
+        vr: bool,
+        gamma: float = 0.1,
+        stats_interval: int = 1,
+        estimator: str = "paper",
     ) -> torch.optim.Optimizer:
         # No weight decay on biases, but (unlike ``weight_decay_exclude_1d`` for LARS) the same
         # update rule: LARS's global LR (10-80 here) is sized for the trust ratio, and as plain
@@ -99,6 +105,7 @@ class OptimizerSpec:
             gamma=gamma,
             vr=vr,
             stats_interval=stats_interval if vr else 0,
+            gsnr_estimator=estimator,
             **self.kwargs,
         )
 
@@ -226,6 +233,7 @@ class RunConfig:
     hidden: int
     gamma: float = 0.1
     split: str = "test"  # "test": train on train, evaluate on test; "val": hold out 5k of train
+    estimator: str = "paper"  # VR's gsnr_estimator: "paper" (r, eq. 7) or "unbiased" (r~, VRGD.md §5)
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -241,7 +249,7 @@ def train_run(cfg: RunConfig, data) -> dict:
     total_steps = max(1, round(cfg.epochs * n / cfg.batch))
     # statistics cost about as much as the rest of a VR step at batch 256: sample ~50 steps per run
     stats_interval = max(1, total_steps // 50)
-    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval)
+    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval, cfg.estimator)
     order = torch.empty(0, dtype=torch.int64)
     params = [p for p in model.parameters()]
     scales, clip_fracs, rhos, losses, diverged, steps_done = [], [], [], [], False, 0
@@ -512,6 +520,60 @@ def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[st
     return text, results
 
 
+UNBIASED_OPTIMIZERS = ("SGD-momentum", "LAMB")
+
+
+def experiment_unbiased(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+    """VR driven by the paper's r vs by the k-independent r~ = ((k−1)r − 1)/k (VRGD.md §5), at the
+    largest two batches of the grid and the sqrt-scaled LR, same seeds."""
+    results, rows = {}, []
+    specs = [s for s in OPTIMIZERS if s.name in UNBIASED_OPTIMIZERS] or list(OPTIMIZERS)
+    for spec in specs:
+        for batch in settings.batches[-2:]:
+            seeds = settings.seeds_large if batch >= settings.large_from else settings.seeds_small
+            cell = {
+                est: [
+                    cache.run(
+                        RunConfig(
+                            spec.name,
+                            True,
+                            batch,
+                            scaled_lr(spec, batch),
+                            s,
+                            settings.epochs,
+                            settings.hidden,
+                            estimator=est,
+                        ),
+                        data,
+                        log,
+                    )
+                    for s in range(seeds)
+                ]
+                for est in ("paper", "unbiased")
+            }
+            results[(spec.name, batch)] = cell
+            paper, unbiased = cell["paper"], cell["unbiased"]
+            rows.append(
+                [
+                    spec.name,
+                    batch,
+                    seeds,
+                    mean_std([r["test_acc"] for r in paper]) + div_note(paper),
+                    mean_std([r["test_acc"] for r in unbiased]) + div_note(unbiased),
+                    mean_std([r["gap"] for r in paper]),
+                    mean_std([r["gap"] for r in unbiased]),
+                    mean_std([r["r_bar"] for r in paper], digits=3),
+                    mean_std([r["r_bar"] for r in unbiased], digits=3),
+                ]
+            )
+    header = ["optimizer", "batch", "seeds", "test acc r", "test acc r~", "gap r", "gap r~", "r̄ (r)", "r̄ (r~)"]
+    text = (
+        f"### VR with the paper's r vs the unbiased r~ (%, mean ± std over seeds; {settings.epochs:g} epochs, "
+        f"k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows)
+    )
+    return text, results
+
+
 def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
     """LR robustness at the largest batch: scaled LR × mult, base vs VR, plus base at LR × r̄."""
     batch = max(settings.batches)
@@ -747,7 +809,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--experiment",
         default="all",
-        choices=("all", "batch", "lr", "gamma", "tune"),
+        choices=("all", "batch", "lr", "gamma", "tune", "unbiased"),
         help="all = batch + lr + gamma (default); tune = the LR search at batch 256",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny subset, tiny model, few steps")
@@ -765,7 +827,7 @@ def main(argv=None) -> int:
 
     sections = []
     cache = RunCache(args.runs)
-    if args.experiment in ("all", "batch", "lr", "tune"):
+    if args.experiment in ("all", "batch", "lr", "tune", "unbiased"):
         data = load_fashion_mnist(Path(args.data))
         if settings.train_subset or settings.test_subset:
             data = (
@@ -787,6 +849,8 @@ def main(argv=None) -> int:
                 log(f"wrote {args.plot}")
         if args.experiment in ("all", "lr"):
             sections.append(experiment_lr(data, settings, cache, log)[0])
+        if args.experiment in ("all", "unbiased"):
+            sections.append(experiment_unbiased(data, settings, cache, log)[0])
     if args.experiment in ("all", "gamma"):
         sections.append(experiment_gamma(settings, log)[0])
 

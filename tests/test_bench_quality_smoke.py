@@ -79,9 +79,12 @@ def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = report.read_text()
     assert plot.stat().st_size > 0
-    assert text.count("### ") == 3  # batch, lr robustness, gamma
+    assert text.count("### ") == 4  # batch, lr robustness, unbiased r~, gamma
     rows = table_rows(text)
-    assert len(rows) == len(bench.OPTIMIZERS) * (len(bench.QUICK.batches) + len(bench.QUICK.lr_mults)) + 12
+    unbiased_rows = len(bench.UNBIASED_OPTIMIZERS) * min(2, len(bench.QUICK.batches))
+    assert (
+        len(rows) == len(bench.OPTIMIZERS) * (len(bench.QUICK.batches) + len(bench.QUICK.lr_mults)) + 12 + unbiased_rows
+    )
     number = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
     for row in rows:
         for cell in row[1:]:
