@@ -46,11 +46,11 @@ Sink = Callable[[Tensor], None]
 _FUNCTION_BACKWARD_CODE = BackwardCFunction.apply.__code__
 
 
-def _outermost_function_node():
+def _outermost_function_node(skip: int = 2):
     """The autograd node (a custom Function's backward) that started the outermost nested
-    backward pass we are in, or None when this is not a nested pass."""
+    backward pass we are in, or None when this is not a nested pass (``skip``: our own frames)."""
     node = None
-    frame = sys._getframe(2)
+    frame = sys._getframe(skip)
     while frame is not None:
         if frame.f_code is _FUNCTION_BACKWARD_CODE:
             node = frame.f_locals.get("self")
@@ -75,6 +75,9 @@ class MicroBatchSamples:
         self._pending: dict[int, tuple[Tensor, Sink]] = {}
         self._delivered: set[int] = set()
         self._end_scheduled = False
+        # (graph task id, its outermost Function node): whether a pass is nested does not change
+        # while it runs, so the stack is walked once per backward pass, not once per parameter.
+        self._task_node: tuple[int, object] = (-1, None)
 
     def hook(self, p: Tensor, sink: Sink):
         def hook(grad: Tensor) -> None:
@@ -82,8 +85,14 @@ class MicroBatchSamples:
 
         return hook
 
+    def _node_of_current_pass(self):
+        task = torch._C._current_graph_task_id()
+        if self._task_node[0] != task:
+            self._task_node = (task, _outermost_function_node(skip=3))
+        return self._task_node[1]
+
     def add(self, p: Tensor, grad: Tensor, sink: Sink) -> None:
-        node = _outermost_function_node()
+        node = self._node_of_current_pass()
         key = id(p)
         if node is None and key not in self._pending:
             self._schedule_end(None)
