@@ -113,7 +113,9 @@ def register() -> bool:
         cls = _optimizer_classes().get(str(self.optimizer_name()).lower())
         if cls is None:
             return original_basic(self, model_parameters)
-        return build_from_config(cls, self.optimizer_params() or {}, model_parameters)
+        opt = build_from_config(cls, self.optimizer_params() or {}, model_parameters)
+        opt.ignore_steps(True)  # released by _configure_optimizer once the wrappers are built
+        return opt
 
     @functools.wraps(original_configure)
     def _configure_optimizer(self, client_optimizer, model_parameters):
@@ -127,11 +129,14 @@ def register() -> bool:
         # DeepSpeed's fp16/bf16 wrappers "initialize optimizer states" by one step() on zero
         # gradients; for a VR optimizer that step is a no-op (state is created lazily at the
         # first real step, so the first real step is t = 1, as without DeepSpeed).
-        VROptimizer._ignore_steps = True
+        if isinstance(client_optimizer, VROptimizer):
+            client_optimizer.ignore_steps(True)
         try:
             original_configure(self, client_optimizer, model_parameters)
         finally:
-            VROptimizer._ignore_steps = False
+            for opt in (client_optimizer, getattr(self, "basic_optimizer", None)):
+                if isinstance(opt, VROptimizer):
+                    opt.ignore_steps(False)
         if isinstance(self.basic_optimizer, VROptimizer):
             attach(self)
 
@@ -281,7 +286,7 @@ class DeepSpeedMomentSource:
 
     def clear(self) -> None:
         # After the wrapper's whole step (every param group): one set of noise statistics.
-        self.optimizer._finish_noise_stats()
+        self.optimizer.finish_noise_stats()
         self._moment_sums.clear()
         self.samples.discard()
         for buf in self._buffers_to_zero():

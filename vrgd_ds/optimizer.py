@@ -118,9 +118,6 @@ class VROptimizer(Optimizer):
             (``model.named_parameters()``) work too.
     """
 
-    # Set by the DeepSpeed glue while DeepSpeed builds its wrappers (see deepspeed_glue).
-    _ignore_steps = False
-
     # Overrides applied to 1-D parameters by ``weight_decay_exclude_1d``.
     _exclude_1d_overrides: dict[str, Any] = {"weight_decay": 0.0}
 
@@ -178,6 +175,7 @@ class VROptimizer(Optimizer):
         self.stats_interval = stats_interval
         self.weight_decay_exclude_1d = weight_decay_exclude_1d
         self.skipped_steps = 0
+        self._steps_ignored = False
         self._names = names
         self._layouts: dict[int, SegmentLayout] = {}
         self._last_stats: dict[str, dict[str, float]] = {}
@@ -284,6 +282,15 @@ class VROptimizer(Optimizer):
         self.moment_source = source
 
     # ---- zero_grad / state ----------------------------------------------------------------
+    def ignore_steps(self, ignore: bool = True) -> None:
+        """While ``ignore`` is set, :meth:`step` does nothing and returns None.
+
+        DeepSpeed's fp16/bf16 wrappers "initialize optimizer states" by one ``step()`` on zero
+        gradients while they are built; the DeepSpeed glue sets this around that construction so
+        that state is created lazily at the first real step (t = 1, as without DeepSpeed).
+        """
+        self._steps_ignored = bool(ignore)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
         if self.moment_source is not None:
@@ -324,7 +331,7 @@ class VROptimizer(Optimizer):
         """
         return self._last_noise
 
-    def _finish_noise_stats(self) -> None:
+    def finish_noise_stats(self) -> None:
         """Turn the per-tensor sums gathered during this step into :meth:`noise_stats` (once per
         optimizer step: plain step() calls it; under DeepSpeed, after the wrapper's step)."""
         parts, self._noise_parts = self._noise_parts, []
@@ -491,7 +498,7 @@ class VROptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Perform one optimization step (VRGD.md §1–3). ``closure`` as in torch.optim."""
-        if VROptimizer._ignore_steps:
+        if getattr(self, "_steps_ignored", False):  # absent on optimizers unpickled from older releases
             return None
         loss = None
         if closure is not None:
@@ -564,5 +571,5 @@ class VROptimizer(Optimizer):
                 keep.restore()
         source.after_inner_step()
         if source.ends_step_in_step:
-            self._finish_noise_stats()
+            self.finish_noise_stats()
         return loss
