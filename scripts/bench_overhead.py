@@ -94,8 +94,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # tests.multiproc; benchlib (also when imported by a test)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import benchlib  # noqa: E402
 
 WORLD_SIZE = 2
 LAMB_PARAMS = {"lr": 1e-3, "weight_decay": 0.01}
@@ -678,10 +681,18 @@ def profiled_step(engine, batches, mode) -> dict:
     return out
 
 
+def moment_source(engine):
+    """The engine's VR optimizer's moment source (None for optimizers that collect no moments)."""
+    import vrgd_ds
+
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    return None if opt is None else opt.moment_source
+
+
 def vr_buffer_bytes(engine) -> dict[str, int]:
     import vrgd_ds
 
-    source = getattr(engine, "vrgd_moment_source", None)
+    source = moment_source(engine)
     if source is None:
         return {}
     out = dict(source.extra_buffer_bytes())
@@ -726,7 +737,7 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
         # ZeRO-3 leaves an empty tensor in p; ds_numel is the parameter's full size.
         "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
-        "actual_strategy": engine.vrgd_moment_source.strategy if variant.strategy else None,
+        "actual_strategy": moment_source(engine).strategy if variant.strategy else None,
         **{key: [] for key in TIMES + tuple("cpu_" + t for t in TIMES)},
         "transient_bytes": [],
     }
@@ -871,10 +882,6 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
     return blocks
 
 
-def _median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
 def _mib(b):
     return b / 2**20
 
@@ -900,7 +907,7 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
                 "samples": len(e["total"]),
                 "peak": e["peak_bytes"],
                 "held": e["held_bytes"],
-                "transient": _median(e["transient_bytes"]),
+                "transient": benchlib.median(e["transient_bytes"]),
                 "vr_buffers": e["vr_buffers"],
                 "vr_buffer_total": sum(e["vr_buffers"].values()),
                 "ring": ring,
@@ -919,9 +926,9 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
                 "profile": e.get("profile"),
             }
             for key in TIMES + tuple("cpu_" + t for t in TIMES):
-                row[key] = _median(e[key])
-                row[key + "_ratio"] = row[key] / _median(base[key])
-                row[key + "_paired_ratio"] = _median([a / b for a, b in zip(e[key], base[key])])
+                row[key] = benchlib.median(e[key])
+                row[key + "_ratio"] = row[key] / benchlib.median(base[key])
+                row[key + "_paired_ratio"] = benchlib.median([a / b for a, b in zip(e[key], base[key])])
                 row[key + "_iqr"] = _iqr(e[key])
             rows.append(row)
     return {"rows": rows}
@@ -1112,40 +1119,9 @@ def _target_row(check, r, wall, cpu, target):
     return f"| {check} | {r['precision']} | {wall:.3f} | {cpu:.3f} | ≤ {target} | {met} |"
 
 
-def code_version() -> str:
-    """git HEAD of the checkout and whether vrgd_ds/ differs from it (+ a hash of its files)."""
-    import hashlib
-    import subprocess
-
-    digest = hashlib.sha256()
-    for path in sorted((ROOT / "vrgd_ds").glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    try:
-        top = subprocess.run(
-            ["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        if os.path.realpath(top) != os.path.realpath(ROOT):  # a copy inside another repository's tree
-            raise OSError(f"{ROOT} is not a git checkout of its own")
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "vrgd_ds"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        head, dirty = "unknown", ""
-    return f"git {head}{' + uncommitted vrgd_ds changes' if dirty else ''} (vrgd_ds sha256 {digest.hexdigest()[:12]})"
-
-
 def machine_text(bf16_matmul: str, cfg: BenchConfig | None = None) -> str:
     world = WORLD_SIZE if cfg is None else cfg.world
-    versions = f"torch {torch.__version__}, Python {platform.python_version()}"
-    try:
-        import deepspeed
-
-        versions += f", deepspeed {deepspeed.__version__}"
-    except ImportError:
-        pass
+    versions = benchlib.versions("torch", "Python", "deepspeed")
     if cfg is not None and cfg.device == "cuda":
         return (
             f"{world} × {torch.cuda.get_device_name(0)} (NCCL), {os.cpu_count()} CPU cores; {versions} "
@@ -1254,7 +1230,7 @@ def main(argv=None) -> int:
     from tests.multiproc import run_ranks
 
     timeout = args.timeout or (300 if args.quick else 4 * 3600)
-    version = code_version()  # before the ranks import vrgd_ds
+    version = benchlib.code_version()  # before the ranks import vrgd_ds
     start = time.time()
     per_rank = run_ranks(
         rank_body,
@@ -1274,11 +1250,10 @@ def main(argv=None) -> int:
     blocks = merge_ranks(per_rank)
     summary = summarize(blocks, cfg.world, cfg.stage)
     meta = {
-        "machine": machine_text(args.bf16_matmul, cfg),
+        **benchlib.run_meta(
+            machine_text(args.bf16_matmul, cfg), wall, argv, ("torch", "Python", "deepspeed"), code=version
+        ),
         "max_rss": max(r["max_rss_bytes"] for r in per_rank),
-        "wall_s": wall,
-        "code": version,
-        "command": " ".join([Path(sys.executable).name] + sys.argv),
         "peak_resettable": all(r["peak_resettable"] for r in per_rank),
     }
     if not meta["peak_resettable"]:
@@ -1288,16 +1263,10 @@ def main(argv=None) -> int:
         text += "\n\n" + profile_markdown(blocks)
     print(text)
     if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(text + "\n")
+        benchlib.write_text(args.report, text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank, "summary": summary},
-                indent=1,
-                default=str,
-            )
+        benchlib.write_json(
+            args.json, {"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank, "summary": summary}
         )
     return 0
 

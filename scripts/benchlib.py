@@ -111,13 +111,16 @@ def median(values) -> float:
     return statistics.median(values) if values else math.nan
 
 
-def run_meta(machine: str, wall_s: float, argv: list[str] | None = None, packages=("torch", "Python")) -> dict:
-    """What a benchmark's JSON says about the run: command, machine, versions, code, wall time."""
+def run_meta(
+    machine: str, wall_s: float, argv: list[str] | None = None, packages=("torch", "Python"), code: str | None = None
+) -> dict:
+    """What a benchmark's JSON says about the run: command, machine, versions, code, wall time
+    (``code``: ``code_version()`` taken when the run started; now if not given)."""
     return {
         "command": command_line(argv),
         "machine": machine,
         "versions": {name: version_of(name) for name in packages},
-        "code": code_version(),
+        "code": code_version() if code is None else code,
         "wall_s": wall_s,
     }
 
