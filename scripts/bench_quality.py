@@ -38,7 +38,6 @@ import gzip
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +48,11 @@ import torch
 import torch.nn.functional as F
 
 import vrgd_ds
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib, also when a test imports this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import markdown_table, mean_std  # noqa: E402
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
 MICRO_BATCHES = 8  # k: gradient samples per step, the paper's minimum
@@ -359,19 +363,31 @@ class RunCache:
 
 
 # ---- formatting ---------------------------------------------------------------------------------
-def mean_std(values, digits: int = 2) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+@dataclass
+class Section:
+    """One experiment's table: the markdown rows, and per row the measured values (for the JSON)."""
+
+    name: str
+    title: str
+    header: list[str]
+    rows: list[list] = field(default_factory=list)
+    cells: list[dict] = field(default_factory=list)
+
+    def add(self, row: list, cell: dict) -> None:
+        self.rows.append(row)
+        self.cells.append(cell)
+
+    def markdown(self) -> str:
+        return f"### {self.title}\n\n" + markdown_table(self.header, self.rows)
+
+    def to_json(self) -> dict:
+        return {"title": self.title, "header": self.header, "cells": self.cells}
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def run_values(runs: list[dict], keys=("test_acc", "train_acc", "gap")) -> dict:
+    """A table cell's runs as JSON: mean, std and the values over seeds of each quantity."""
+    out = {key: benchlib.summary([r[key] for r in runs]) for key in keys}
+    return {**out, "seeds": len(runs), "diverged": sum(r["diverged"] for r in runs)}
 
 
 def div_note(runs: list[dict]) -> str:
@@ -438,7 +454,7 @@ QUICK = Settings(
 )
 
 
-def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[Section, dict]:
     """Base optimizers at batch 256 over each spec's LR grid, scored on 5k held-out train images."""
     x_train, y_train = data[0], data[1]
     perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(1234))
@@ -446,7 +462,14 @@ def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str
     val, tr = perm[:n_val], perm[n_val:]
     split = (x_train[tr], y_train[tr], x_train[val], y_train[val])
     batch = min(settings.batches)
-    rows, best = [], {}
+    header = ["optimizer"] + [f"grid {i + 1}" for i in range(max(len(s.tune_grid) for s in OPTIMIZERS))]
+    section = Section(
+        "tune",
+        f"LR tuning: batch {batch}, k = {MICRO_BATCHES}, {settings.epochs:g} epochs, seed 0, vr=False; "
+        f"validation accuracy (%) on {n_val} held-out training images (* = chosen)",
+        header,
+    )
+    best = {}
     for spec in OPTIMIZERS:
         scores = {}
         for lr in spec.tune_grid:
@@ -454,22 +477,42 @@ def experiment_tune(data, settings: Settings, cache: RunCache, log) -> tuple[str
             rec = cache.run(cfg, split, log)
             scores[lr] = rec["test_acc"]
         best[spec.name] = max(scores, key=scores.get)
-        rows.append(
+        section.add(
             [spec.name]
-            + [f"{scores[lr]:.2f}{' *' if lr == best[spec.name] else ''} (lr {lr:g})" for lr in spec.tune_grid]
+            + [f"{scores[lr]:.2f}{' *' if lr == best[spec.name] else ''} (lr {lr:g})" for lr in spec.tune_grid],
+            {
+                "optimizer": spec.name,
+                "batch": batch,
+                "lr": list(scores),
+                "val_acc": list(scores.values()),
+                "best_lr": best[spec.name],
+            },
         )
-    header = ["optimizer"] + [f"grid {i + 1}" for i in range(max(len(s.tune_grid) for s in OPTIMIZERS))]
-    text = (
-        f"### LR tuning: batch {batch}, k = {MICRO_BATCHES}, {settings.epochs:g} epochs, seed 0, vr=False; "
-        f"validation accuracy (%) on {n_val} held-out training images (* = chosen)\n\n" + markdown_table(header, rows)
-    )
-    return text, best
+    return section, best
 
 
-def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[Section, dict]:
     """Accuracy and generalization gap vs batch size, base vs VR, at the sqrt-scaled LR."""
+    header = [
+        "optimizer",
+        "batch",
+        "lr",
+        "seeds",
+        "test acc base",
+        "test acc VR",
+        "train acc base",
+        "train acc VR",
+        "gap base",
+        "gap VR",
+        "VR r̄",
+    ]
+    section = Section(
+        "batch",
+        f"Accuracy vs batch size (%, mean ± std over seeds; gap = train − test; "
+        f"{settings.epochs:g} epochs, k = {MICRO_BATCHES}, γ = 0.1)",
+        header,
+    )
     results = {}
-    rows = []
     for spec in OPTIMIZERS:
         for batch in settings.batches:
             seeds = settings.seeds_large if batch >= settings.large_from else settings.seeds_small
@@ -485,7 +528,7 @@ def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[st
                 ]
             results[(spec.name, batch)] = cell
             base, vr_runs = cell[False], cell[True]
-            rows.append(
+            section.add(
                 [
                     spec.name,
                     batch,
@@ -498,35 +541,32 @@ def experiment_batch(data, settings: Settings, cache: RunCache, log) -> tuple[st
                     mean_std([r["gap"] for r in base]),
                     mean_std([r["gap"] for r in vr_runs]),
                     mean_std([r["r_bar"] for r in vr_runs], digits=3),
-                ]
+                ],
+                {
+                    "optimizer": spec.name,
+                    "batch": batch,
+                    "lr": scaled_lr(spec, batch),
+                    "base": run_values(base),
+                    "vr": run_values(vr_runs, ("test_acc", "train_acc", "gap", "r_bar")),
+                },
             )
-    header = [
-        "optimizer",
-        "batch",
-        "lr",
-        "seeds",
-        "test acc base",
-        "test acc VR",
-        "train acc base",
-        "train acc VR",
-        "gap base",
-        "gap VR",
-        "VR r̄",
-    ]
-    text = (
-        f"### Accuracy vs batch size (%, mean ± std over seeds; gap = train − test; "
-        f"{settings.epochs:g} epochs, k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows)
-    )
-    return text, results
+    return section, results
 
 
 UNBIASED_OPTIMIZERS = ("SGD-momentum", "LAMB")
 
 
-def experiment_unbiased(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+def experiment_unbiased(data, settings: Settings, cache: RunCache, log) -> tuple[Section, dict]:
     """VR driven by the paper's r vs by the k-independent r~ = ((k−1)r − 1)/k (VRGD.md §5), at the
     largest two batches of the grid and the sqrt-scaled LR, same seeds."""
-    results, rows = {}, []
+    header = ["optimizer", "batch", "seeds", "test acc r", "test acc r~", "gap r", "gap r~", "r̄ (r)", "r̄ (r~)"]
+    section = Section(
+        "unbiased",
+        f"VR with the paper's r vs the unbiased r~ (%, mean ± std over seeds; {settings.epochs:g} epochs, "
+        f"k = {MICRO_BATCHES}, γ = 0.1)",
+        header,
+    )
+    results = {}
     specs = [s for s in OPTIMIZERS if s.name in UNBIASED_OPTIMIZERS] or list(OPTIMIZERS)
     for spec in specs:
         for batch in settings.batches[-2:]:
@@ -553,7 +593,7 @@ def experiment_unbiased(data, settings: Settings, cache: RunCache, log) -> tuple
             }
             results[(spec.name, batch)] = cell
             paper, unbiased = cell["paper"], cell["unbiased"]
-            rows.append(
+            section.add(
                 [
                     spec.name,
                     batch,
@@ -564,20 +604,40 @@ def experiment_unbiased(data, settings: Settings, cache: RunCache, log) -> tuple
                     mean_std([r["gap"] for r in unbiased]),
                     mean_std([r["r_bar"] for r in paper], digits=3),
                     mean_std([r["r_bar"] for r in unbiased], digits=3),
-                ]
+                ],
+                {
+                    "optimizer": spec.name,
+                    "batch": batch,
+                    "lr": scaled_lr(spec, batch),
+                    **{est: run_values(cell[est], ("test_acc", "train_acc", "gap", "r_bar")) for est in cell},
+                },
             )
-    header = ["optimizer", "batch", "seeds", "test acc r", "test acc r~", "gap r", "gap r~", "r̄ (r)", "r̄ (r~)"]
-    text = (
-        f"### VR with the paper's r vs the unbiased r~ (%, mean ± std over seeds; {settings.epochs:g} epochs, "
-        f"k = {MICRO_BATCHES}, γ = 0.1)\n\n" + markdown_table(header, rows)
-    )
-    return text, results
+    return section, results
 
 
-def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, dict]:
+def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[Section, dict]:
     """LR robustness at the largest batch: scaled LR × mult, base vs VR, plus base at LR × r̄."""
     batch = max(settings.batches)
-    results, rows = {}, []
+    header = [
+        "optimizer",
+        "LR mult",
+        "lr",
+        "test acc base",
+        "test acc VR",
+        "VR r̄",
+        "VR ρ",
+        "test acc base @ lr×r̄",
+        "gap base",
+        "gap VR",
+        "gap base @ lr×r̄",
+    ]
+    section = Section(
+        "lr",
+        f"LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
+        f"'div' = non-finite loss, run stopped)",
+        header,
+    )
+    results = {}
     for spec in OPTIMIZERS:
         for mult in settings.lr_mults:
             lr = scaled_lr(spec, batch) * mult
@@ -605,7 +665,7 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
                         )
                     )
             results[(spec.name, mult)] = {"base": base, "vr": vr_runs, "control": control}
-            rows.append(
+            section.add(
                 [
                     spec.name,
                     f"×{mult:g}",
@@ -618,29 +678,21 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[str, 
                     mean_std([r["gap"] for r in base]),
                     mean_std([r["gap"] for r in vr_runs]),
                     mean_std([r["gap"] for r in control]),
-                ]
+                ],
+                {
+                    "optimizer": spec.name,
+                    "batch": batch,
+                    "lr_mult": mult,
+                    "lr": lr,
+                    "base": run_values(base),
+                    "vr": run_values(vr_runs, ("test_acc", "train_acc", "gap", "r_bar", "rho")),
+                    "control": run_values(control),
+                },
             )
-    header = [
-        "optimizer",
-        "LR mult",
-        "lr",
-        "test acc base",
-        "test acc VR",
-        "VR r̄",
-        "VR ρ",
-        "test acc base @ lr×r̄",
-        "gap base",
-        "gap VR",
-        "gap base @ lr×r̄",
-    ]
-    text = (
-        f"### LR robustness at batch {batch} (%, mean ± std over {settings.lr_seeds} seeds; "
-        f"'div' = non-finite loss, run stopped)\n\n" + markdown_table(header, rows)
-    )
-    return text, results
+    return section, results
 
 
-def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict]:
+def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[Section, dict]:
     """γ ablation on synthetic linear regression (VRSGD, no momentum), paper sec. 5 ablation.
 
     y = x·w* + ε with w* ~ N(0, I_d), ε ~ N(0, σ²), and features of log-spaced scales
@@ -655,7 +707,20 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
     lr_fracs = (0.25, 0.9)
     scales = torch.logspace(0, -1, d)  # feature std from 1 down to 0.1: curvature ratio 100
     last = max(settings.gamma_epochs)
-    results, rows = {}, []
+    header = (
+        ["lr / (2/λmax)", "γ"]
+        + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs]
+        + [f"paired Δ vs γ=1 @ {last} ep", "r̄", "clip frac"]
+    )
+    section = Section(
+        "gamma",
+        f"γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
+        f"(k = {MICRO_BATCHES}, {max(1, n_train // batch)} steps/epoch), VRSGD without momentum, mean ± std "
+        f"over {settings.gamma_seeds} seeds (γ = 1 is plain SGD; clip frac = share of elements whose "
+        f"normalized r fell below γ)",
+        header,
+    )
+    results = {}
     for lr_frac in lr_fracs:
         for gamma in gammas:
             excess = {e: [] for e in settings.gamma_epochs}
@@ -695,24 +760,21 @@ def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[str, dict
         for gamma in gammas:
             res = results[(lr_frac, gamma)]
             paired = [a - b for a, b in zip(res["excess_mse"][last], plain)]
-            rows.append(
+            section.add(
                 [f"{lr_frac:g}", f"{gamma:g}"]
                 + [fmt_mse(res["excess_mse"][e]) for e in settings.gamma_epochs]
-                + [fmt_mse(paired), f"{np.mean(res['r_bar']):.3f}", f"{np.mean(res['clip_frac']):.3f}"]
+                + [fmt_mse(paired), f"{np.mean(res['r_bar']):.3f}", f"{np.mean(res['clip_frac']):.3f}"],
+                {
+                    "lr_frac": lr_frac,
+                    "gamma": gamma,
+                    "excess_test_mse": {str(e): benchlib.summary(res["excess_mse"][e]) for e in settings.gamma_epochs},
+                    "paired_delta_vs_plain": benchlib.summary(paired),
+                    "r_bar": benchlib.summary(res["r_bar"]),
+                    "clip_frac": benchlib.summary(res["clip_frac"]),
+                },
             )
         log(f"  gamma ablation lr_frac={lr_frac:g} done")
-    header = (
-        ["lr / (2/λmax)", "γ"]
-        + [f"excess test MSE @ {e} ep" for e in settings.gamma_epochs]
-        + [f"paired Δ vs γ=1 @ {last} ep", "r̄", "clip frac"]
-    )
-    text = (
-        f"### γ ablation: linear regression, d = {d}, n_train = {n_train}, σ = {sigma}, batch {batch} "
-        f"(k = {MICRO_BATCHES}, {max(1, n_train // batch)} steps/epoch), VRSGD without momentum, mean ± std "
-        f"over {settings.gamma_seeds} seeds (γ = 1 is plain SGD; clip frac = share of elements whose "
-        f"normalized r fell below γ)\n\n" + markdown_table(header, rows)
-    )
-    return text, results
+    return section, results
 
 
 def fmt_mse(values) -> str:
@@ -782,17 +844,9 @@ def plot_batch(results: dict, settings: Settings, path: str) -> None:
 
 
 def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return (
-        f"{cpu}, {os.cpu_count()} CPU cores visible, CPU only, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} thread(s), Python {platform.python_version()}"
+        f"{benchlib.cpu_model()}, {os.cpu_count()} CPU cores visible, CPU only, torch {torch.__version__} with "
+        f"{torch.get_num_threads()} thread(s), Python {benchlib.version_of('Python')}"
     )
 
 
@@ -816,6 +870,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--runs", help="JSON-lines file of finished runs: appended to, and reused on restart")
     parser.add_argument("--report", help="write the markdown tables, command, machine and runtime here")
+    parser.add_argument(
+        "--json", help="write the results here: per table row the measured values (mean, std, per seed) and the run"
+    )
     parser.add_argument("--plot", help="write the accuracy-vs-batch PNG here (batch experiment)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -825,7 +882,8 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
-    sections = []
+    sections: list[Section] = []
+    code = benchlib.code_version()  # before the runs: the code they ran
     cache = RunCache(args.runs)
     if args.experiment in ("all", "batch", "lr", "tune", "unbiased"):
         data = load_fashion_mnist(Path(args.data))
@@ -838,12 +896,12 @@ def main(argv=None) -> int:
             )
         log(f"data: {len(data[0])} train, {len(data[2])} test images from {args.data}")
         if args.experiment == "tune":
-            text, best = experiment_tune(data, settings, cache, log)
-            sections.append(text)
+            section, best = experiment_tune(data, settings, cache, log)
+            sections.append(section)
             log("chosen LRs: " + ", ".join(f"{k} {v:g}" for k, v in best.items()))
         if args.experiment in ("all", "batch"):
-            text, results = experiment_batch(data, settings, cache, log)
-            sections.append(text)
+            section, results = experiment_batch(data, settings, cache, log)
+            sections.append(section)
             if args.plot:
                 plot_batch(results, settings, args.plot)
                 log(f"wrote {args.plot}")
@@ -855,16 +913,25 @@ def main(argv=None) -> int:
         sections.append(experiment_gamma(settings, log)[0])
 
     runtime = time.perf_counter() - t_start
-    command = "python " + " ".join([sys.argv[0]] + (sys.argv[1:] if argv is None else list(argv)))
+    meta = benchlib.run_meta(machine_description(), runtime, argv, code=code)
     header = (
-        f"Command: `{command}`  \nMachine: {machine_description()}  \n"
+        f"Command: `{meta['command']}`  \nMachine: {meta['machine']}  \nCode: {meta['code']}  \n"
         f"Total runtime: {runtime / 60:.1f} min ({runtime:.0f} s)\n"
     )
-    body = header + "\n" + "\n\n".join(sections) + "\n"
+    body = header + "\n" + "\n\n".join(section.markdown() for section in sections) + "\n"
     print(body)
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(body)
+        benchlib.write_text(args.report, body)
+    if args.json:
+        benchlib.write_json(
+            args.json,
+            {
+                "meta": meta,
+                "settings": dataclasses.asdict(settings),
+                "micro_batches": MICRO_BATCHES,
+                "experiments": {section.name: section.to_json() for section in sections},
+            },
+        )
     return 0
 
 

@@ -49,7 +49,7 @@ def version_of(package: str) -> str:
 
 
 def versions(*packages: str) -> str:
-    """"torch 2.13.0+cpu, Python 3.11.7, deepspeed 0.19.8" for ``versions("torch", "Python", "deepspeed")``."""
+    """``versions("torch", "Python", "deepspeed")``: "torch 2.13.0+cpu, Python 3.11.7, deepspeed 0.19.8"."""
     return ", ".join(f"{name} {version_of(name)}" for name in packages)
 
 
@@ -87,7 +87,7 @@ def present(values) -> list[float]:
 
 
 def mean_std(values, digits: int = 2, empty: str = "–") -> str:
-    """"m ± s" (sample std, n − 1) of the non-None values; one value alone; ``empty`` for none."""
+    """Mean ± sample std (n − 1) of the non-None values, "m ± s"; one value alone; ``empty`` for none."""
     values = present(values)
     if not values:
         return empty
