@@ -1,4 +1,6 @@
-"""pretrain_bert.py end to end on 2 CPU ranks (tiny BERT, VR-LAMB, ZeRO-2), plus its pure parts.
+"""pretrain_bert.py end to end on 2 CPU ranks (tiny BERT, VR-LAMB, ZeRO-2), its command-line checks
+(pretraining.args) and the pure parts of its model and metrics modules; the data pipeline's own
+tests are in tests/test_pretraining_data.py.
 
 Multi-rank runs are real launches (``torchrun`` in a subprocess, its own process group, killed
 on timeout). One two-phase run is shared by several tests; the resume and multi-node runs must
@@ -8,6 +10,7 @@ reproduce it exactly. Corpus: tests/data/shakespeare_small (public domain, no ne
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import re
@@ -30,7 +33,13 @@ PHASE1_STEPS, PHASE2_STEPS = 8, 4
 TIMEOUT = 240  # seconds per launch; a healthy one takes ~25 s on 2 cores
 
 sys.path.insert(0, str(REPO))
-import pretrain_bert as pb  # noqa: E402
+import pretraining.data  # noqa: E402
+from pretraining import InputError  # noqa: E402
+from pretraining.args import check_inputs, parse_args  # noqa: E402
+from pretraining.checkpoints import checkpoint_tag  # noqa: E402
+from pretraining.data import data_files  # noqa: E402
+from pretraining.metrics import critical_batch_metrics, layer_of, noise_metrics, open_noise_csv  # noqa: E402
+from pretraining.model import warmup_decay  # noqa: E402
 
 
 def run_args(out: Path, cache: Path, *extra) -> list[str]:
@@ -135,7 +144,7 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     tag = (out / "checkpoints" / "latest").read_text().strip()
-    assert tag == pb.checkpoint_tag(2, PHASE2_STEPS)
+    assert tag == checkpoint_tag(2, PHASE2_STEPS)
     return torch.load(out / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
@@ -322,7 +331,7 @@ def check(tmp_path, *extra, **replace):
             args[args.index(flag) + 1] = str(value)
         else:
             args += [flag, str(value)]
-    return pb.check_inputs(pb.parse_args(args))
+    return check_inputs(parse_args(args))
 
 
 def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
@@ -331,7 +340,7 @@ def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
     assert (phase1.seq_len, phase1.steps, phase1.train_batch_size, phase1.grad_accum) == (64, PHASE1_STEPS, 64, 2)
     assert (phase2.seq_len, phase2.steps, phase2.train_batch_size) == (128, PHASE2_STEPS, 32)
     # Overriding the step count keeps the config's warm-up share (at least one step).
-    sched = pb.json.loads((CONFIGS / "tiny_cpu_phase1.json").read_text())["scheduler"]["params"]
+    sched = json.loads((CONFIGS / "tiny_cpu_phase1.json").read_text())["scheduler"]["params"]
     share = sched["warmup_num_steps"] / sched["total_num_steps"]
     assert phase1.config["scheduler"]["params"]["warmup_num_steps"] == max(1, round(share * PHASE1_STEPS))
 
@@ -347,14 +356,14 @@ def test_check_inputs_accepts_the_test_run(tmp_path, monkeypatch):
 )
 def test_bad_input(tmp_path, monkeypatch, replace, message):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(pb.InputError) as err:
+    with pytest.raises(InputError) as err:
         check(tmp_path, **replace)
     assert message in str(err.value)
 
 
 def test_batch_arithmetic_and_vr_sample_count(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # the tiny configs are written for 2 ranks
-    with pytest.raises(pb.InputError, match="pass --adapt-accumulation"):
+    with pytest.raises(InputError, match="pass --adapt-accumulation"):
         check(tmp_path)
     (phase1, phase2) = check(tmp_path, "--adapt-accumulation")
     assert (phase1.micro_batch_size, phase1.grad_accum) == (16, 1)
@@ -365,7 +374,7 @@ def test_batch_arithmetic_and_vr_sample_count(tmp_path, monkeypatch):
         '{"train_batch_size": 16, "train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1,'
         ' "optimizer": {"type": "VRLamb", "params": {}}}'
     )
-    with pytest.raises(pb.InputError, match="it needs k >= 2: set gradient_accumulation_steps >= 2"):
+    with pytest.raises(InputError, match="it needs k >= 2: set gradient_accumulation_steps >= 2"):
         check(tmp_path, phase1_config=config)
 
 
@@ -374,7 +383,7 @@ def test_corpus_smaller_than_one_batch_in_bytes(tmp_path, monkeypatch):
     for split in ("train", "eval"):
         (tmp_path / "small" / split).mkdir(parents=True)
         (tmp_path / "small" / split / "doc.txt").write_text("Words, words, words.\n" * 20)
-    with pytest.raises(pb.InputError, match="corpus is too small for one phase-1 batch: 420 bytes"):
+    with pytest.raises(InputError, match="corpus is too small for one phase-1 batch: 420 bytes"):
         check(tmp_path, data=tmp_path / "small")
 
 
@@ -384,11 +393,11 @@ def test_empty_corpus_and_existing_run(tmp_path, monkeypatch):
     (tmp_path / "empty" / "eval").mkdir()
     (tmp_path / "empty" / "train" / "a.txt").write_text("")
     (tmp_path / "empty" / "eval" / "b.txt").write_text("held out")
-    with pytest.raises(pb.InputError, match="training documents are empty"):
+    with pytest.raises(InputError, match="training documents are empty"):
         check(tmp_path, data=tmp_path / "empty")
     (tmp_path / "out" / "checkpoints").mkdir(parents=True)
     (tmp_path / "out" / "checkpoints" / "latest").write_text("phase1-step000004")
-    with pytest.raises(pb.InputError, match="pass --resume"):
+    with pytest.raises(InputError, match="pass --resume"):
         check(tmp_path)
 
 
@@ -409,7 +418,7 @@ def test_blank_corpus_is_named_before_the_tokenizer(tmp_path, monkeypatch):
     blank = b"\n  \n\t\r\n" * 2000  # 14 KB: passes the byte bound of one batch
     data = write_corpus(tmp_path / "blank", {"a.txt": blank, "b.txt": b"\n" * 5000}, {"c.txt": PROSE})
     with pytest.raises(
-        pb.InputError,
+        InputError,
         match=r"the 2 training document\(s\) hold only blank lines "
         r"\(\S+/train/a.txt \S+/train/b.txt\): nothing to train",
     ) as err:
@@ -417,7 +426,7 @@ def test_blank_corpus_is_named_before_the_tokenizer(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     # A blank file among others is fine; blank held-out documents are named too.
     write_corpus(data, {"a.txt": PROSE}, {"c.txt": b" \n\n"})
-    with pytest.raises(pb.InputError, match=r"the 1 held-out document\(s\) hold only blank lines \(\S+/eval/c.txt\)"):
+    with pytest.raises(InputError, match=r"the 1 held-out document\(s\) hold only blank lines \(\S+/eval/c.txt\)"):
         check(tmp_path, data=data)
 
 
@@ -427,7 +436,7 @@ def test_file_not_utf8_is_named(tmp_path, monkeypatch):
     data = write_corpus(
         tmp_path / "latin", {"a.txt": PROSE, "b.txt": PROSE + "Caf\u00e9 noir\n".encode("latin-1")}, {"c.txt": PROSE}
     )
-    with pytest.raises(pb.InputError) as err:
+    with pytest.raises(InputError) as err:
         check(tmp_path, data=data)
     line = PROSE.count(b"\n") + 1
     assert str(err.value).startswith(
@@ -435,22 +444,6 @@ def test_file_not_utf8_is_named(tmp_path, monkeypatch):
         f"byte offset {len(PROSE) + 3}): convert it to UTF-8"
     )
     assert "\n" not in str(err.value)
-
-
-def test_check_text_streams_in_chunks(tmp_path):
-    """A character cut by a chunk boundary is fine; a cut-off one at the end, or a stray byte, is not."""
-    f = tmp_path / "doc.txt"
-    f.write_text("\u00e9t\u00e9 \u20ac \U0001f600\n" * 50, encoding="utf-8")
-    assert all(pb.check_text(f, chunk_size=size) for size in (1, 2, 3, 5, 7))
-    f.write_bytes(b"  \n\n")
-    assert not pb.check_text(f, chunk_size=1)
-    f.write_bytes(b"ok\nok\n\xe2\x82")  # a euro sign without its last byte
-    for size in (1, 2, 4, 100):
-        with pytest.raises(pb.InputError, match=r"byte 0xe2 at line 3, byte offset 6\)"):
-            pb.check_text(f, chunk_size=size)
-    f.write_bytes(b"ok\n\xff ok\n")
-    with pytest.raises(pb.InputError, match=r"byte 0xff at line 2, byte offset 3\)"):
-        pb.check_text(f, chunk_size=2)
 
 
 @pytest.mark.parametrize(
@@ -482,7 +475,7 @@ def test_corpus_without_documents(tmp_path, monkeypatch, layout, message):
             (corpus / name).mkdir()  # a directory named like a document
         else:
             (corpus / name).write_bytes(data)
-    with pytest.raises(pb.InputError, match=message):
+    with pytest.raises(InputError, match=message):
         check(tmp_path, data=corpus)
 
 
@@ -490,12 +483,12 @@ def test_documents_are_read_once_per_corpus(tmp_path, monkeypatch):
     """A corpus already tokenized into the cache (same paths, sizes, times) is not read again."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     read = []
-    monkeypatch.setattr(pb, "check_text", lambda path: read.append(path) or True)
+    monkeypatch.setattr(pretraining.data, "check_text", lambda path: read.append(path) or True)
     check(tmp_path)
     assert len(read) == 3
-    args = pb.parse_args(run_args(tmp_path / "out", tmp_path / "cache"))
-    pb.check_inputs(args)
-    for path in pb.data_files(args, [64, 128]).sequences.values():
+    args = parse_args(run_args(tmp_path / "out", tmp_path / "cache"))
+    check_inputs(args)
+    for path in data_files(args, [64, 128]).sequences.values():
         path.mkdir(parents=True)
         (path / "dataset_dict.json").write_text("{}")
     check(tmp_path)
@@ -505,10 +498,10 @@ def test_documents_are_read_once_per_corpus(tmp_path, monkeypatch):
 def test_bad_tokenizer_and_config(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     (tmp_path / "x.model").write_text("not a model")
-    with pytest.raises(pb.InputError, match="x.model: not a sentencepiece model"):
+    with pytest.raises(InputError, match="x.model: not a sentencepiece model"):
         check(tmp_path, tokenizer=tmp_path / "x.model")
     (tmp_path / "list.json").write_text("[1, 2]")
-    with pytest.raises(pb.InputError, match="list.json: a DeepSpeed config is a JSON object"):
+    with pytest.raises(InputError, match="list.json: a DeepSpeed config is a JSON object"):
         check(tmp_path, phase1_config=tmp_path / "list.json")
 
 
@@ -532,84 +525,13 @@ def test_bad_corpus_ends_in_one_line(tmp_path, case):
     assert not (tmp_path / "cache").exists()  # found before the tokenizer or `datasets` ran
 
 
-def test_documents_held_out_whole(tmp_path):
-    for i in range(20):
-        (tmp_path / f"doc{i:02d}.txt").write_text(f"document {i}\n")
-    train, held_out = pb.find_documents([tmp_path], eval_fraction=0.1)
-    assert len(held_out) == 2 and len(train) == 18 and not set(train) & set(held_out)
-    assert pb.find_documents([tmp_path], eval_fraction=0.1) == (train, held_out)  # deterministic
-
-
 # ----------------------------------------------------------------------------------------------
 # Pure parts
 # ----------------------------------------------------------------------------------------------
 
 
-def test_mask_tokens():
-    vocab, seq = 1000, 128
-    ids = torch.randint(len(pb.SPECIAL_PIECES), vocab, (64, seq))
-    ids[:, 0], ids[:, -1], ids[:, 10] = pb.CLS_ID, pb.SEP_ID, pb.UNK_ID
-    inputs, labels = pb.mask_tokens(ids, vocab, pb.generator("test"))
-    chosen = labels != -100
-    assert (chosen.sum(1) == round(0.15 * (seq - 2))).all()  # exactly 15% per sequence
-    assert not chosen[:, [0, 10, -1]].any()  # special tokens never
-    assert torch.equal(labels[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
-    masked = (inputs == pb.MASK_ID) & chosen
-    kept = (inputs == ids) & chosen
-    n = chosen.sum().item()
-    assert 0.75 < masked.sum().item() / n < 0.85
-    assert 0.06 < kept.sum().item() / n < 0.14
-    assert (inputs[chosen & ~masked & ~kept] >= len(pb.SPECIAL_PIECES)).all()  # random tokens are not special
-    again = pb.mask_tokens(ids, vocab, pb.generator("test"))
-    assert torch.equal(again[0], inputs) and torch.equal(again[1], labels)
-
-
-def test_eval_masks_do_not_depend_on_micro_batch_size():
-    vocab = 1000
-    ids = torch.randint(len(pb.SPECIAL_PIECES), vocab, (8, 32))
-    whole = pb.eval_masks(ids, 0, vocab, seed=3)
-    for chunk in (1, 2, 3):
-        parts = [pb.eval_masks(ids[a : a + chunk], a, vocab, seed=3) for a in range(0, len(ids), chunk)]
-        assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
-        assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
-    assert not torch.equal(pb.eval_masks(ids, 0, vocab, seed=4)[1], whole[1])
-
-
-def test_train_batches():
-    """A pure function of (step, micro-batch); an epoch is a permutation: no row repeats within it."""
-    rows = {"input_ids": torch.arange(5, 105)[:, None].repeat(1, 16)}  # row i is all token i + 5
-    phase = pb.Phase(1, Path("x"), {}, 16, steps=10, train_batch_size=32, micro_batch_size=8, grad_accum=2)
-    a = pb.TrainBatches(pb.datasets.Dataset.from_dict(rows).with_format("torch"), phase, 0, 1000)
-    b = pb.TrainBatches(pb.datasets.Dataset.from_dict(rows).with_format("torch"), phase, 0, 1000)
-    assert all(torch.equal(x, y) for x, y in zip(a(3, 1), b(3, 1)))
-    first_epoch = [i for step in range(3) for micro in range(4) for i in a.indices(step, micro)]  # 96 of 100 rows
-    assert len(set(first_epoch)) == 96
-    inputs, labels = a(0, 0)
-    assert torch.equal(
-        labels[labels != -100], (torch.tensor(a.indices(0, 0)) + 5)[:, None].expand(8, 16)[labels != -100]
-    )
-    assert a.indices(0, 0) != pb.TrainBatches(a.sequences, phase, 1, 1000).indices(0, 0)  # the seed matters
-
-
-def test_unigram_baseline():
-    """The most frequent non-special token of the training set, scored on evaluate()'s masks."""
-    vocab, seq = 50, 32
-    rows = torch.randint(len(pb.SPECIAL_PIECES), vocab, (40, seq))
-    rows[:, 1:12] = 7  # token 7 is the most frequent by far
-    rows[:, 12:30] = pb.UNK_ID  # specials are never labels, however frequent
-    rows[:, 0], rows[:, -1] = pb.CLS_ID, pb.SEP_ID
-    train = pb.datasets.Dataset.from_dict({"input_ids": rows}).with_format("torch")
-    held_out = pb.datasets.Dataset.from_dict({"input_ids": rows[:10]}).with_format("torch")
-    token, accuracy = pb.unigram_baseline(train, held_out, n_eval=8, vocab_size=vocab, seed=3)
-    assert token == 7
-    _, labels = pb.eval_masks(rows[:8], 0, vocab, seed=3)
-    assert accuracy == pytest.approx((labels == 7).sum().item() / (labels != -100).sum().item())
-    assert 0.4 < accuracy < 1  # 11 of the 12 maskable positions per row hold token 7
-    assert pb.unigram_baseline(train, held_out, 8, vocab, 3, max_train=4) == (token, accuracy)
-
-
 def test_warmup_decay():
-    f = lambda s, **k: pb.warmup_decay(s, total=100, warmup=10, **k)  # noqa: E731
+    f = lambda s, **k: warmup_decay(s, total=100, warmup=10, **k)  # noqa: E731
     assert f(0, decay="poly", power=1.0) == 0.0
     assert f(5, decay="poly", power=1.0) == 0.5
     assert f(10, decay="poly", power=1.0) == 1.0
@@ -620,9 +542,9 @@ def test_warmup_decay():
 
 
 def test_layer_of():
-    assert pb.layer_of("bert.encoder.layer.3.attention.self.query.weight") == "encoder.layer.3"
-    assert pb.layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
-    assert pb.layer_of("cls.predictions.transform.dense.weight") == "mlm_head"
+    assert layer_of("bert.encoder.layer.3.attention.self.query.weight") == "encoder.layer.3"
+    assert layer_of("bert.embeddings.word_embeddings.weight") == "embeddings"
+    assert layer_of("cls.predictions.transform.dense.weight") == "mlm_head"
 
 
 @pytest.mark.parametrize("with_noise", [True, False])
@@ -669,26 +591,26 @@ def test_noise_metrics_and_critical_batch():
         "gsnr_unbiased_mean": None,
         "per_tensor": {},
     }
-    assert pb.noise_metrics(stats) == {
+    assert noise_metrics(stats) == {
         "noise/k": 4.0,
         "noise/grad_norm_sq": 0.5,
         "noise/noise_trace": 10.0,
         "noise/b_simple_ema": 20.0,
     }
-    assert pb.noise_metrics({}) == {}
-    m = pb.critical_batch_metrics(60, 20.0)
+    assert noise_metrics({}) == {}
+    m = critical_batch_metrics(60, 20.0)
     assert m["noise/examples_vs_critical"] == pytest.approx(2.0) and m["noise/steps_vs_critical"] == pytest.approx(
         2 / 3
     )
-    assert pb.critical_batch_metrics(60, -1.0) == {} and pb.critical_batch_metrics(60, None) == {}
+    assert critical_batch_metrics(60, -1.0) == {} and critical_batch_metrics(60, None) == {}
 
 
 def test_noise_csv_restarts_or_keeps_rows_up_to_the_resume_step(tmp_path):
     path = tmp_path / "noise_per_tensor.csv"
-    with pb.open_noise_csv(path, None) as w:
+    with open_noise_csv(path, None) as w:
         for step in (1, 2, 3):
             w.write(step, [("*", "b_simple", 10.0 * step)])
-    with pb.open_noise_csv(path, 2) as w:  # resumed from step 2: step 3 is written again
+    with open_noise_csv(path, 2) as w:  # resumed from step 2: step 3 is written again
         w.write(3, [("*", "b_simple", 31.0)])
     with open(path, newline="") as f:
         assert list(csv.reader(f)) == [
@@ -697,5 +619,5 @@ def test_noise_csv_restarts_or_keeps_rows_up_to_the_resume_step(tmp_path):
             ["2", "*", "b_simple", "20.0"],
             ["3", "*", "b_simple", "31.0"],
         ]
-    pb.open_noise_csv(path, None).close()  # a fresh run starts over
+    open_noise_csv(path, None).close()  # a fresh run starts over
     assert not path.exists()
