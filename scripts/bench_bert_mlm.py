@@ -1,45 +1,49 @@
 #!/usr/bin/env python
-"""Tiny-BERT MLM at a small and a large batch: LAMB vs VR-LAMB, held-out loss at equal samples seen.
+"""Tiny-BERT MLM past the plateau: LAMB vs VR-LAMB below and far above the measured critical batch.
 
-Issue 6 asks for this measurement (VRGD.md §4: the paper claims VR-LAMB keeps quality at large
-batch where LAMB degrades). Each run is one ``python pretrain_bert.py`` process (one rank, phase 1
-only, seq 64, the ``tiny`` model) on the Shakespeare corpus of scripts/prepare_corpus.py, with a
-DeepSpeed config this script writes from configs/tiny_cpu_phase1.json into the run's folder.
+Issue 14 asks for a large-batch study that can show something (VRGD.md §4: the paper claims VR-LAMB
+keeps quality at batches where LAMB degrades; §5: the critical batch B_simple says where "large"
+starts). The study has three stages, each a set of ``python pretrain_bert.py`` processes (one rank,
+``--threads`` threads) on the Shakespeare corpus of scripts/prepare_corpus.py, with DeepSpeed
+configs this script writes from configs/tiny_cpu_phase1.json into each run's folder:
 
-    # the full grid of docs/results_bert_mlm.md (~50 min on one core; the page used --code-ref 73503fd)
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/bench_bert_mlm.py --out runs/bert_mlm --code-ref HEAD \\
-        --report runs/bert_mlm/report.md
-    # the LR tuning of plain LAMB at the small batch whose result is LR_SMALL below
-    OMP_NUM_THREADS=1 nice -n 10 python scripts/bench_bert_mlm.py --out runs/bert_mlm --code-ref HEAD \\
-        --tune 0.005 0.01 0.02 0.04
+  1. warm start (shared): plain LAMB at batch 64 from initialization, with the gradient-noise
+     statistics on, past the unigram plateau. Its ``noise/b_simple_ema`` at the end is B_simple
+     where the comparison starts; its curve is B_simple along a small-batch run.
+  2. LR tuning (seed 0): every compared run continues from the warm start's final checkpoint
+     (weights and LAMB moments) as pretrain_bert.py's phase 2 (same sequence length, its own
+     config, a fresh warm-up + linear-decay schedule); for each optimizer x batch, every LR of the
+     batch's grid; the best = lowest held-out loss at the end (equal samples seen).
+  3. seeds: the other seeds at each optimizer x batch's best LR.
+
+    # the study of docs/results_bert_mlm.md (runs/ is git-ignored; a restart reuses finished runs)
+    OMP_NUM_THREADS=1 nohup nice -n 10 python scripts/bench_bert_mlm.py --out runs/bert_mlm14 \\
+        --code-ref HEAD --json docs/results_bert_mlm.json --report runs/bert_mlm14/report.md \\
+        --plot docs/results_bert_mlm.png > runs/bert_mlm14.log 2>&1 &
     # smoke run (< 90 s on 2 cores, generated corpus; CI runs it): not evidence
     python scripts/bench_bert_mlm.py --quick --out /tmp/bert_mlm_quick
 
-Protocol (every run of the grid):
-  * grid: {LAMB = VRLamb with "vr": false, VR-LAMB with γ = 0.1, gsnr_beta = 0.9} × {small batch,
-    large batch} × seeds; everything else is identical;
-  * one micro-batch size for both batches (small / --gas, default 64 / 8 = 8 sequences): a step
-    is k = batch / micro gradient-accumulation micro-batches on one rank, k = 8 at the small batch
-    and 8 x (large / small) at the large one, as if the large batch ran on proportionally more
-    devices. VR estimates the GSNR from these k >= 8 samples every step. (The same micro-batch is
-    also needed for a common held-out set: pretrain_bert.py draws the eval masks per eval chunk of
-    one micro-batch, so a different micro-batch size would mask the held-out set differently.)
-  * equal samples seen: the large batch takes samples / large steps, the small one samples / small;
-  * LR(large) = LR_SMALL * sqrt(large / small); WarmupDecayLR (linear warm-up from 0 over the
-    base config's warm-up share of the steps, then linear decay to 0); the rest of the optimizer
-    settings (betas, eps, weight decay 0.01 on 2-D weights, gradient clipping 1.0) come from the
-    base config;
-  * held-out MLM loss on a fixed set (--eval-samples sequences of the held-out plays, fixed masks,
-    the same for every run) at --evals common sample counts, plus the start;
-  * the seed fixes initialization, data order, masks and dropout: LAMB and VR-LAMB with the same
-    seed see exactly the same batches;
-  * VR's mean applied scale (``gsnr/gsnr_scale_mean``, averaged over the logged steps) is reported.
+Protocol of the compared runs:
+  * {LAMB = VRLamb with "vr": false, VR-LAMB with gamma = 0.1, gsnr_beta = 0.9} x {small batch,
+    large batch}; everything else is identical (betas, eps, weight decay 0.01 on 2-D weights,
+    gradient clipping 1.0 from the base config);
+  * a step is k = batch / micro gradient-accumulation micro-batches on one rank (k = 8 at the small
+    batch, batch / large-micro at the large one, as if on that many devices); VR estimates the GSNR
+    from these k samples. LAMB's update does not depend on the micro-batch size;
+  * equal samples seen: --samples / batch steps; WarmupDecayLR: linear warm-up from 0 over
+    --warmup-share of the run's steps (the same share of samples at both batches), then linear
+    decay to 0;
+  * held-out MLM loss and accuracy on a fixed set (--eval-samples sequences of the held-out plays;
+    the masks are a function of the seed and the sequence) at common sample counts, and at the
+    large batch's step counts (equal steps);
+  * train loss: pretrain_bert.py's ``train/loss``, the mean masked-LM loss of the training batches
+    of the last evaluation interval (each taken before its step's update);
+  * the seed fixes data order and masks of the continuation: LAMB and VR-LAMB with the same seed
+    see exactly the same batches. The warm start (seed 0) is the same for every run.
 
-LR_SMALL was picked by ``--tune 0.005 0.01 0.02 0.04`` (plain LAMB, small batch 64, seed 0, the full
-sample budget): see the tuning table in docs/results_bert_mlm.md.
-
-A finished run (its ``bench_done.json``) is reused on restart; an unfinished one is redone from
-scratch, so an interrupted benchmark continues with the same command.
+Every number of the report comes from the JSON (--json) this script writes. A finished run (its
+``bench_done.json``) is reused on restart; an unfinished one is redone from scratch, so an
+interrupted benchmark continues with the same command.
 """
 
 from __future__ import annotations
@@ -47,11 +51,9 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import shutil
@@ -62,40 +64,66 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+if str(Path(__file__).resolve().parent) not in sys.path:  # benchlib, also when a test imports this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = ROOT / "configs" / "tiny_cpu_phase1.json"
 DEFAULT_DATA = ROOT / "data" / "shakespeare"
-LR_SMALL = 0.01  # plain LAMB at batch 64, seed 0: --tune 0.005 0.01 0.02 0.04 gave 5.988 5.719 5.723 6.118
 OPTIMIZERS = {"LAMB": {"vr": False}, "VR-LAMB": {"vr": True, "gamma": 0.1, "gsnr_beta": 0.9}}
 DONE = "bench_done.json"
-SNAPSHOT_PATHS = ("pretrain_bert.py", "vrgd_ds", "configs", "scripts/plot_metrics.py")
+SNAPSHOT_PATHS = ("pretrain_bert.py", "pretraining", "vrgd_ds", "configs", "scripts/plot_metrics.py")
+SEQ_LEN = 64
 
 
 @dataclass(frozen=True)
 class Settings:
-    small: int = 64
-    large: int = 512
-    samples: int = 20480
-    evals: int = 5
-    eval_samples: int = 1024
-    gas: int = 8
+    warm_steps: int = 400
+    warm_batch: int = 64
+    warm_micro: int = 8
+    warm_lr: float = 0.01
+    small: int = 128
+    small_micro: int = 16
+    large: int = 4096
+    large_micro: int = 64
+    samples: int = 32768
+    evals: int = 4
+    eval_samples: int = 256
+    lrs_small: tuple[float, ...] = (0.0025, 0.005, 0.01)
+    lrs_large: tuple[float, ...] = (0.01, 0.02, 0.04)
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr_small: float = LR_SMALL
-    vocab_size: int | None = None  # None: pretrain_bert's default for tiny (2000)
+    warmup_share: float = 0.1
+    vocab_size: int | None = None  # None: pretrain_bert's default for tiny
 
 
-QUICK = Settings(small=16, large=64, samples=256, evals=2, eval_samples=32, seeds=(0,), vocab_size=200)
+QUICK = Settings(
+    warm_steps=6,
+    warm_batch=16,
+    warm_micro=2,
+    small=16,
+    small_micro=2,
+    large=64,
+    large_micro=8,
+    samples=256,
+    evals=2,
+    eval_samples=32,
+    lrs_small=(0.01,),
+    lrs_large=(0.02,),
+    seeds=(0,),
+    vocab_size=200,
+)
 
 
 @dataclass(frozen=True)
 class Run:
     optimizer: str
     batch: int
+    micro: int
     seed: int
     lr: float
     steps: int
     eval_interval: int  # steps
-    stats_interval: int
 
     @property
     def name(self) -> str:
@@ -105,21 +133,18 @@ class Run:
 # ---- plan ---------------------------------------------------------------------------------------
 def check_settings(s: Settings) -> None:
     """Clear errors for a grid that cannot give equal samples, common eval points or k >= 8."""
-    if s.gas < 8:
-        raise SystemExit(
-            f"error: --gas {s.gas}: VR needs k >= 8 gradient samples per step (micro-batches "
-            f"per step on one rank); use --gas 8 or more."
-        )
-    if s.small < 1 or s.small % s.gas:
-        raise SystemExit(
-            f"error: --small {s.small}: the small batch must be a positive multiple of --gas {s.gas} "
-            f"(micro-batch = small batch / {s.gas}, the same at both batch sizes)."
-        )
+    for name, batch, micro in (
+        ("warm", s.warm_batch, s.warm_micro),
+        ("small", s.small, s.small_micro),
+        ("large", s.large, s.large_micro),
+    ):
+        if micro < 1 or batch % micro or batch // micro < 8:
+            raise SystemExit(
+                f"error: --{name} {batch} with micro-batch {micro}: VR and the noise statistics need k >= 8 "
+                f"gradient samples per step, so the batch must be a multiple >= 8 of its micro-batch."
+            )
     if s.large <= s.small or s.large % s.small:
-        raise SystemExit(
-            f"error: --large {s.large} must be a multiple > 1 of --small {s.small} (the micro-batch "
-            f"size is the same at both, so the large batch needs a whole number of micro-batches)."
-        )
+        raise SystemExit(f"error: --large {s.large} must be a multiple > 1 of --small {s.small}.")
     if s.evals < 1:
         raise SystemExit(f"error: --evals {s.evals}: must be >= 1.")
     per_eval = s.samples / s.evals
@@ -132,87 +157,109 @@ def check_settings(s: Settings) -> None:
         )
     if not s.seeds:
         raise SystemExit("error: --seeds: give at least one seed.")
-    if not s.lr_small > 0:
-        raise SystemExit(f"error: --lr {s.lr_small}: must be > 0.")
+    if not s.lrs_small or not s.lrs_large or min(s.lrs_small + s.lrs_large) <= 0:
+        raise SystemExit("error: --lrs-small/--lrs-large: give at least one LR > 0 each.")
     if s.eval_samples < 1:
         raise SystemExit(f"error: --eval-samples {s.eval_samples}: must be >= 1.")
+    if not 0 <= s.warmup_share < 1:
+        raise SystemExit(f"error: --warmup-share {s.warmup_share}: must be in [0, 1).")
 
 
-def make_run(s: Settings, optimizer: str, batch: int, seed: int, lr_small: float) -> Run:
+def make_run(s: Settings, optimizer: str, batch: int, seed: int, lr: float) -> Run:
     steps = s.samples // batch
-    return Run(
-        optimizer,
-        batch,
-        seed,
-        lr_small * math.sqrt(batch / s.small),
-        steps,
-        eval_interval=s.samples // s.evals // batch,
-        stats_interval=max(1, steps // 40),
-    )
+    per_eval = steps // s.evals  # equal-samples evaluation points
+    if batch != s.large:  # also at the large batch's step counts (equal steps)
+        per_eval = math.gcd(per_eval, s.samples // s.large)
+    micro = s.small_micro if batch == s.small else s.large_micro
+    return Run(optimizer, batch, micro, seed, lr, steps, eval_interval=per_eval)
 
 
-def plan(s: Settings) -> list[Run]:
-    return [make_run(s, opt, b, seed, s.lr_small) for seed in s.seeds for b in (s.small, s.large) for opt in OPTIMIZERS]
+def lr_grid(s: Settings, batch: int) -> tuple[float, ...]:
+    return s.lrs_small if batch == s.small else s.lrs_large
 
 
-def write_config(run: Run, s: Settings, path: Path) -> dict:
-    """The run's DeepSpeed config: the base config with this run's batch, optimizer and schedule."""
-    base = json.loads(BASE_CONFIG.read_text())
-    sched = base["scheduler"]["params"]
-    warmup_share = sched["warmup_num_steps"] / sched["total_num_steps"]
-    config = {k: v for k, v in base.items() if not k.startswith("_")}
-    micro = s.small // s.gas
-    config["_comment"] = (
-        f"written by scripts/bench_bert_mlm.py from {BASE_CONFIG.name}: {run.optimizer}, batch "
-        f"{run.batch} = micro {micro} x accumulation {run.batch // micro} x 1 rank, {run.steps} steps"
-    )
-    config.update(
-        train_batch_size=run.batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=run.batch // micro
-    )
-    params = dict(base["optimizer"]["params"], lr=run.lr, stats_interval=run.stats_interval)
-    for key in ("vr", "gamma", "gsnr_beta"):
-        params.pop(key, None)
-    params.update(OPTIMIZERS[run.optimizer])
-    config["optimizer"] = {"type": base["optimizer"]["type"], "params": params}
-    config["scheduler"] = {
+def tuning_plan(s: Settings) -> list[Run]:
+    return [
+        make_run(s, opt, b, s.seeds[0], lr) for b in (s.small, s.large) for opt in OPTIMIZERS for lr in lr_grid(s, b)
+    ]
+
+
+def base_config() -> dict:
+    return json.loads(BASE_CONFIG.read_text())
+
+
+def schedule(lr: float, steps: int, warmup_share: float) -> dict:
+    return {
         "type": "WarmupDecayLR",
         "params": dict(
-            sched,
-            total_num_steps=run.steps,
-            warmup_num_steps=max(1, round(warmup_share * run.steps)),
+            total_num_steps=steps,
+            warmup_num_steps=max(1, round(warmup_share * steps)),
             warmup_min_lr=0.0,
-            warmup_max_lr=run.lr,
+            warmup_max_lr=lr,
             warmup_type="linear",
         ),
+    }
+
+
+def write_config(path: Path, *, batch: int, micro: int, lr: float, steps: int, opt: dict, warmup: float, note: str):
+    """A DeepSpeed config: the base config with this batch, optimizer and schedule."""
+    base = base_config()
+    config = {k: v for k, v in base.items() if not k.startswith("_")}
+    config["_comment"] = (
+        f"written by scripts/bench_bert_mlm.py from {BASE_CONFIG.name}: {note}, batch {batch} = micro "
+        f"{micro} x accumulation {batch // micro} x 1 rank, {steps} steps"
+    )
+    config.update(
+        train_batch_size=batch, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=batch // micro
+    )
+    params = dict(base["optimizer"]["params"], lr=lr, stats_interval=1)
+    for key in ("vr", "gamma", "gsnr_beta"):
+        params.pop(key, None)
+    params.update(opt)
+    config["optimizer"] = {"type": base["optimizer"]["type"], "params": params}
+    config["scheduler"] = schedule(lr, steps, warmup)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def warm_config(s: Settings, path: Path) -> dict:
+    sched = base_config()["scheduler"]["params"]
+    config = write_config(
+        path,
+        batch=s.warm_batch,
+        micro=s.warm_micro,
+        lr=s.warm_lr,
+        steps=s.warm_steps,
+        opt={"vr": False, "gradient_stats": True},  # plain LAMB, noise statistics on
+        warmup=sched["warmup_num_steps"] / sched["total_num_steps"],
+        note="warm start, LAMB with gradient statistics, constant LR after the warm-up",
+    )
+    # Constant after the warm-up: the comparison starts mid-training, not from a model annealed to LR 0.
+    config["scheduler"] = {
+        "type": "WarmupLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": s.warm_lr,
+            "warmup_num_steps": sched["warmup_num_steps"],
+            "warmup_type": "linear",
+        },
     }
     path.write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
 # ---- running ------------------------------------------------------------------------------------
-def read_metrics(path: Path) -> dict[str, dict[int, float]]:
+def read_metrics(path: Path, phase: int) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if not row["name"].startswith("gsnr_layer/"):
+            if int(row["phase"]) == phase and not row["name"].startswith("gsnr_layer/"):
                 out.setdefault(row["name"], {})[int(row["step"])] = float(row["value"])
     return out
 
 
-def summarize(run: Run, metrics: dict[str, dict[int, float]], s: Settings) -> dict:
-    """Eval loss and accuracy by samples seen, and VR's mean applied scale."""
-    loss, acc = metrics.get("eval/loss", {}), metrics.get("eval/accuracy", {})
-    points = [i * run.eval_interval for i in range(s.evals + 1)]
-    missing = [p for p in points if p not in loss]
-    if missing:
-        raise RuntimeError(f"{run.name}: metrics.csv has no eval/loss at step(s) {missing}")
-    scale = metrics.get("gsnr/gsnr_scale_mean", {})
-    return {
-        "eval_loss": {str(p * run.batch): loss[p] for p in points},
-        "eval_accuracy": {str(p * run.batch): acc[p] for p in points},
-        "scale_mean": statistics.fmean(scale.values()) if scale else None,
-        "train_loss_end": metrics.get("train/loss", {}).get(run.steps),
-    }
+def by_step(series: dict[int, float], offset: int = 0) -> dict[str, float]:
+    return {str(step - offset): v for step, v in sorted(series.items()) if math.isfinite(v)}
 
 
 def code_snapshot(ref: str, out: Path) -> tuple[Path, str]:
@@ -231,12 +278,13 @@ def code_snapshot(ref: str, out: Path) -> tuple[Path, str]:
     tree = subprocess.run(
         ["git", "ls-tree", sha, *SNAPSHOT_PATHS], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
+    present = [p for p in SNAPSHOT_PATHS if any(line.split("\t")[-1] == p for line in tree.splitlines())]
     folder = out / f"code-{hashlib.sha1(tree.encode()).hexdigest()[:12]}"
     if not (folder / "pretrain_bert.py").exists():
         tmp = out / f"{folder.name}.tmp{os.getpid()}"
         tmp.mkdir(parents=True)
         archive = subprocess.run(
-            ["git", "archive", "--format=tar", sha, *SNAPSHOT_PATHS], cwd=ROOT, check=True, capture_output=True
+            ["git", "archive", "--format=tar", sha, *present], cwd=ROOT, check=True, capture_output=True
         ).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         tmp.rename(folder)
@@ -258,30 +306,7 @@ def code_description(args) -> str:
     return f"the working tree's pretrain_bert.py and vrgd_ds (git {described})"
 
 
-def do_run(run: Run, s: Settings, args, out: Path, index: str) -> dict:
-    """Run (or reuse) one pretrain_bert.py process; returns its bench_done.json contents."""
-    folder = out / run.name
-    done = folder / DONE
-    code = args.code_dir.name if args.code_sha else "worktree"
-    if done.exists() and json.loads(done.read_text()).get("code") != code:
-        print(
-            f"[{index}] {run.name}: finished with other code ({json.loads(done.read_text()).get('code')}), "
-            f"running it again",
-            flush=True,
-        )
-    elif done.exists():
-        result = json.loads(done.read_text())
-        print(
-            f"[{index}] {run.name}: reusing finished run ({result['seconds']:.0f} s), "
-            f"final eval loss {result['eval_loss'][str(s.samples)]:.4f}",
-            flush=True,
-        )
-        return result
-    if folder.exists():  # an interrupted run: start it over
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    config = folder / "ds_config.json"
-    write_config(run, s, config)
+def common_args(s: Settings, args, folder: Path, warm_cfg: Path, seed: int, evals: int, logs: int) -> list[str]:
     cmd = [
         sys.executable,
         str(args.code_dir / "pretrain_bert.py"),
@@ -290,164 +315,408 @@ def do_run(run: Run, s: Settings, args, out: Path, index: str) -> dict:
         "--data",
         *map(str, args.data),
         "--phase1-config",
-        str(config),
+        str(warm_cfg),
         "--phase1-steps",
-        str(run.steps),
-        "--eval-interval",
-        str(run.eval_interval),
+        str(s.warm_steps),
+        "--phase1-seq-len",
+        str(SEQ_LEN),
         "--eval-samples",
         str(s.eval_samples),
+        "--eval-interval",
+        str(evals),
         "--log-interval",
-        str(run.eval_interval),
-        "--save-interval",
-        str(run.steps),
+        str(logs),
         "--output-dir",
         str(folder),
         "--seed",
-        str(run.seed),
+        str(seed),
         "--no-plot",
     ]
     if args.cache_dir is not None:
         cmd += ["--cache-dir", str(args.cache_dir)]
     if s.vocab_size is not None:
         cmd += ["--vocab-size", str(s.vocab_size)]
+    return cmd
+
+
+def launch(cmd: list[str], folder: Path, args, label: str) -> float:
     env = dict(
         os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false"
     )
     env.pop("RANK", None)  # one rank of its own, whatever launched us
-    print(f"[{index}] {run.name}: {run.steps} steps of batch {run.batch}, lr {run.lr:.4g} ...", flush=True)
     t0 = time.perf_counter()
-    with open(folder / "log.txt", "w") as log:
+    with open(folder / "log.txt", "a") as log:
         log.write("+ " + shlex.join(cmd) + "\n")
         log.flush()
         proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = (folder / "log.txt").read_text().splitlines()[-15:]
         raise SystemExit(
-            f"error: {run.name} failed (exit {proc.returncode}); the end of {folder / 'log.txt'}:\n" + "\n".join(tail)
+            f"error: {label} failed (exit {proc.returncode}); the end of {folder / 'log.txt'}:\n" + "\n".join(tail)
         )
+    return time.perf_counter() - t0
+
+
+def reusable(done: Path, code: str, label: str, index: str) -> dict | None:
+    if not done.exists():
+        return None
+    result = json.loads(done.read_text())
+    if result.get("code") != code:
+        print(f"[{index}] {label}: finished with other code ({result.get('code')}), running it again", flush=True)
+        return None
+    print(f"[{index}] {label}: reusing finished run ({result['seconds']:.0f} s)", flush=True)
+    return result
+
+
+def do_warm(s: Settings, args, out: Path) -> dict:
+    """The shared warm start (phase 1 of every run): trained once, its final checkpoint kept."""
+    folder = out / "warm"
+    code = args.code_dir.name if args.code_sha else "worktree"
+    result = reusable(folder / DONE, code, "warm start", "warm")
+    if result is not None:
+        return result
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    warm_config(s, folder / "ds_config.json")
+    cmd = common_args(
+        s, args, folder, folder / "ds_config.json", 0, max(1, s.warm_steps // 10), max(1, s.warm_steps // 50)
+    )
+    cmd += ["--save-interval", str(s.warm_steps)]
+    print(f"[warm] {s.warm_steps} steps of LAMB at batch {s.warm_batch}, lr {s.warm_lr:g} ...", flush=True)
+    seconds = launch(cmd, folder, args, "warm start")
+    m = read_metrics(folder / "metrics.csv", 1)
+    result = {
+        "code": code,
+        "seconds": seconds,
+        "steps": s.warm_steps,
+        "batch": s.warm_batch,
+        "lr": s.warm_lr,
+        "eval_loss": by_step(m.get("eval/loss", {})),
+        "eval_accuracy": by_step(m.get("eval/accuracy", {})),
+        "unigram_accuracy": m.get("eval/unigram_accuracy", {}).get(0),
+        "train_loss": by_step(m.get("train/loss", {})),
+        "b_simple": by_step(m.get("noise/b_simple", {})),
+        "b_simple_ema": by_step(m.get("noise/b_simple_ema", {})),
+        "samples_per_s": statistics.fmean(m["train/samples_per_s"].values()),
+    }
+    ema = m.get("noise/b_simple_ema", {})
+    result["b_simple_end"] = ema[max(ema)] if ema else None
+    shutil.rmtree(folder / "final_model", ignore_errors=True)
+    (folder / DONE).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"[warm] done in {seconds:.0f} s, {result['samples_per_s']:.0f} sequences/s, eval loss "
+        f"{result['eval_loss'][str(s.warm_steps)]:.4f}, B_simple (EMA) at the end {result['b_simple_end']:.0f}",
+        flush=True,
+    )
+    return result
+
+
+def do_run(run: Run, s: Settings, args, out: Path, index: str) -> dict:
+    """Run (or reuse) one continuation from the warm start; returns its bench_done.json contents."""
+    folder = out / run.name
+    code = args.code_dir.name if args.code_sha else "worktree"
+    result = reusable(folder / DONE, code, run.name, index)
+    if result is not None:
+        return result
+    if folder.exists():  # an interrupted run: start it over
+        shutil.rmtree(folder)
+    tag = f"phase1-step{s.warm_steps:06d}"
+    (folder / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "warm" / "checkpoints" / tag, folder / "checkpoints" / tag)
+    (folder / "checkpoints" / "latest").write_text(tag)
+    write_config(
+        folder / "ds_config.json",
+        batch=run.batch,
+        micro=run.micro,
+        lr=run.lr,
+        steps=run.steps,
+        opt=OPTIMIZERS[run.optimizer],
+        warmup=s.warmup_share,
+        note=run.optimizer,
+    )
+    cmd = common_args(s, args, folder, out / "warm" / "ds_config.json", run.seed, run.eval_interval, run.eval_interval)
+    cmd += [
+        "--phase2-config",
+        str(folder / "ds_config.json"),
+        "--phase2-steps",
+        str(run.steps),
+        "--phase2-seq-len",
+        str(SEQ_LEN),
+        "--save-interval",
+        str(run.steps),
+        "--resume",
+    ]
+    print(f"[{index}] {run.name}: {run.steps} steps of batch {run.batch}, lr {run.lr:.4g} ...", flush=True)
+    seconds = launch(cmd, folder, args, run.name)
+    m = read_metrics(folder / "metrics.csv", 2)
+    scale = m.get("gsnr/gsnr_scale_mean", {})
     result = dict(
         asdict(run),
         name=run.name,
         code=code,
         seconds=seconds,
-        **summarize(run, read_metrics(folder / "metrics.csv"), s),
+        eval_loss=by_step(m.get("eval/loss", {}), s.warm_steps),
+        eval_accuracy=by_step(m.get("eval/accuracy", {}), s.warm_steps),
+        train_loss=by_step(m.get("train/loss", {}), s.warm_steps),
+        b_simple_ema=by_step(m.get("noise/b_simple_ema", {}), s.warm_steps),
+        scale_mean=statistics.fmean(scale.values()) if scale else None,
+        samples_per_s=statistics.fmean(m["train/samples_per_s"].values()),
     )
+    if str(run.steps) not in result["eval_loss"]:
+        raise SystemExit(f"error: {run.name}: metrics.csv has no held-out loss at the end (step {run.steps})")
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # ~MBs each; metrics are what we keep
     shutil.rmtree(folder / "final_model", ignore_errors=True)
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    (folder / DONE).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"[{index}] {run.name}: done in {seconds:.0f} s, eval loss {result['eval_loss']['0']:.4f} -> "
-        f"{result['eval_loss'][str(s.samples)]:.4f}"
+        f"[{index}] {run.name}: done in {seconds:.0f} s ({result['samples_per_s']:.0f} sequences/s), final eval loss "
+        f"{result['eval_loss'][str(run.steps)]:.4f}"
         + (f", mean VR scale {result['scale_mean']:.3f}" if result["scale_mean"] is not None else ""),
         flush=True,
     )
     return result
 
 
-# ---- report -------------------------------------------------------------------------------------
-def mean_std(values: list[float], digits: int = 3) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def grid_report(s: Settings, results: dict[str, dict]) -> str:
-    counts = [s.samples * i // s.evals for i in range(s.evals + 1)]
-    lines = [
-        "### Held-out MLM loss by samples seen",
-        "",
-        (
-            f"Mean ± std over seeds {', '.join(map(str, s.seeds))} (n = {len(s.seeds)}); the same fixed held-out "
-            f"set of {s.eval_samples} sequences for every run. LR = peak LR (√batch rule from {s.lr_small:g} at "
-            f"batch {s.small})."
-        ),
-        "",
-        "| optimizer | batch | steps | LR | " + " | ".join(f"loss @ {c}" for c in counts) + " | final accuracy |",
-        "|" + "---|" * (5 + len(counts)),
-    ]
-    by = {}
+# ---- summary (JSON) -----------------------------------------------------------------------------
+def summarize(s: Settings, warm: dict, tuning: list[dict], results: dict[str, dict]) -> dict:
+    """Everything the report states: the critical batch, the tuning grid, the table, the curves."""
+    steps_l = s.samples // s.large
+    best = {}
     for opt in OPTIMIZERS:
         for b in (s.small, s.large):
-            rs = [results[make_run(s, opt, b, seed, s.lr_small).name] for seed in s.seeds]
-            by[opt, b] = rs
-            cells = [mean_std([r["eval_loss"][str(c)] for r in rs]) for c in counts]
-            lines.append(
-                f"| {opt} | {b} | {rs[0]['steps']} | {rs[0]['lr']:.4g} | "
-                + " | ".join(cells)
-                + f" | {mean_std([r['eval_accuracy'][str(s.samples)] for r in rs], 4)} |"
+            rows = [r for r in tuning if r["optimizer"] == opt and r["batch"] == b]
+            best[f"{opt}@{b}"] = min(rows, key=lambda r: r["eval_loss"][str(r["steps"])])["lr"]
+    table, curves, paired = [], {}, {}
+    for opt in OPTIMIZERS:
+        for b in (s.small, s.large):
+            rs = [results[make_run(s, opt, b, seed, best[f"{opt}@{b}"]).name] for seed in s.seeds]
+            steps = rs[0]["steps"]
+            last = str(steps)
+            at_steps = str(steps_l)
+            table.append(
+                {
+                    "optimizer": opt,
+                    "batch": b,
+                    "micro": rs[0]["micro"],
+                    "k": b // rs[0]["micro"],
+                    "steps": steps,
+                    "lr": rs[0]["lr"],
+                    "eval_loss_equal_samples": benchlib.summary([r["eval_loss"][last] for r in rs]),
+                    "eval_accuracy_equal_samples": benchlib.summary([r["eval_accuracy"][last] for r in rs]),
+                    "eval_loss_equal_steps": benchlib.summary([r["eval_loss"][at_steps] for r in rs]),
+                    "eval_accuracy_equal_steps": benchlib.summary([r["eval_accuracy"][at_steps] for r in rs]),
+                    "train_loss_end": benchlib.summary([r["train_loss"][last] for r in rs]),
+                    "gap_end": benchlib.summary([r["eval_loss"][last] - r["train_loss"][last] for r in rs]),
+                    "scale_mean": benchlib.summary([r["scale_mean"] for r in rs])
+                    if rs[0]["scale_mean"] is not None
+                    else None,
+                    "seconds": benchlib.summary([r["seconds"] for r in rs]),
+                    "samples_per_s": benchlib.summary([r["samples_per_s"] for r in rs]),
+                }
             )
-    end = str(s.samples)
+            curves[f"{opt}@{b}"] = {
+                "steps": sorted(int(k) for k in rs[0]["eval_loss"]),
+                "eval_loss": [
+                    statistics.fmean(r["eval_loss"][k] for r in rs)
+                    for k in sorted(rs[0]["eval_loss"], key=int)
+                    if all(k in r["eval_loss"] for r in rs)
+                ],
+                "batch": b,
+            }
+            paired_key = f"{opt}@{b}"
+            paired[paired_key] = rs
+    diffs = {}
+    for b in (s.small, s.large):
+        vr, lamb = paired[f"VR-LAMB@{b}"], paired[f"LAMB@{b}"]
+        diffs[f"VR-LAMB - LAMB @ {b}"] = {
+            "eval_loss": benchlib.summary(
+                [v["eval_loss"][str(v["steps"])] - la["eval_loss"][str(la["steps"])] for v, la in zip(vr, lamb)]
+            ),
+            "eval_accuracy": benchlib.summary(
+                [v["eval_accuracy"][str(v["steps"])] - la["eval_accuracy"][str(la["steps"])] for v, la in zip(vr, lamb)]
+            ),
+        }
+    for opt in OPTIMIZERS:
+        lg, sm = paired[f"{opt}@{s.large}"], paired[f"{opt}@{s.small}"]
+        diffs[f"{opt}: {s.large} - {s.small}"] = {
+            "eval_loss": benchlib.summary(
+                [a["eval_loss"][str(a["steps"])] - c["eval_loss"][str(c["steps"])] for a, c in zip(lg, sm)]
+            ),
+            "eval_accuracy": benchlib.summary(
+                [a["eval_accuracy"][str(a["steps"])] - c["eval_accuracy"][str(c["steps"])] for a, c in zip(lg, sm)]
+            ),
+        }
+    b_crit = warm["b_simple_end"]
+    small_b = {seed_r["name"]: seed_r["b_simple_ema"] for seed_r in paired[f"LAMB@{s.small}"] if seed_r["b_simple_ema"]}
+    return {
+        "b_simple_at_start": b_crit,
+        "batch_over_b_simple": {"small": s.small / b_crit, "large": s.large / b_crit} if b_crit else None,
+        "b_simple_small_batch_lamb": small_b,
+        "tuning": [
+            {
+                "optimizer": r["optimizer"],
+                "batch": r["batch"],
+                "lr": r["lr"],
+                "seed": r["seed"],
+                "eval_loss_end": r["eval_loss"][str(r["steps"])],
+                "eval_accuracy_end": r["eval_accuracy"][str(r["steps"])],
+            }
+            for r in tuning
+        ],
+        "best_lr": best,
+        "table": table,
+        "differences": diffs,
+        "curves": curves,
+        "start": {
+            "eval_loss": warm["eval_loss"][str(s.warm_steps)],
+            "eval_accuracy": warm["eval_accuracy"][str(s.warm_steps)],
+        },
+    }
+
+
+# ---- report (markdown from the JSON) -------------------------------------------------------------
+def fmt(ms: dict | None, digits: int = 3) -> str:
+    return benchlib.mean_std(ms["values"] if ms else [], digits)
+
+
+def report(data: dict) -> str:
+    s, summ, warm = data["settings"], data["summary"], data["warm"]
+    b_crit = summ["b_simple_at_start"]
+    steps_l = s["samples"] // s["large"]
+    ema = warm["b_simple_ema"]
+    marks = [k for k in sorted(ema, key=int) if int(k) % max(1, s["warm_steps"] // 10) == 0 or k == max(ema, key=int)]
+    lines = [
+        "## Tiny-BERT MLM past the plateau: LAMB vs VR-LAMB"
+        + (" (QUICK smoke run: not evidence)" if data["quick"] else ""),
+        "",
+        f"- command: `{data['command']}`",
+        f"- machine: {data['machine']}",
+        f"- code: {data['code']}",
+        (
+            f"- runtime: {data['runtime']['wall_s'] / 60:.1f} min this invocation; "
+            f"{data['runtime']['runs_s'] / 60:.1f} "
+            f"min summed over the warm start and {data['runtime']['runs']} runs (reused runs count their original time)"
+        ),
+        (
+            f"- warm start: LAMB, batch {s['warm_batch']} "
+            f"(micro {s['warm_micro']} × {s['warm_batch'] // s['warm_micro']}), "
+            f"{s['warm_steps']} steps, peak LR {s['warm_lr']:g}, seed 0, {warm['seconds']:.0f} s "
+            f"({warm['samples_per_s']:.0f} sequences/s); held-out loss {summ['start']['eval_loss']:.4f}, accuracy "
+            f"{summ['start']['eval_accuracy']:.4f} (unigram baseline {warm['unigram_accuracy']:.4f})"
+        ),
+        "",
+        "### The critical batch along the warm start",
+        "",
+        "B_simple = tr Σ / |G|² (examples), the ratio of the EMAs of the unbiased per-step estimates (VRGD.md §5).",
+        "",
+        "| step | " + " | ".join(marks) + " |",
+        "|---|" + "---|" * len(marks),
+        "| held-out loss | "
+        + " | ".join(f"{warm['eval_loss'][k]:.3f}" if k in warm["eval_loss"] else "" for k in marks)
+        + " |",
+        "| B_simple (EMA) | " + " | ".join(f"{ema[k]:.0f}" for k in marks) + " |",
+        "",
+    ]
+    if b_crit:
+        r = summ["batch_over_b_simple"]
+        lines += [
+            f"At the warm start's end B_simple ≈ {b_crit:.0f} sequences: the small batch {s['small']} is "
+            f"{r['small']:.2f} × B_simple, the large batch {s['large']} is {r['large']:.1f} × B_simple.",
+            "",
+        ]
+    lines += [
+        f"### LR tuning (seed {s['seeds'][0]}, {s['samples']} samples, final held-out loss / accuracy)",
+        "",
+        "| optimizer | batch | LR: held-out loss / accuracy, for each LR of the grid | best LR |",
+        "|---|---|---|---|",
+    ]
+    for batch in (s["small"], s["large"]):
+        for opt in OPTIMIZERS:
+            rows = [t for t in summ["tuning"] if t["optimizer"] == opt and t["batch"] == batch]
+            lines.append(
+                f"| {opt} | {batch} | "
+                + "; ".join(f"{t['lr']:g}: {t['eval_loss_end']:.4f} / {t['eval_accuracy_end']:.4f}" for t in rows)
+                + f" | {summ['best_lr'][f'{opt}@{batch}']:g} |"
+            )
+    lines += [
+        "",
+        f"### Results at the tuned LRs (mean ± std over seeds {', '.join(map(str, s['seeds']))})",
+        "",
+        (
+            f"Equal samples: the end of every run ({s['samples']} sequences). Equal steps: step {steps_l} (the large "
+            f"batch's end; the small batch is then early in its schedule). Train loss: mean over the last evaluation "
+            f"interval's training batches; gap = held-out − train loss at the end."
+        ),
+        "",
+        "| optimizer | batch | k | steps | LR | held-out loss (equal samples) | accuracy (equal samples) | "
+        f"held-out loss (step {steps_l}) | accuracy (step {steps_l}) | train loss | gap | VR mean scale |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in summ["table"]:
+        lines.append(
+            f"| {row['optimizer']} | {row['batch']} | {row['k']} | {row['steps']} | {row['lr']:g} | "
+            f"{fmt(row['eval_loss_equal_samples'])} | {fmt(row['eval_accuracy_equal_samples'], 4)} | "
+            f"{fmt(row['eval_loss_equal_steps'])} | {fmt(row['eval_accuracy_equal_steps'], 4)} | "
+            f"{fmt(row['train_loss_end'])} | {fmt(row['gap_end'])} | {fmt(row['scale_mean'])} |"
+        )
     lines += [
         "",
         "### Paired differences at the end (same seed, same data)",
         "",
-        "Negative = the first lower (better). Large − small is the large-batch degradation.",
-        "",
-        "| comparison | final eval loss difference |",
-        "|---|---|",
-    ]
-    for b in (s.small, s.large):
-        diff = [v["eval_loss"][end] - lb["eval_loss"][end] for v, lb in zip(by["VR-LAMB", b], by["LAMB", b])]
-        lines.append(f"| VR-LAMB − LAMB at batch {b} | {mean_std(diff, 4)} |")
-    for opt in OPTIMIZERS:
-        diff = [lg["eval_loss"][end] - sm["eval_loss"][end] for lg, sm in zip(by[opt, s.large], by[opt, s.small])]
-        lines.append(f"| {opt}: batch {s.large} − batch {s.small} | {mean_std(diff, 4)} |")
-    lines += [
-        "",
-        "### VR-LAMB's applied scale",
-        "",
-        (
-            "Mean of `gsnr/gsnr_scale_mean` (element-weighted mean of the per-element GSNR scale the update is "
-            "multiplied by) over the logged steps."
-        ),
-        "",
-        "| batch | mean applied scale | run time per run (s) |",
+        "| comparison | held-out loss | accuracy |",
         "|---|---|---|",
     ]
-    for b in (s.small, s.large):
-        rs = by["VR-LAMB", b]
-        lines.append(f"| {b} | {mean_std([r['scale_mean'] for r in rs])} | {mean_std([r['seconds'] for r in rs], 0)} |")
-    return "\n".join(lines)
+    for name, d in summ["differences"].items():
+        lines.append(f"| {name} | {fmt(d['eval_loss'], 4)} | {fmt(d['eval_accuracy'], 4)} |")
+    return "\n".join(lines) + "\n"
 
 
-def tune_report(s: Settings, results: list[dict]) -> str:
-    lines = [
-        f"### LR tuning: plain LAMB, batch {s.small}, seed {s.seeds[0]}, {s.samples} samples",
-        "",
-        "| peak LR | final eval loss | final accuracy |",
-        "|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['lr']:.4g} | {r['eval_loss'][str(s.samples)]:.4f} | {r['eval_accuracy'][str(s.samples)]:.4f} |"
-        )
-    best = min(results, key=lambda r: r["eval_loss"][str(s.samples)])
-    lines += ["", f"Best: LR {best['lr']:.4g}."]
-    return "\n".join(lines)
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s, summ, warm = data["settings"], data["summary"], data["warm"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    ema = warm["b_simple_ema"]
+    steps = sorted(ema, key=int)
+    ax = axes[0]
+    ax.plot([int(k) for k in steps], [ema[k] for k in steps], color="k", label="B_simple (EMA), warm start")
+    for name, color in (("small", "tab:blue"), ("large", "tab:red")):
+        ax.axhline(s[name], color=color, ls="--", label=f"{name} batch {s[name]}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"warm-start step (batch {s['warm_batch']})")
+    ax.set_ylabel("sequences")
+    ax.set_title("critical batch B_simple")
+    ax.legend(fontsize=8)
+    start = summ["start"]["eval_loss"]
+    styles = {"LAMB": "-", "VR-LAMB": "--"}
+    for key, curve in summ["curves"].items():
+        opt, batch = key.split("@")
+        color = "tab:blue" if int(batch) == s["small"] else "tab:red"
+        xs = [0] + curve["steps"][: len(curve["eval_loss"])]
+        ys = [start] + curve["eval_loss"]
+        label = f"{opt}, batch {batch}, LR {summ['best_lr'][key]:g}"
+        axes[1].plot([x * int(batch) for x in xs], ys, styles[opt], color=color, label=label, marker=".")
+        axes[2].plot(xs, ys, styles[opt], color=color, label=label, marker=".")
+    axes[1].set_xlabel("samples seen after the warm start")
+    axes[1].set_title("held-out MLM loss at equal samples")
+    axes[2].set_xscale("symlog", linthresh=1)
+    axes[2].set_xlabel("steps after the warm start")
+    axes[2].set_title("held-out MLM loss at equal steps")
+    for ax in axes[1:]:
+        ax.set_ylabel("held-out loss (mean over seeds)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def machine_description(threads: int) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def version(pkg):
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "?"
-
     return (
-        f"{cpu}, {os.cpu_count()} CPU cores visible, CPU only, each run one process with {threads} "
-        f"thread(s); torch {version('torch')}, deepspeed {version('deepspeed')}, transformers "
-        f"{version('transformers')}, Python {platform.python_version()}"
+        f"{benchlib.cpu_model()}, {os.cpu_count()} CPU cores visible, CPU only, each run one process with "
+        f"{threads} thread(s); {benchlib.versions('torch', 'deepspeed', 'transformers', 'Python')}"
     )
 
 
@@ -457,39 +726,9 @@ def make_quick_corpus(folder: Path) -> Path:
     if (folder / "eval" / "held_out.txt").exists():
         return folder
     rng = random.Random(0)
-    nouns = [
-        "king",
-        "queen",
-        "lord",
-        "lady",
-        "sword",
-        "crown",
-        "night",
-        "day",
-        "love",
-        "heart",
-        "blood",
-        "ghost",
-        "fool",
-        "friend",
-        "tongue",
-    ]
-    verbs = [
-        "loves",
-        "sees",
-        "takes",
-        "speaks",
-        "hears",
-        "keeps",
-        "gives",
-        "finds",
-        "calls",
-        "holds",
-        "fears",
-        "tells",
-        "wakes",
-    ]
-    adjs = ["noble", "gentle", "dark", "sweet", "false", "true", "proud", "fair", "old", "young", "bold", "poor"]
+    nouns = "king queen lord lady sword crown night day love heart blood ghost fool friend tongue".split()
+    verbs = "loves sees takes speaks hears keeps gives finds calls holds fears tells wakes".split()
+    adjs = "noble gentle dark sweet false true proud fair old young bold poor".split()
 
     def lines(n):
         return (
@@ -522,31 +761,23 @@ def main(argv=None) -> int:
         help=f"pretrain_bert.py --data (default: {DEFAULT_DATA.relative_to(ROOT)})",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="pretrain_bert.py --cache-dir (default: its own)")
+    parser.add_argument("--warm-steps", type=int, default=d.warm_steps, help="steps of the shared warm start")
     parser.add_argument("--small", type=int, default=d.small, help="small batch (sequences per step)")
+    parser.add_argument("--small-micro", type=int, default=d.small_micro, help="micro-batch at the small batch")
     parser.add_argument("--large", type=int, default=d.large, help="large batch")
+    parser.add_argument("--large-micro", type=int, default=d.large_micro, help="micro-batch at the large batch")
     parser.add_argument("--samples", type=int, default=d.samples, help="training sequences seen by every run")
     parser.add_argument("--evals", type=int, default=d.evals, help="held-out evaluations at equal sample counts")
     parser.add_argument("--eval-samples", type=int, default=d.eval_samples, help="held-out sequences per evaluation")
-    parser.add_argument(
-        "--gas",
-        type=int,
-        default=d.gas,
-        help="micro-batches per step at the small batch = VR's k there (>= 8); the micro-batch "
-        "size small / gas is kept at the large batch",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
-    parser.add_argument("--lr", type=float, default=d.lr_small, help="peak LR at the small batch")
-    parser.add_argument(
-        "--tune",
-        type=float,
-        nargs="+",
-        default=None,
-        metavar="LR",
-        help="instead of the grid: plain LAMB at the small batch, first seed, for each LR",
-    )
+    parser.add_argument("--lrs-small", type=float, nargs="+", default=list(d.lrs_small), help="LR grid, small batch")
+    parser.add_argument("--lrs-large", type=float, nargs="+", default=list(d.lrs_large), help="LR grid, large batch")
+    parser.add_argument("--warmup-share", type=float, default=d.warmup_share, help="warm-up share of each run's steps")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds), help="the first one tunes the LRs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--quick", action="store_true", help="smoke run on a generated corpus (not evidence)")
+    parser.add_argument("--json", type=Path, default=None, help="results JSON (default: OUT/results.json)")
     parser.add_argument("--report", type=Path, default=None, help="also write the markdown report here")
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the figure here (PNG)")
     parser.add_argument(
         "--code-ref",
         default=None,
@@ -562,14 +793,18 @@ def main(argv=None) -> int:
         args.cache_dir = args.cache_dir or args.out / "cache"
     else:
         s = Settings(
+            warm_steps=args.warm_steps,
             small=args.small,
+            small_micro=args.small_micro,
             large=args.large,
+            large_micro=args.large_micro,
             samples=args.samples,
             evals=args.evals,
             eval_samples=args.eval_samples,
-            gas=args.gas,
+            lrs_small=tuple(args.lrs_small),
+            lrs_large=tuple(args.lrs_large),
+            warmup_share=args.warmup_share,
             seeds=tuple(args.seeds),
-            lr_small=args.lr,
         )
         args.data = args.data or [DEFAULT_DATA]
     check_settings(s)
@@ -592,50 +827,49 @@ def main(argv=None) -> int:
     args.code_dir, args.code_sha = ROOT, None
     if args.code_ref is not None:
         args.code_dir, args.code_sha = code_snapshot(args.code_ref, args.out)
-    if args.tune:
-        runs = [make_run(s, "LAMB", s.small, s.seeds[0], lr) for lr in args.tune]
-    else:
-        runs = plan(s)
-    print(
-        f"{len(runs)} run(s) into {args.out}: small batch {s.small}, large {s.large}, {s.samples} samples each, "
-        f"micro-batch {s.small // s.gas}, k = {s.gas} and {s.gas * s.large // s.small} micro-batches per step",
-        flush=True,
-    )
-    results = {}
-    for i, run in enumerate(runs, 1):
-        results[run.name] = do_run(run, s, args, args.out, f"{i}/{len(runs)}")
-    wall = time.perf_counter() - t0
-    run_seconds = sum(r["seconds"] for r in results.values())
 
-    body = tune_report(s, list(results.values())) if args.tune else grid_report(s, results)
-    header = [
-        (
-            f"## Tiny-BERT MLM, {'LR tuning' if args.tune else 'LAMB vs VR-LAMB at small and large batch'}"
-            f"{' (QUICK smoke run: not evidence)' if args.quick else ''}"
-        ),
-        "",
-        f"- command: `{command}`",
-        f"- machine: {machine_description(args.threads)}",
-        f"- code: {code_description(args)}",
-        (
-            f"- runtime: {wall / 60:.1f} min this invocation; {run_seconds / 60:.1f} min summed over the "
-            f"{len(results)} runs (reused runs count their original time)"
-        ),
-        (
-            "- settings: tiny BERT (2 layers, hidden 128), seq 64, phase 1 only, "
-            f"data {' '.join(map(str, args.data))}; "
-            f"batch {s.small} and {s.large} = micro-batch {s.small // s.gas} × {s.gas} and "
-            f"{s.gas * s.large // s.small} accumulation steps on one rank (VR's k); "
-            f"{s.samples} samples per run; base config {BASE_CONFIG.relative_to(ROOT)}"
-        ),
-        "",
-    ]
-    report = "\n".join(header) + "\n" + body + "\n"
-    print("\n" + report, flush=True)
+    warm = do_warm(s, args, args.out)
+    tune = tuning_plan(s)
+    results = {}
+    for i, run in enumerate(tune, 1):
+        results[run.name] = do_run(run, s, args, args.out, f"tune {i}/{len(tune)}")
+    tuning = [results[r.name] for r in tune]
+    best = {}
+    for r in tuning:
+        key = (r["optimizer"], r["batch"])
+        if key not in best or r["eval_loss"][str(r["steps"])] < best[key]["eval_loss"][str(best[key]["steps"])]:
+            best[key] = r
+    seeded = [make_run(s, opt, b, seed, best[opt, b]["lr"]) for seed in s.seeds[1:] for (opt, b) in best]
+    for i, run in enumerate(seeded, 1):
+        results[run.name] = do_run(run, s, args, args.out, f"seed {i}/{len(seeded)}")
+    wall = time.perf_counter() - t0
+
+    data = {
+        "quick": args.quick,
+        "command": command,
+        "machine": machine_description(args.threads),
+        "code": code_description(args),
+        "settings": asdict(s),
+        "runtime": {
+            "wall_s": wall,
+            "runs_s": warm["seconds"] + sum(r["seconds"] for r in results.values()),
+            "runs": len(results),
+        },
+        "warm": {k: v for k, v in warm.items() if k != "code"},
+        "runs": results,
+    }
+    data["summary"] = summarize(s, warm, tuning, results)
+    json_path = args.json or args.out / "results.json"
+    benchlib.write_json(json_path, data)
+    text = report(data)
+    print("\n" + text, flush=True)
+    print(f"results: {json_path}", flush=True)
     if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(report)
+        benchlib.write_text(args.report, text)
         print(f"report: {args.report}", flush=True)
+    if args.plot is not None:
+        plot(data, args.plot)
+        print(f"plot: {args.plot}", flush=True)
     return 0
 
 
