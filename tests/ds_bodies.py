@@ -88,7 +88,7 @@ def train_ds(case: dict, rank: int, world: int, steps: int = 3, engine=None, sta
             )
     if case.get("collectives"):
         # The NCCL code path (reduce_scatter_tensor / reduce) instead of gloo's point-to-point one.
-        engine.vrgd_moment_source.pairwise_exchange = False
+        vrgd_ds.find_vr_optimizer(engine).moment_source.pairwise_exchange = False
     batches = batches or micro_batches(SAMPLES_PER_STEP * (start_step + steps), skip_extra=False)
     dtype = next(engine.module.parameters()).dtype
     for step in range(start_step, start_step + steps):
@@ -173,14 +173,9 @@ def overflow_case(rank: int, world: int):
         before_steps == [s["step"] for s in opt.state.values()]
         and before_noise == opt.state_dict()["vrgd"]["noise_ema"]
     )  # noise averages too
-    source = engine.vrgd_moment_source
     # Nothing of the skipped step's samples may reach the next step: no counts (per_step hooks
     # then overwrite, not add to, the full-size buffer) and zeroed accumulation buffers.
-    buffers_clear = (
-        source.local_samples == 0
-        and not source._hook_counts
-        and all(float(b.abs().sum()) == 0 for b in source._buffers_to_zero())
-    )
+    buffers_clear = opt.moment_source.local_samples == 0 and opt.moment_source.is_clear()
     engine, params = train_ds({}, rank, world, steps=1, engine=engine, start_step=2, batches=batches)
     moved = any(not torch.equal(a.float(), b) for a, b in zip(before_params, params))
     finite = all(torch.isfinite(p).all() for p in params)

@@ -2,7 +2,7 @@
 
 ``from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars``. Importing the package also registers
 the optimizer types with DeepSpeed (``"optimizer": {"type": "VRLamb", ...}``) when DeepSpeed
-is installed; see :mod:`vrgd_ds.deepspeed_glue`.
+is installed; see the package :mod:`vrgd_ds.deepspeed_glue`.
 """
 
 from .adam import VRAdam, VRAdamW

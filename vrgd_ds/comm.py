@@ -2,7 +2,10 @@
 
 gloo implements ``reduce_scatter_tensor`` as an all-reduce of a full copy (twice a
 reduce-scatter's bytes on the wire, plus a full-size temporary); :func:`pairwise_reduce_scatter`
-does the same reduction with point-to-point transfers of exactly the reduce-scatter minimum.
+(a flat buffer, ZeRO 1/2) and :func:`reduce_scatter_rows` (a (w, n) bucket, ZeRO-3) do the same
+reduction with point-to-point transfers of exactly the reduce-scatter minimum.
+:func:`all_reduce_sum` is the ``complete`` callback of a
+:class:`~vrgd_ds.segments.SegmentLayout` whose tensors are spread over a group.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["pairwise_reduce_scatter"]
+__all__ = ["all_reduce_sum", "pairwise_reduce_scatter", "reduce_scatter_rows"]
 
 
 def pairwise_reduce_scatter(full: Tensor, partition: Tensor, group=None, tag: int = 0) -> Tensor:
@@ -49,3 +52,49 @@ def pairwise_reduce_scatter(full: Tensor, partition: Tensor, group=None, tag: in
     if w == 2:
         partition.add_(slice_of(r))
     return partition
+
+
+def reduce_scatter_rows(
+    rows: Tensor, group, rank: int, global_ranks: list[int], pairwise: bool, comm_group=None, tag: int = 0
+) -> Tensor:
+    """Σ over the w ranks of ``group`` of row ``rank`` of every rank's (w, n) ``rows``; a new (n,) tensor.
+
+    ``pairwise``: in round s = 1..w−1 send rank (r+s) mod w its row and receive ours from rank
+    (r−s) mod w — 4·n·(w−1) bytes per rank, the reduce-scatter minimum (``global_ranks[q]``: the
+    global rank of group member q). Else one ``dist.reduce_scatter`` over ``comm_group`` (default
+    ``group``). Every rank of the group must call it with the same shapes and ``tag``.
+    """
+    w, r = rows.shape[0], rank
+    if w == 1:
+        return rows[0].clone()
+    rows = rows if rows.stride(1) == 1 else rows.contiguous()
+    if not pairwise:
+        out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
+        dist.reduce_scatter(
+            out,
+            [rows[q].contiguous() for q in range(w)],
+            op=dist.ReduceOp.SUM,
+            group=comm_group if comm_group is not None else group,
+        )
+        return out
+    out = rows[r].clone()
+    incoming = torch.empty_like(out)
+    for s in range(1, w):
+        dst, src = (r + s) % w, (r - s) % w
+        row = rows[dst] if rows[dst].is_contiguous() else rows[dst].contiguous()
+        sent = dist.isend(row, dst=global_ranks[dst], group=group, tag=tag)
+        dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
+        sent.wait()
+        out.add_(incoming)
+    return out
+
+
+def all_reduce_sum(group, world: int):
+    """``complete(vec)`` for a SegmentLayout whose tensors are spread over ``group`` (``world``
+    ranks): an in-place all-reduce of the per-tensor partial sums (nothing for a group of one)."""
+
+    def complete(vec: Tensor) -> None:
+        if world > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+
+    return complete

@@ -2,10 +2,13 @@
 collects the k gradient samples of a step (VRGD.md §1).
 
 Implementations: :class:`~vrgd_ds.collect.GradientMomentCollector` (plain PyTorch and DDP: Σg and
-Σg² of whole tensors, one all-reduce), and the DeepSpeed sources in :mod:`vrgd_ds.deepspeed_glue`
-(stage 0, ZeRO 1/2, BF16_Optimizer) and :mod:`vrgd_ds.zero3` (Σg² on the partitions the wrapper
-hands the inner optimizer; the first moment is DeepSpeed's own reduced gradient). A new partition
-kind is a new source plus a :class:`~vrgd_ds.segments.SegmentLayout` per tensor it hands over.
+Σg² of whole tensors, one all-reduce), and the DeepSpeed sources of :mod:`vrgd_ds.deepspeed_glue`
+— :class:`~vrgd_ds.deepspeed_glue.source.DeepSpeedMomentSource` and one subclass per wrapper kind
+(``stage0``, ``zero12``, ``bf16``, ``zero3`` modules): Σg² on the tensors the wrapper hands the
+inner optimizer; the first moment is DeepSpeed's own reduced gradient. A new partition kind is a
+new source plus a :class:`~vrgd_ds.segments.SegmentLayout` per tensor it hands over. The
+optimizer reaches its source as ``optimizer.moment_source`` (under DeepSpeed:
+``vrgd_ds.find_vr_optimizer(engine).moment_source``); its step relies on nothing beyond this protocol.
 
 Order within one optimizer step: ``finalize`` once (k) → per tensor the optimizer updates:
 ``moment_sums`` (before ``raw_gsnr``, which may overwrite Σg² with r), ``raw_gsnr``,

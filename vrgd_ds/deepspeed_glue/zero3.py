@@ -1,4 +1,4 @@
-"""ZeRO stage 3 (DeepSpeed 0.19.8, runtime/zero/stage3.py): VRGD moments on stage 3's partitions.
+"""ZeRO stage 3 (DeepSpeedZeroOptimizer_Stage3, runtime/zero/stage3.py): VRGD moments on stage 3's partitions.
 
 What stage 3 hands the inner optimizer (../shared/LARGE_MODEL_NOTES.md §1):
 
@@ -26,10 +26,13 @@ What this module installs (:func:`attach_zero3`, after DeepSpeed built its stage
   (each rank sends each other rank exactly the rows that rank owns); elsewhere
   ``dist.reduce_scatter`` over a clone of the data-parallel group, so our collectives never
   interleave with ZeRO's own on its communicator.
+  (:func:`vrgd_ds.comm.reduce_scatter_rows`).
 * r is formed per sub-group from the reduced gradient DeepSpeed has just flattened into the
-  sub-group's ``.grad`` (wrapping ``unscale_and_clip_grads``, so before the loss scale and
-  ``gradient_clipping`` are applied), in place of Σg².
-* Per sub-group :class:`~vrgd_ds.segments.SegmentLayout`: one piece per parameter (its real
+  sub-group's ``.grad`` (wrapping ``unscale_and_clip_grads``, stage3.py:2979, called per
+  sub-group from ``step`` at :2918, so before the loss scale and ``gradient_clipping`` are
+  applied), in place of Σg².
+* Per sub-group :class:`~vrgd_ds.segments.SegmentLayout`
+  (:func:`~vrgd_ds.deepspeed_glue.layouts.zero3_layouts`): one piece per parameter (its real
   elements on this rank, possibly none) and its padding, so layer means of r and the LAMB/LARS
   norms are per whole tensor, completed by one small all-reduce over the partition group; the
   padding is skipped by every sum.
@@ -41,7 +44,7 @@ partitions on the host, r formed there) and of the parameters (``offload_param``
 Refused at ``deepspeed.initialize`` (:func:`check_supported`, before DeepSpeed builds stage 3):
 NVMe offload of either (not examined: the sub-group tensors are swapped in and out around
 ``step()``), ZeRO++ quantized gradients (not examined), ZenFlow, MiCS/hpZ and every other layout
-:func:`~vrgd_ds.deepspeed_glue.unsupported_parallelism` refuses.
+:func:`~vrgd_ds.deepspeed_glue.refusals.unsupported_parallelism` refuses.
 """
 
 from __future__ import annotations
@@ -50,9 +53,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collect import k_too_small_message
-from .deepspeed_glue import DeepSpeedMomentSource, _wrap_method, all_reduce_sum, unsupported_parallelism
-from .segments import SegmentLayout
+from ..collect import k_too_small_message
+from ..comm import reduce_scatter_rows
+from ..segments import SegmentLayout
+from .layouts import zero3_layouts
+from .refusals import unsupported_parallelism
+from .source import DeepSpeedMomentSource, wrap_method
 
 __all__ = ["check_supported", "attach_zero3", "Zero3MomentSource"]
 
@@ -85,46 +91,6 @@ def check_supported(engine) -> None:
         raise ValueError("vrgd_ds supports ZeRO stage 3 without " + "; ".join(problems) + ".")
 
 
-def _partition_layouts(wrapper, names: dict[int, str]):
-    """Per sub-group: (flat fp32 tensor, its trainable tensors, their offsets in it, SegmentLayout)."""
-    out = []
-    for i, tensors in enumerate(wrapper.fp16_groups):
-        group = wrapper.sub_group_process_groups[i]
-        rank = dist.get_rank(group=group)
-        world = dist.get_world_size(group=group)
-        flat = wrapper.fp32_partitioned_groups_flat[i]
-        lengths, keys, offsets, pos = [], [], [], 0
-        for key, p in enumerate(tensors):
-            numel, ps = int(p.ds_numel), int(p.partition_numel())
-            position = wrapper.grad_position.get(wrapper.get_param_id(p))
-            if position is not None and (position[0] != i or position[1] != pos or position[2] != ps):
-                raise RuntimeError(f"vrgd_ds: unexpected ZeRO-3 layout of sub-group {i}: {position} vs {[i, pos, ps]}")
-            real = min(max(numel - rank * ps, 0), ps)
-            if real > 0:
-                lengths.append(real)
-                keys.append(key)
-            if ps > real:
-                lengths.append(ps - real)
-                keys.append(-1)
-            offsets.append(pos)
-            pos += ps
-        if pos != flat.numel():
-            raise RuntimeError(
-                f"vrgd_ds: ZeRO-3 sub-group {i} holds {flat.numel()} elements, its parameters' slices {pos}"
-            )
-
-        complete = all_reduce_sum(group, world)
-        layout = SegmentLayout(
-            lengths,
-            keys,
-            [int(p.ds_numel) for p in tensors],
-            names=[names.get(id(p), f"subgroup{i}.param{k}") for k, p in enumerate(tensors)],
-            complete=complete,
-        )
-        out.append((flat, list(tensors), offsets, layout))
-    return out
-
-
 class Zero3MomentSource(DeepSpeedMomentSource):
     """Σg² of the step's micro-batches on this rank's ZeRO-3 partition of every sub-group."""
 
@@ -147,7 +113,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
             if self.world_size == dist.get_world_size():
                 self.comm_group = dist.new_group(list(range(self.world_size)))
         self._global = [dist.get_global_rank(group, q) for q in range(self.world_size)]
-        subgroups = subgroups if subgroups is not None else _partition_layouts(wrapper, names or {})
+        subgroups = subgroups if subgroups is not None else zero3_layouts(wrapper, names or {})
         self.partitions: list[Tensor] = []
         self.group_tensors: dict[int, list[Tensor]] = {}
         self._eps_group: dict[int, int] = {}
@@ -178,6 +144,9 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         self._used = 0
         self._slots: dict[int, int] = {}
         self._entries: list[tuple[Tensor, int]] = []
+        #: Reductions of a non-empty bucket since attach (per_micro_step: whenever the bucket is
+        #: full and once before each step; per_step: once per step).
+        self.flushes = 0
 
     # -- hooks ------------------------------------------------------------------------------
     def _make_sink(self, p):
@@ -225,6 +194,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         n = self._used
         if n == 0:
             return
+        self.flushes += 1
         mine = self._reduce_scatter(self.bucket[:, :n])
         for p, slot in self._entries:
             i, offset, _, ps = self._where[id(p)]
@@ -235,28 +205,9 @@ class Zero3MomentSource(DeepSpeedMomentSource):
 
     def _reduce_scatter(self, rows: Tensor) -> Tensor:
         """Σ over ranks of row ``rank`` of every rank's (w, n) ``rows``; a new (n,) tensor."""
-        w, r = self.world_size, self.rank
-        if w == 1:
-            return rows[0].clone()
-        rows = rows if rows.stride(1) == 1 else rows.contiguous()
-        if not self.pairwise_exchange:
-            out = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)
-            dist.reduce_scatter(
-                out, [rows[q].contiguous() for q in range(w)], op=dist.ReduceOp.SUM, group=self.comm_group
-            )
-            return out
-        # Round s: send rank (r+s) mod w its row, receive ours from rank (r−s) mod w — 4·n·(w−1)
-        # bytes per rank, the reduce-scatter minimum.
-        out = rows[r].clone()
-        incoming = torch.empty_like(out)
-        for s in range(1, w):
-            dst, src = (r + s) % w, (r - s) % w
-            row = rows[dst] if rows[dst].is_contiguous() else rows[dst].contiguous()
-            sent = dist.isend(row, dst=self._global[dst], group=self.group, tag=_TAG)
-            dist.irecv(incoming, src=self._global[src], group=self.group, tag=_TAG).wait()
-            sent.wait()
-            out.add_(incoming)
-        return out
+        return reduce_scatter_rows(
+            rows, self.group, self.rank, self._global, self.pairwise_exchange, self.comm_group, tag=_TAG
+        )
 
     # -- the step protocol ------------------------------------------------------------------
     def ensure_reduced(self) -> None:
@@ -288,6 +239,10 @@ class Zero3MomentSource(DeepSpeedMomentSource):
 
     def _buffers_to_zero(self):
         return self.partitions  # the bucket's slots are zeroed when taken
+
+    def is_clear(self) -> bool:
+        """As :meth:`DeepSpeedMomentSource.is_clear`, and the bucket holds no entry."""
+        return self._used == 0 and not self._slots and not self._entries and super().is_clear()
 
     def extra_buffer_bytes(self):
         return {
@@ -340,7 +295,7 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
             )
     if strategy == "auto":
         strategy = "per_micro_step"
-    subgroups = _partition_layouts(wrapper, names)
+    subgroups = zero3_layouts(wrapper, names)
     for flat, _tensors, _, layout in subgroups:
         opt.set_layout(flat, layout)
     _refuse_universal_load(engine)
@@ -358,10 +313,9 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
     def before_unscale(sub_group_id, *a, **k):
         source.prepare([flats[sub_group_id]])
 
-    _wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
+    wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
     # engine.backward scales the loss by the wrapper's loss scale and divides it by gas.
     source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
     source.gas = gas
     opt.set_moment_source(source)
-    _wrap_method(wrapper, "step", after=source.clear)
-    engine.vrgd_moment_source = source
+    wrap_method(wrapper, "step", after=source.clear)

@@ -1,0 +1,86 @@
+"""What cannot give the exact VRGD update yet: refused at ``deepspeed.initialize``, on every rank,
+with a ValueError that says what to change.
+
+:func:`unsupported_parallelism` (every ZeRO stage): tensor/sequence parallelism, MoE, MiCS/hpZ,
+weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built
+its wrapper; at ZeRO-3 the parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload, other
+wrappers). ZeRO-3's own checks are :func:`vrgd_ds.deepspeed_glue.zero3.check_supported`.
+"""
+
+from __future__ import annotations
+
+from .bf16 import is_bf16_optimizer
+
+__all__ = ["unsupported_parallelism", "refuse_unsupported"]
+
+
+def _model_parallel_size(mpu) -> int:
+    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
+    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
+    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+        fn = getattr(mpu, getter, None)
+        if fn is not None:
+            return int(fn())
+    return 1
+
+
+def unsupported_parallelism(engine) -> str | None:
+    """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
+
+    Data parallelism (ZeRO 0-3, BF16_Optimizer) and pipeline parallelism without weights tied across stages
+    are exact: every collective of ours runs over the data-parallel group and k counts
+    data-parallel ranks only. Everything else is refused at ``deepspeed.initialize``.
+    """
+    mpu = getattr(engine, "mpu", None)
+    if mpu is not None and _model_parallel_size(mpu) > 1:
+        return (
+            f"tensor (model) parallelism with {_model_parallel_size(mpu)} shards per tensor: the layer mean of r "
+            "and the LAMB/LARS norms of a sharded tensor would be per shard. Use tensor-model-parallel size 1 "
+            "(data and pipeline parallelism, with ZeRO 0-3, are supported)."
+        )
+    if getattr(engine, "sequence_parallel_size", 1) > 1:
+        return (
+            "sequence parallelism (sequence_parallel_size > 1): the gradient samples of one micro-batch are "
+            "split over the sequence-parallel ranks. Set sequence_parallel_size to 1."
+        )
+    if getattr(engine, "has_moe_layers", False):
+        return (
+            "mixture-of-experts layers: expert parameters are reduced over expert-data-parallel groups of other "
+            "sizes than the dense ones. Use a dense model, or a non-VR optimizer for MoE."
+        )
+    zero = engine._config.zero_config
+    if (getattr(zero, "mics_shard_size", -1) or -1) > 0 or (getattr(zero, "zero_hpz_partition_size", 1) or 1) > 1:
+        return "MiCS / hpZ (mics_shard_size, zero_hpz_partition_size): remove them from zero_optimization."
+    for key, comm in (getattr(engine.module, "tied_comms", None) or {}).items():
+        if len(comm.get("ranks", ())) > 1:
+            return (
+                f"weights tied across pipeline stages (TiedLayerSpec key {key!r}): each stage would apply its own "
+                "r to its copy. Put the tied layers on one stage, or untie them."
+            )
+    return None
+
+
+def refuse_unsupported(engine, wrapper, stage: int) -> None:
+    """Every configuration of a built wrapper that cannot give the exact update: a ValueError saying
+    what to change (at stage 3 only the parallelism; the rest is :func:`~.zero3.check_supported`)."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    reason = unsupported_parallelism(engine)
+    if reason is not None:
+        raise ValueError(f"vrgd_ds does not support {reason}")
+    if isinstance(wrapper, FP16_UnfusedOptimizer) and engine.fp16_enabled():
+        raise ValueError(
+            "vrgd_ds refuses fp16 at ZeRO stage 0: DeepSpeed 0.19.8's stage-0 fp16 wrapper (FP16_UnfusedOptimizer) "
+            "divides the gradients by the loss scale although engine.backward did not scale the loss, so every "
+            "update would be off by the loss scale (DeepSpeed's own SGD is wrong the same way). Use "
+            '"zero_optimization": {"stage": 1} (or 2) with fp16, or bf16 at stage 0.'
+        )
+    if stage in (1, 2) and not is_bf16_optimizer(wrapper):
+        if not isinstance(wrapper, DeepSpeedZeroOptimizer):
+            raise ValueError(
+                f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer or BF16_Optimizer, got "
+                f"{type(wrapper).__name__}: use ZeRO stage 1 or 2 without other optimizer wrappers."
+            )
+        if getattr(wrapper, "cpu_offload", False):
+            raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")

@@ -1,0 +1,112 @@
+"""ZeRO stage 0: VRGD moments on whole tensors (:class:`Stage0MomentSource`, :func:`stage0_source`).
+
+What the inner optimizer gets (DEEPSPEED_NOTES.md "What a custom optimizer sees"): with fp32 the
+model's own tensors, after the engine's all-reduce (averaged over the data-parallel group) and
+clipping (runtime/engine.py:3502 ``clip_fp32_gradients``); with bf16 the fp32 master copies of
+``FP16_UnfusedOptimizer`` (runtime/fp16/unfused_optimizer.py:243 ``unscale_and_clip_grads``,
+called from its ``step`` at :228). fp16 at stage 0 is refused (:mod:`.refusals`).
+
+Installed: a tensor hook per trainable parameter adds g² of each micro-batch into one flat fp32
+buffer [Σg² of every parameter | sample count of every parameter], all-reduced once per step over
+the data-parallel group (never the world: with a pipeline the world holds other stages'
+tensors). r is formed just before the wrapped method above unscales/clips, in place of Σg².
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..optimizer import VROptimizer
+from ..segments import SegmentLayout
+from .source import DeepSpeedMomentSource, wrap_method
+
+__all__ = ["Stage0MomentSource", "stage0_source"]
+
+
+class Stage0MomentSource(DeepSpeedMomentSource):
+    """ZeRO stage 0: one flat fp32 Σg² buffer over all parameters, all-reduced once per step."""
+
+    # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
+    checks_finite_locally = True
+
+    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None):
+        super().__init__(optimizer, world_size, group, names)
+        # Frozen tensors (requires_grad=False) never get a gradient: nothing to collect or hook.
+        pairs = [(mp, ip) for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
+        model_params, inner_params = [mp for mp, _ in pairs], [ip for _, ip in pairs]
+        numel = sum(p.numel() for p in model_params)
+        # [Σg² of every parameter | gradient-sample count of every parameter], one all-reduce.
+        self.buffer = torch.zeros(numel + len(model_params), dtype=torch.float32, device=model_params[0].device)
+        self.counts = self.buffer[numel:]
+        self.model_params = list(model_params)
+        self.count_index: dict[int, int] = {}
+        offset = 0
+        for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
+            view = self.buffer[offset : offset + mp.numel()]
+            offset += mp.numel()
+            self.sq[id(ip)] = view
+            self.count_index[id(ip)] = index
+            self.handles.append(mp.register_hook(self.samples.hook(mp, self._make_sink(mp, view))))
+
+    def _make_sink(self, p, view):
+        def add_sample(grad):
+            g = grad.detach().reshape(-1).float()
+            view.addcmul_(g, g)
+            self._count(p)
+
+        return add_sample
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.buffer).all())
+
+    def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
+        """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced)."""
+        return self.counts[self.count_index[id(inner)]].view(1).clone()
+
+    def ensure_reduced(self):
+        if not self._reduced:
+            self.samples.end_micro_batch()
+            for i, p in enumerate(self.model_params):
+                self.counts[i] = float(self._hook_counts.get(id(p), 0))
+            if self.world_size > 1:
+                dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
+            self._reduced = True
+
+    def _buffers_to_zero(self):
+        return [self.buffer]
+
+    def extra_buffer_bytes(self):
+        return {"grad_sq_sum (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
+
+
+def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMomentSource:
+    """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
+    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer."""
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
+    # the world holds other stages' tensors); sequence parallelism is refused.
+    dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
+    if isinstance(wrapper, FP16_UnfusedOptimizer):
+        model_params = [p for g in wrapper.fp16_groups for p in g]
+        inner_params = [p for g in wrapper.fp32_groups for p in g]
+        source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
+        for mp, ip in zip(model_params, inner_params):
+            if id(mp) in names:
+                opt._names.setdefault(id(ip), names[id(mp)])
+        wrap_method(wrapper, "unscale_and_clip_grads", before=lambda *a, **k: source.prepare(inner_params))
+        return source
+    if wrapper is opt:
+        params = [p for g in opt.param_groups for p in g["params"]]
+        source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names)
+        for p in params:
+            if id(p) in names:
+                opt._names.setdefault(id(p), names[id(p)])
+        wrap_method(engine, "clip_fp32_gradients", before=lambda *a, **k: source.prepare(params))
+        return source
+    raise ValueError(
+        f"vrgd_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper at ZeRO stage 0; "
+        "use ZeRO stage 1 or 2 for fp16/bf16."
+    )
