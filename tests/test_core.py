@@ -4,32 +4,23 @@ bad input, state_dict round trip."""
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
 import torch
 
-from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars
+from vrgd_ds import VRSGD, VRLamb, VRLars
 from vrgd_ds.gsnr import gsnr_from_moments, normalize_and_clip
 
 from .models import TinyNet, mb_loss, micro_batches
+from .optim_db import OPTIMIZER_DB, bad_inputs, reference_configs, torch_pairs
 from .reference import ReferenceVR, max_rel_err, reference_gsnr
 
-CASES = {
-    "sgd": (VRSGD, "sgd", dict(lr=0.05)),
-    "sgd_momentum_wd": (VRSGD, "sgd", dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=1e-2)),
-    "sgd_nesterov_beta": (VRSGD, "sgd", dict(lr=0.05, momentum=0.9, nesterov=True, gsnr_beta=0.8)),
-    "adamw": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1)),
-    "adam_l2_nobeta": (VRAdam, "adam", dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False, gsnr_beta=None)),
-    "lamb": (VRLamb, "lamb", dict(lr=1e-2)),
-    "lamb_clamped_nobc": (
-        VRLamb,
-        "lamb",
-        dict(lr=1e-2, bias_correction=False, min_trust_ratio=0.5, max_trust_ratio=2.0, gamma=0.3),
-    ),
-    "lars": (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3)),
-    "lars_nesterov_beta": (VRLars, "lars", dict(lr=0.5, nesterov=True, gsnr_beta=0.9, trust_coefficient=0.01)),
-}
+ROWS = pytest.mark.parametrize("info", OPTIMIZER_DB, ids=lambda info: info.cls.__name__)
+CONFIGS = pytest.mark.parametrize(
+    "info,kwargs", [(info, kw) for _, info, kw in reference_configs()], ids=[n for n, _, _ in reference_configs()]
+)
 
 
 def _split_vr_kwargs(kind_kwargs):
@@ -40,7 +31,7 @@ def _split_vr_kwargs(kind_kwargs):
 
 
 def _default_beta(cls):
-    return 0.9 if cls in (VRAdam, VRLamb) else None
+    return inspect.signature(cls).parameters["gsnr_beta"].default
 
 
 def run_brute_force(cls, kind, kwargs, steps=3, gas=4):
@@ -77,18 +68,17 @@ def run_brute_force(cls, kind, kwargs, steps=3, gas=4):
     return model, ref_model
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_brute_force_reference(case):
-    cls, kind, kwargs = CASES[case]
-    model, ref_model = run_brute_force(cls, kind, kwargs)
+@CONFIGS
+def test_matches_brute_force_reference(info, kwargs):
+    model, ref_model = run_brute_force(info.cls, info.kind, kwargs)
     assert max_rel_err(model.parameters(), ref_model.parameters()) <= 1e-6
     # and the run really moved the parameters
     assert max_rel_err(model.parameters(), TinyNet().parameters()) > 1e-3
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_base_rules_match_reference_without_vr(case):
-    cls, kind, kwargs = CASES[case]
+@CONFIGS
+def test_base_rules_match_reference_without_vr(info, kwargs):
+    cls, kind = info.cls, info.kind
     kwargs = {k: v for k, v in kwargs.items() if k not in ("gamma", "gsnr_beta")}
     model = TinyNet()
     ref_model = copy.deepcopy(model)
@@ -107,17 +97,8 @@ def test_base_rules_match_reference_without_vr(case):
     assert max_rel_err(model.parameters(), ref_model.parameters()) <= 1e-6
 
 
-TORCH_FALLBACKS = [
-    (VRSGD, torch.optim.SGD, dict(lr=0.1)),
-    (VRSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.2)),
-    (VRSGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
-    (VRAdam, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    (VRAdam, torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False)),
-]
-
-
 @pytest.mark.parametrize("vr_kwargs", [dict(vr=False), dict(gamma=1.0)], ids=["vr_false", "gamma_1"])
-@pytest.mark.parametrize("ours,theirs,kwargs", TORCH_FALLBACKS)
+@pytest.mark.parametrize("ours,theirs,kwargs", torch_pairs())
 def test_fallback_matches_torch_optim(ours, theirs, kwargs, vr_kwargs):
     model = TinyNet()
     base = copy.deepcopy(model)
@@ -137,10 +118,11 @@ def test_fallback_matches_torch_optim(ours, theirs, kwargs, vr_kwargs):
         assert all(len(p._backward_hooks or {}) == 0 for p in model.parameters())
 
 
-@pytest.mark.parametrize(
-    "cls,kind,kwargs", [(VRLamb, "lamb", dict(lr=1e-2)), (VRLars, "lars", dict(lr=0.5, weight_decay=1e-3))]
-)
-def test_gamma_one_equals_plain_lamb_lars(cls, kind, kwargs):
+@CONFIGS
+def test_gamma_one_equals_vr_false(info, kwargs):
+    """γ = 1 clips r to 1 everywhere: the base optimizer (GSNR momentum of ones is ones)."""
+    cls = info.cls
+    kwargs = {k: v for k, v in kwargs.items() if k != "gamma"}
     a, b = TinyNet(), TinyNet()
     opt_a = cls(a.parameters(), gamma=1.0, **kwargs)
     opt_b = cls(b.parameters(), vr=False, **kwargs)
@@ -153,19 +135,13 @@ def test_gamma_one_equals_plain_lamb_lars(cls, kind, kwargs):
     assert max_rel_err(a.parameters(), b.parameters()) <= 1e-6
 
 
-# eps tiny: the base optimizers' own eps is the only thing that is not scale-invariant.
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [
-        (VRAdam, dict(lr=1e-2, eps=1e-14)),
-        (VRLamb, dict(lr=1e-2, eps=1e-14)),
-        (VRLars, dict(lr=0.5, eps=1e-14)),
-        (VRSGD, dict(lr=0.1)),
-    ],
-)
-def test_loss_scale_invariance(cls, kwargs):
-    """r is invariant to any common scale of the samples; Adam/LAMB/LARS updates too. SGD's
-    update scales with G, so for SGD we unscale .grad as GradScaler.unscale_ would."""
+@ROWS
+def test_loss_scale_invariance(info):
+    """r is invariant to any common scale of the samples; Adam/LAMB/LARS updates too (their own
+    eps made negligible). SGD's update scales with G, so there .grad is unscaled as
+    GradScaler.unscale_ would."""
+    cls, unscale = info.cls, info.scale_invariant is None
+    kwargs = info.basic if unscale else info.scale_invariant
     results = []
     for scale in (1.0, 1024.0):
         m = TinyNet()
@@ -173,7 +149,7 @@ def test_loss_scale_invariance(cls, kwargs):
         for step in range(3):
             for b in micro_batches(4, seed=step):
                 (mb_loss(m, b) * scale / 4).backward()
-            if cls is VRSGD:
+            if unscale:
                 for p in m.parameters():
                     if p.grad is not None:
                         p.grad.div_(scale)  # what GradScaler.unscale_ does: r must not notice
@@ -249,30 +225,22 @@ def test_k_less_than_two_is_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    "make,match",
-    [
-        (lambda p: VRLamb(p, gamma=0.0), r"Invalid gamma: 0.0; it must be in \(0.0, 1.0\]"),
-        (lambda p: VRLamb(p, gamma=1.5), r"Invalid gamma: 1.5"),
-        (lambda p: VRSGD(p, lr=-0.1), r"Invalid lr: -0.1"),
-        (lambda p: VRAdam(p, eps=-1e-8), r"Invalid epsilon value: -1e-08"),
-        (lambda p: VRAdam(p, betas=(1.0, 0.999)), r"Invalid beta parameter at index 0: 1.0"),
-        (lambda p: VRLamb(p, betas=(0.9, -0.1)), r"Invalid beta parameter at index 1: -0.1"),
-        (lambda p: VRLamb(p, gsnr_beta=1.0), r"Invalid gsnr_beta: 1.0.*or None"),
-        (lambda p: VRAdam(p, gsnr_eps=0.0), r"Invalid gsnr_eps: 0.0; it must be in \(0.0, 1.0\)"),
-        (lambda p: VRSGD(p, lr=0.1, gsnr_eps=1.0), r"Invalid gsnr_eps: 1.0.*Use 0 < gsnr_eps < 1"),
-        (lambda p: VRLars(p, lr=0.1, trust_coefficient=0.0), r"Invalid trust_coefficient"),
-        (lambda p: VRSGD(p, lr=0.1, nesterov=True), r"Nesterov momentum requires"),
-        (lambda p: VRLamb(p, min_trust_ratio=2.0, max_trust_ratio=1.0), r"min_trust_ratio=2.0 > max_trust_ratio=1.0"),
-        (lambda p: VRLamb([{"params": p[:1]}, {"params": p[1:], "gamma": 0.0}]), r"Invalid gamma: 0.0"),
-    ],
+    "info,kwargs,match", bad_inputs(), ids=[f"{i.cls.__name__}-{'-'.join(kw)}" for i, kw, _ in bad_inputs()]
 )
-def test_bad_hyperparameters(make, match):
+def test_bad_hyperparameters(info, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        make(list(TinyNet().parameters()))
+        info.cls(TinyNet().parameters(), **kwargs)
 
 
-@pytest.mark.parametrize("cls,kwargs", [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9))])
-def test_nonfinite_gradient_skips_step(cls, kwargs):
+def test_bad_hyperparameter_in_a_param_group():
+    p = list(TinyNet().parameters())
+    with pytest.raises(ValueError, match=r"Invalid gamma: 0.0"):
+        VRLamb([{"params": p[:1]}, {"params": p[1:], "gamma": 0.0}])
+
+
+@ROWS
+def test_nonfinite_gradient_skips_step(info):
+    cls, kwargs = info.cls, info.basic
     m = TinyNet()
     opt = cls(m.parameters(), **kwargs)
     for b in micro_batches(2):
@@ -301,11 +269,10 @@ def test_nonfinite_gradient_skips_step(cls, kwargs):
     assert any(not torch.equal(p0, p) for p0, p in zip(params, m.parameters()))
 
 
-@pytest.mark.parametrize(
-    "cls,kwargs",
-    [(VRAdam, {}), (VRLamb, {}), (VRSGD, dict(lr=0.1, momentum=0.9)), (VRLars, dict(lr=0.5, gsnr_beta=0.5))],
-)
-def test_state_dict_round_trip(cls, kwargs):
+@ROWS
+def test_state_dict_round_trip(info):
+    cls, kwargs = info.cls, info.basic
+
     def train(model, opt, seeds):
         for s in seeds:
             for b in micro_batches(3, seed=s):

@@ -3,10 +3,14 @@ tensors and padding, as a ZeRO partition holds them) against the same functions 
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 
 from vrgd_ds.gsnr import normalize_and_clip, update_gsnr_momentum
 from vrgd_ds.segments import SegmentLayout
+from vrgd_ds.update_rules import adam_update, lamb_update, lars_update, sgd_update
 
 # A shard: the tail of tensor 0 (5 of its 9 elements), all of tensor 1 (4), the head of tensor 2
 # (3 of 6), then 2 padding elements. Whole sizes J = 9, 4, 6.
@@ -47,3 +51,138 @@ def test_gsnr_momentum_with_one_step_count_per_tensor():
     a = update_gsnr_momentum(m1, r, 0.9, 4)
     b = update_gsnr_momentum(m2, r, 0.9, torch.full((3,), 4.0), layout=LAYOUT)
     assert torch.allclose(a[:12], b[:12], rtol=1e-6, atol=0)
+
+
+# ---- the base update rules on flat shards of two "ranks" vs on whole tensors ----------------------
+# Tensors a (9), b (4), c (6) in one flat group of 20 (1 padding), split over two ranks: rank 0
+# holds a and the head of b, rank 1 the tail of b, c and the padding. The ranks are two threads;
+# `complete` is an all-reduce between them, as the DeepSpeed glue's is between processes.
+SIZES = (9, 4, 6)
+SHARDS = (
+    SegmentLayout([9, 1], [0, 1], SIZES, names=["a", "b", "c"]),
+    SegmentLayout([3, 6, 1], [1, 2, -1], SIZES, names=["a", "b", "c"]),
+)
+STEPS = torch.tensor([3.0, 1.0, 2.0])  # b takes its first step while the group's state exists
+
+
+class _ThreadAllReduce:
+    def __init__(self, world: int):
+        self.barrier = threading.Barrier(world)
+        self.slots = [None] * world
+
+    def complete_for(self, rank: int):
+        def complete(vec):
+            self.slots[rank] = vec.clone()
+            self.barrier.wait()
+            total = sum(self.slots)  # the same order on every rank: identical results
+            self.barrier.wait()
+            vec.copy_(total)
+
+        return complete
+
+
+def _flat_state(seed: int, first_tensor_zero: bool) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    state = {"exp_avg": torch.randn(20, generator=g) * 0.1, "exp_avg_sq": torch.rand(20, generator=g) * 0.01}
+    state["momentum_buffer"] = torch.randn(20, generator=g) * 0.1
+    if first_tensor_zero:  # b never stepped: its elements of the state are 0 (HeldElements)
+        for t in state.values():
+            t[9:13] = 0
+    return state
+
+
+def _run_on_shards(rule, param, grad, state, steps, **hp):
+    """The rule on the two shards at once (two threads); returns the updated flat parameter."""
+    param, state = param.clone(), {k: v.clone() for k, v in state.items()}
+    reduce = _ThreadAllReduce(2)
+    bounds = ((0, 10), (10, 20))
+
+    def rank(i):
+        a, b = bounds[i]
+        layout = SegmentLayout(
+            SHARDS[i].piece_lengths, SHARDS[i].piece_keys, SIZES, names=SHARDS[i].names, complete=reduce.complete_for(i)
+        )
+        rule(param[a:b], grad[a:b], {k: v[a:b] for k, v in state.items()}, steps, layout, **hp)
+
+    threads = [threading.Thread(target=rank, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return param
+
+
+def _run_on_whole(rule, param, grad, state, steps, **hp):
+    out = param.clone()
+    start = 0
+    for key, n in enumerate(SIZES):
+        piece = slice(start, start + n)
+        whole_state = {k: v[piece].clone() for k, v in state.items()}
+        if int(steps[key]) == 1:
+            whole_state.pop("momentum_buffer")  # torch.optim: no buffer before the first step
+        rule(out[piece], grad[piece], whole_state, int(steps[key]), SegmentLayout.whole(n), **hp)
+        start += n
+    return out
+
+
+def _lars(param, grad, state, steps, layout, **hp):
+    lars_update(param, grad, state, layout, **hp)  # LARS does not depend on t
+
+
+RULES = {
+    "sgd": (sgd_update, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False)),
+    "adam": (
+        adam_update,
+        dict(lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled_weight_decay=True),
+    ),
+    "lamb": (
+        lamb_update,
+        dict(
+            lr=0.01,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-6,
+            weight_decay=0.01,
+            bias_correction=True,
+            trust_ratio=True,
+            min_trust_ratio=None,
+            max_trust_ratio=None,
+        ),
+    ),
+    "lars": (
+        _lars,
+        dict(
+            lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01, eps=1e-8, nesterov=False, trust_ratio=True
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_update_rule_on_shards_with_per_tensor_steps_equals_whole_tensors(name):
+    rule, hp = RULES[name]
+    g = torch.Generator().manual_seed(3)
+    param, grad = torch.randn(20, generator=g), torch.randn(20, generator=g) * 0.1
+    param[19] = grad[19] = 0.0  # padding
+    state = _flat_state(4, first_tensor_zero=True)
+    sharded = _run_on_shards(rule, param, grad, state, STEPS, **hp)
+    whole = _run_on_whole(rule, param, grad, state, STEPS, **hp)
+    torch.testing.assert_close(sharded[:19], whole[:19], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(sharded[:19], param[:19])  # it did update
+
+
+def test_held_elements_keep_absent_tensors_and_zero_new_state():
+    p = torch.arange(20.0)
+    state = {"exp_avg": torch.ones(20), "tensor_step": torch.ones(3)}
+    absent = torch.tensor([False, True, False])
+    layout = SegmentLayout([9, 4, 6, 1], [0, 1, 2, -1], SIZES)
+    held = layout.hold(absent, p, state)
+    p.add_(100.0)
+    state["exp_avg"].mul_(5.0)
+    state["momentum_buffer"] = torch.full((20,), 7.0)  # created during the update
+    state["tensor_step"] += 1
+    held.restore()
+    assert torch.equal(p[9:13], torch.arange(9.0, 13.0)) and torch.equal(p[:9], torch.arange(9.0) + 100)
+    assert torch.equal(state["exp_avg"][9:13], torch.ones(4)) and bool((state["exp_avg"][:9] == 5).all())
+    assert bool((state["momentum_buffer"][9:13] == 0).all()) and bool((state["momentum_buffer"][13:] == 7).all())
+    assert torch.equal(state["tensor_step"], torch.full((3,), 2.0))  # per-tensor state: not per element

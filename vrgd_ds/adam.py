@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from .optimizer import VROptimizer, check_adam_like, init_adam_state, tensor_steps
+from .optimizer import VROptimizer, check_adam_like, init_adam_state, step_counts
 from .update_rules import adam_update
 
 __all__ = ["VRAdam", "VRAdamW"]
@@ -74,22 +74,7 @@ class VRAdam(VROptimizer):
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
-        steps = tensor_steps(state)
-        if steps is None:
-            adam_update(p, grad, state, state["step"], **hp)
-            return
-        # A flat ZeRO shard whose tensors have different t: Adam is element-wise, so each piece
-        # is its own small Adam step with its tensor's t.
-        flat_p, flat_g = p.view(-1), grad.reshape(-1)
-        exp_avg, exp_avg_sq = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        for key, a, b in layout.pieces():
-            adam_update(
-                flat_p[a:b],
-                flat_g[a:b],
-                {"exp_avg": exp_avg[a:b], "exp_avg_sq": exp_avg_sq[a:b]},
-                int(steps[key]),
-                **hp,
-            )
+        adam_update(p, grad, state, step_counts(state), layout, **hp)
 
 
 class VRAdamW(VRAdam):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state, tensor_steps
+from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state, step_counts
 from .update_rules import lamb_update
 
 __all__ = ["VRLamb"]
@@ -115,7 +115,7 @@ class VRLamb(VROptimizer):
             p.view(-1),
             grad.reshape(-1),
             {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
-            state["step"] if tensor_steps(state) is None else tensor_steps(state),
+            step_counts(state),
             layout,
             lr=group["lr"],
             beta1=beta1,

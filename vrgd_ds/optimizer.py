@@ -67,37 +67,29 @@ def init_adam_state(p: Tensor, state: dict) -> None:
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-class _ElementsKept:
-    """Saves and restores the elements of tensors that got no gradient, inside a flat ZeRO shard
-    that also holds tensors that did (DeepSpeed hands those a zero gradient; VRGD.md §1 skips
-    them, as torch.optim does). State created during the step starts at zero there."""
-
-    def __init__(self, p: Tensor, state: dict, layout: SegmentLayout, absent: Tensor):
-        self.mask = layout.expand(absent.float()) > 0
-        self.state = state
-        self.numel = p.numel()
-        self.saved = [(p, p.view(-1)[self.mask].clone())]
-        self.saved += [
-            (t, t.view(-1)[self.mask].clone())
-            for k, t in state.items()
-            if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel
-        ]
-        self.known = {id(t) for t, _ in self.saved}
-
-    def restore(self) -> None:
-        for t, values in self.saved:
-            t.view(-1)[self.mask] = values
-        for k, t in self.state.items():
-            if k != "tensor_step" and torch.is_tensor(t) and t.numel() == self.numel and id(t) not in self.known:
-                t.view(-1)[self.mask] = 0
-
-
-def tensor_steps(state: dict) -> Tensor | None:
-    """The step count t of every parameter tensor of a flat ZeRO shard, where they differ (some
-    tensor got no gradient in some step: VRGD.md §0, t counts the tensor's own steps), else None
-    (every tensor's t is ``state["step"]``). At least 1, as bias corrections need."""
+def step_counts(state: dict) -> int | Tensor:
+    """The step count t of the parameter tensors a state belongs to (VRGD.md §0: t counts a
+    tensor's own steps), in the one form every update rule takes: ``state["step"]`` (an int)
+    while they all took the same steps — always so for a whole tensor — else one t per tensor
+    of the flat shard's layout (``state["tensor_step"]``, created by :meth:`VROptimizer.step`
+    once some tensor of the shard gets no gradient in a step). At least 1, as bias corrections
+    need. ``state["step"]`` stays the state's own count: torch.optim and DeepSpeed's checkpoint
+    code read it there."""
     steps = state.get("tensor_step")
-    return None if steps is None else steps.clamp(min=1.0)
+    return state["step"] if steps is None else steps.clamp(min=1.0)
+
+
+def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | None) -> None:
+    """One more step for the state, and for each of its tensors that got a gradient (``absent``
+    marks those that did not, one bool per tensor of ``layout``; None: all did)."""
+    state["step"] += 1
+    if absent is None or ("tensor_step" not in state and not bool(absent.any())):
+        return
+    if "tensor_step" not in state:
+        state["tensor_step"] = torch.full(
+            (layout.num_tensors,), float(state["step"] - 1), dtype=torch.float32, device=absent.device
+        )
+    state["tensor_step"] += (~absent).to(state["tensor_step"])
 
 
 class VROptimizer(Optimizer):
@@ -470,12 +462,11 @@ class VROptimizer(Optimizer):
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
-            steps = tensor_steps(state)
             scale = update_gsnr_momentum(
                 state["gsnr_momentum"],
                 scale,
                 group["gsnr_beta"],
-                state["step"] if steps is None else steps,
+                step_counts(state),
                 out=scale,
                 layout=layout,
             )
@@ -506,7 +497,7 @@ class VROptimizer(Optimizer):
                 loss = closure()
         if self.moment_source is None:
             for p, group, state, layout in self._tensors_with_grad():
-                state["step"] += 1
+                advance_step_counts(state, layout, None)
                 self._base_update(p, p.grad, state, group, layout)
             return loss
 
@@ -544,7 +535,7 @@ class VROptimizer(Optimizer):
         for p, group, state, layout in self._tensors_with_grad():
             phase1 = self._layer_gsnr(p, layout, group["gsnr_eps"])
             if not self.vr:  # gradient_stats only: the moments were summed; the update is the base one
-                state["step"] += 1
+                advance_step_counts(state, layout, None)
                 self._base_update(p, p.grad, state, group, layout)
                 continue
             if phase1 is None:
@@ -553,22 +544,14 @@ class VROptimizer(Optimizer):
             raw, layer_mean, absent = phase1
             if absent is not None and bool(absent.all()):
                 continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
-            state["step"] += 1
-            some_absent = absent is not None and bool(absent.any())
-            if some_absent or (absent is not None and "tensor_step" in state):
-                # Tensors of this flat shard with no gradient this step keep their own t.
-                if "tensor_step" not in state:
-                    state["tensor_step"] = torch.full(
-                        (layout.num_tensors,), float(state["step"] - 1), dtype=torch.float32, device=p.device
-                    )
-                state["tensor_step"] += (~absent).to(state["tensor_step"])
+            advance_step_counts(state, layout, absent)
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
-            keep = _ElementsKept(p, state, layout, absent) if some_absent else None
+            held = layout.hold(absent, p, state) if absent is not None and bool(absent.any()) else None
             self._base_update(
                 p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout
             )
-            if keep is not None:
-                keep.restore()
+            if held is not None:
+                held.restore()
         source.after_inner_step()
         if source.ends_step_in_step:
             self.finish_noise_stats()

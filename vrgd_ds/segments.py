@@ -15,9 +15,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SegmentLayout"]
+__all__ = ["SegmentLayout", "HeldElements"]
 
 PADDING = -1
+# State keys holding one value per parameter tensor (not per element) of a flat shard.
+PER_TENSOR_STATE = ("tensor_step",)
 
 
 class SegmentLayout:
@@ -135,3 +137,38 @@ class SegmentLayout:
     def tensor_norms(self, values: Sequence[Tensor]) -> Tensor:
         """L2 norm of every parameter tensor, for each of ``values`` (one collective)."""
         return self.tensor_sums([v.float() for v in values], squares=True).sqrt_()
+
+    def hold(self, absent: Tensor, param: Tensor, state: dict) -> "HeldElements":
+        """Keep the elements of the parameter tensors marked ``absent`` (one bool per tensor) as
+        they are through an update of flat ``param``: see :class:`HeldElements`."""
+        return HeldElements(self, absent, param, state)
+
+
+class HeldElements:
+    """The elements of some parameter tensors of a flat shard, saved before an update and put
+    back after it (:meth:`restore`), in the parameter and in every same-size state tensor.
+
+    Under ZeRO a tensor that got no gradient this step sits in the same flat shard as tensors
+    that did (DeepSpeed hands it a zero gradient). VRGD.md §1 skips it, as torch.optim skips a
+    parameter whose ``.grad`` is None: its values and state stay as they were. State tensors
+    created during the update (a first momentum buffer) start at zero there. Per-tensor state
+    (``tensor_step``, one value per tensor) is not per-element and is left alone.
+    """
+
+    def __init__(self, layout: SegmentLayout, absent: Tensor, param: Tensor, state: dict):
+        self.mask = layout.expand(absent.float()) > 0
+        self.state = state
+        self.numel = param.numel()
+        tensors = [param] + [t for k, t in state.items() if self._per_element(k, t)]
+        self.saved = [(t, t.view(-1)[self.mask].clone()) for t in tensors]
+        self.known = {id(t) for t in tensors}
+
+    def _per_element(self, key: str, t) -> bool:
+        return key not in PER_TENSOR_STATE and torch.is_tensor(t) and t.numel() == self.numel
+
+    def restore(self) -> None:
+        for t, values in self.saved:
+            t.view(-1)[self.mask] = values
+        for k, t in self.state.items():
+            if self._per_element(k, t) and id(t) not in self.known:
+                t.view(-1)[self.mask] = 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .optimizer import VROptimizer, _check_range, tensor_steps
+from .optimizer import VROptimizer, _check_range, step_counts
 from .update_rules import sgd_update
 
 __all__ = ["VRSGD"]
@@ -76,18 +76,4 @@ class VRSGD(VROptimizer):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
         )
-        steps = tensor_steps(state)
-        buf = state.get("momentum_buffer")
-        if steps is None or buf is None or group["dampening"] == 0 or bool((steps > 1).all()):
-            sgd_update(p, grad, state, **hp)
-            return
-        # A flat ZeRO shard holding a tensor at its first step while the shard's momentum buffer
-        # exists: torch.optim starts that tensor's buffer at d (not (1 − τ)·d), so give the
-        # update rule no buffer for its piece and keep what it creates.
-        flat_p, flat_g, flat_buf = p.view(-1), grad.reshape(-1), buf.view(-1)
-        for key, a, b in layout.pieces():
-            first = bool(steps[key] <= 1)
-            piece_state = {"momentum_buffer": None if first else flat_buf[a:b]}
-            sgd_update(flat_p[a:b], flat_g[a:b], piece_state, **hp)
-            if first:
-                flat_buf[a:b].copy_(piece_state["momentum_buffer"])
+        sgd_update(p, grad, state, step_counts(state), layout, **hp)

@@ -3,8 +3,9 @@
 ``grad`` is the gradient *after* GSNR scaling (g' in VRGD.md). Each rule updates ``param``
 and its state tensors in place. LAMB and LARS need per-parameter-tensor norms: they take a
 :class:`~vrgd_ds.segments.SegmentLayout`, so the same code is correct on a whole tensor and on
-a flat ZeRO shard. SGD and Adam mirror torch.optim's single-tensor kernels operation for
-operation so that ``vr=False`` reproduces them.
+a flat ZeRO shard. The rules that depend on the step count t take it as an int, or as one t per
+parameter tensor of the layout (tensors of a flat shard that missed steps). SGD and Adam mirror
+torch.optim's single-tensor kernels operation for operation so that ``vr=False`` reproduces them.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def sgd_update(
     param: Tensor,
     grad: Tensor,
     state: dict,
+    step: int | Tensor,
+    layout: SegmentLayout,
     *,
     lr: float,
     momentum: float,
@@ -28,7 +31,12 @@ def sgd_update(
     weight_decay: float,
     nesterov: bool,
 ) -> None:
-    r"""torch.optim.SGD: d = g' + λθ; b = μb + (1−τ)d (b = d at first); d = d + μb or b; θ −= lr·d."""
+    r"""torch.optim.SGD: d = g' + λθ; b = μb + (1−τ)d (b = d at first); d = d + μb or b; θ −= lr·d.
+
+    ``step`` is t (an int), or one t per parameter tensor of ``layout`` (a flat shard whose
+    tensors took different numbers of steps): a tensor at its first step gets b = d even when
+    the shard's buffer exists (its elements of b are 0 until then, see :class:`HeldElements`).
+    """
     if weight_decay != 0:
         grad = grad.add(param, alpha=weight_decay)
     if momentum != 0:
@@ -36,6 +44,10 @@ def sgd_update(
         if buf is None:
             buf = torch.clone(grad).detach()
             state["momentum_buffer"] = buf
+        elif torch.is_tensor(step) and dampening != 0 and bool((step <= 1).any()):
+            first = (step <= 1).to(grad.dtype)
+            coefficient = first + (1 - first) * (1 - dampening)  # 1 at a tensor's first step, else 1 − τ
+            buf.mul_(momentum).add_(layout.expand(coefficient.to(grad.device)).view_as(grad) * grad)
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - dampening)
         grad = grad.add(buf, alpha=momentum) if nesterov else buf
@@ -46,7 +58,8 @@ def adam_update(
     param: Tensor,
     grad: Tensor,
     state: dict,
-    step: int,
+    step: int | Tensor,
+    layout: SegmentLayout,
     *,
     lr: float,
     beta1: float,
@@ -59,6 +72,8 @@ def adam_update(
 
     AdamW: θ ← θ(1 − lr·λ); Adam: g' ← g' + λθ. Then m = β1 m + (1−β1) g',
     v = β2 v + (1−β2) g'², θ ← θ − lr · m̂ / (√v̂ + ε).
+    ``step`` is t (an int), or one t per parameter tensor of ``layout``: then each tensor's
+    bias corrections use its own t.
     """
     if weight_decay != 0:
         if decoupled_weight_decay:
@@ -68,6 +83,12 @@ def adam_update(
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if torch.is_tensor(step):
+        step = step.double().to(param.device)
+        denom = layout.scale_(exp_avg_sq.sqrt(), (1 - torch.pow(beta2, step)).sqrt_(), divide=True).add_(eps)
+        update = layout.scale_(torch.div(exp_avg.view(-1), denom, out=denom), lr / (1 - torch.pow(beta1, step)))
+        param.sub_(update.view_as(param))
+        return
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     step_size = lr / bias_correction1
