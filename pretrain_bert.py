@@ -76,10 +76,6 @@ from pretraining.distributed import barrier, init_distributed, log, on_rank0_the
 from pretraining.metrics import Metrics, StepLog, open_noise_csv, vr_optimizer
 from pretraining.model import build_engine
 
-# scripts/hf_trainer_example.py reads these through this module (pb.MODEL_SIZES, ...).
-from pretraining.data import find_documents, mask_tokens  # noqa: F401
-from pretraining.model import MODEL_SIZES, build_model  # noqa: F401
-
 REPO_DIR = Path(__file__).resolve().parent
 ERROR_PAUSE_S = 5.0  # see exit_with_error
 

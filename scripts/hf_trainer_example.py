@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pretrain_bert as pb  # noqa: E402  the data pipeline and model builder
-import vrgd_ds  # noqa: E402  registers "VRLamb" as a DeepSpeed optimizer type
-from vrgd_ds.hf import add_noise_stats_callback  # noqa: E402
-from vrgd_ds.cpu_comm import avoid_shm_allreduce  # noqa: E402
+import vrgd_ds  # noqa: F401  registers "VRLamb" as a DeepSpeed optimizer type
+from pretraining import InputError  # pretrain_bert.py's data pipeline and model builder
+from pretraining.data import data_files, find_documents, load_sentencepiece, load_sequences, mask_tokens, prepare_data
+from pretraining.distributed import init_distributed, on_rank0_then_all
+from pretraining.model import MODEL_SIZES, build_model
+from vrgd_ds.cpu_comm import avoid_shm_allreduce
+from vrgd_ds.hf import add_noise_stats_callback
 
 
 def deepspeed_config(zero_stage: int, stats_interval: int) -> dict:
@@ -65,7 +66,7 @@ class MaskingCollator:
 
     def __call__(self, rows):
         ids = torch.stack([row["input_ids"] for row in rows]).long()
-        inputs, labels = pb.mask_tokens(ids, self.vocab_size, gen=None)  # the Trainer seeds torch's RNG
+        inputs, labels = mask_tokens(ids, self.vocab_size, gen=None)  # the Trainer seeds torch's RNG
         return {"input_ids": inputs, "labels": labels}
 
 
@@ -85,7 +86,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--data", type=Path, nargs="+", required=True, help="as pretrain_bert.py --data")
     p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--model", choices=sorted(pb.MODEL_SIZES), default="tiny")
+    p.add_argument("--model", choices=sorted(MODEL_SIZES), default="tiny")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--vocab-size", type=int, default=None, help="sentencepiece vocabulary (default: per model size)")
     p.add_argument("--cache-dir", type=Path, default=Path("~/.cache/vrgd_ds"))
@@ -106,19 +107,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    size = pb.MODEL_SIZES[args.model]
+    size = MODEL_SIZES[args.model]
     # pretrain_bert's data helpers read these attributes of its own arguments.
     args.vocab_size = args.vocab_size or size.vocab_size
     args.max_position_embeddings = size.max_position_embeddings
     args.dataset, args.tokenizer, args.eval_fraction = None, None, 0.05
     args.preprocess_workers = 1
     try:
-        args.train_files, args.eval_files = pb.find_documents(args.data, args.eval_fraction)
-    except pb.InputError as err:
+        args.train_files, args.eval_files = find_documents(args.data, args.eval_fraction)
+    except InputError as err:
         raise SystemExit(f"error: {err}") from None
 
     avoid_shm_allreduce()  # on CPU: no shm op, so no ~69 MB file per rank left in /dev/shm
-    pb.init_distributed()  # before TrainingArguments
+    init_distributed()  # before TrainingArguments
     training_args = TrainingArguments(
         output_dir=str(args.output_dir),
         max_steps=args.max_steps,
@@ -141,12 +142,12 @@ def main(argv=None):
         deepspeed=deepspeed_config(args.zero_stage, args.stats_interval),
     )
 
-    files = pb.data_files(args, [args.seq_len])
-    pb.on_rank0_then_all(lambda: pb.prepare_data(args, files))  # rank 0 tokenizes, the others read the cache
-    vocab_size = pb.load_sentencepiece(files.tokenizer).get_piece_size()
-    data = pb.load_sequences(files.sequences[args.seq_len])
+    files = data_files(args, [args.seq_len])
+    on_rank0_then_all(lambda: prepare_data(args, files))  # rank 0 tokenizes, the others read the cache
+    vocab_size = load_sentencepiece(files.tokenizer).get_piece_size()
+    data = load_sequences(files.sequences[args.seq_len])
 
-    model = pb.build_model(args, vocab_size)
+    model = build_model(args, vocab_size)
     # BertForMaskedLM's forward takes **kwargs but returns the mean loss of its micro-batch,
     # ignoring `num_items_in_batch`. Without this the Trainer (transformers 5) takes the loss as
     # already normalized over the accumulated batch and multiplies it by the number of ranks:
