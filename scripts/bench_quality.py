@@ -4,9 +4,11 @@ The paper's sharpest claim is that at large batch the plain optimizers degrade o
 their VR versions keep accuracy and shrink the generalization gap. This script measures that on
 Fashion-MNIST with a small MLP on CPU, and runs the paper's γ ablation on linear regression.
 
-    # everything that goes into docs/results_quality.md (~40 min on one core)
+    # everything that goes into docs/results_quality.md (~40 min on one core, + ~25 for critical)
     nice -n 10 python scripts/bench_quality.py --runs runs/quality.jsonl \\
-        --report runs/quality_report.md --plot docs/quality_accuracy_vs_batch.png
+        --report runs/quality_report.md --json runs/quality.json --plot docs/quality_accuracy_vs_batch.png
+    # the critical batch: B_simple along training, B / B_simple per batch, VR − base against it
+    nice -n 10 python scripts/bench_quality.py --experiment critical --json runs/critical.json
     # the LR tuning at batch 256 whose result is LR_256 below
     python scripts/bench_quality.py --experiment tune
     # the γ ablation alone (seconds)
@@ -94,6 +96,7 @@ class OptimizerSpec:
         gamma: float = 0.1,
         stats_interval: int = 1,
         estimator: str = "paper",
+        **extra,
     ) -> torch.optim.Optimizer:
         # No weight decay on biases, but (unlike ``weight_decay_exclude_1d`` for LARS) the same
         # update rule: LARS's global LR (10-80 here) is sized for the trust ratio, and as plain
@@ -111,6 +114,7 @@ class OptimizerSpec:
             stats_interval=stats_interval if vr else 0,
             gsnr_estimator=estimator,
             **self.kwargs,
+            **extra,
         )
 
 
@@ -238,6 +242,9 @@ class RunConfig:
     gamma: float = 0.1
     split: str = "test"  # "test": train on train, evaluate on test; "val": hold out 5k of train
     estimator: str = "paper"  # VR's gsnr_estimator: "paper" (r, eq. 7) or "unbiased" (r~, VRGD.md §5)
+    # record the gradient-noise statistics (|G|², tr Σ: B_simple, VRGD.md §5) every step; the
+    # update is unchanged (base: vr=False, gradient_stats=True)
+    noise: bool = False
 
     def key(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -253,7 +260,9 @@ def train_run(cfg: RunConfig, data) -> dict:
     total_steps = max(1, round(cfg.epochs * n / cfg.batch))
     # statistics cost about as much as the rest of a VR step at batch 256: sample ~50 steps per run
     stats_interval = max(1, total_steps // 50)
-    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval, cfg.estimator)
+    noise_args = {"gradient_stats": True, "micro_batch_size": micro} if cfg.noise else {}
+    opt = spec.build(model, cfg.lr, cfg.vr, cfg.gamma, stats_interval, cfg.estimator, **noise_args)
+    noise = {"grad_norm_sq": [], "noise_trace": [], "b_simple_ema": []}
     order = torch.empty(0, dtype=torch.int64)
     params = [p for p in model.parameters()]
     scales, clip_fracs, rhos, losses, diverged, steps_done = [], [], [], [], False, 0
@@ -289,6 +298,10 @@ def train_run(cfg: RunConfig, data) -> dict:
         opt.zero_grad()
         steps_done += 1
         losses.append(step_loss)
+        if cfg.noise:
+            stats = opt.noise_stats()
+            for key in noise:
+                noise[key].append(float(stats[key]))
         if cfg.vr and steps_done % stats_interval == 0:
             summary = opt.gsnr_summary()
             scales.append(summary["gsnr_scale_mean"])
@@ -312,6 +325,8 @@ def train_run(cfg: RunConfig, data) -> dict:
         # over the measured steps whose gradients were finite (a diverging run's last ones are not)
         "rho": float(np.mean([v for v in rhos if math.isfinite(v)])) if any(map(math.isfinite, rhos)) else None,
         "seconds": train_seconds,
+        # per step: the noise statistics and the mean micro-batch loss (only with cfg.noise)
+        **({"noise": {**noise, "loss": losses}} if cfg.noise else {}),
     }
 
 
@@ -414,6 +429,10 @@ class Settings:
     gamma_n_train: int
     gamma_batch: int
     gamma_sigma: float
+    # --experiment critical: B_simple along training, base and VR at every batch of
+    # critical_batches, seeds 0 .. critical_seeds - 1
+    critical_batches: tuple[int, ...] = ()
+    critical_seeds: int = 1
 
 
 FULL = Settings(
@@ -433,6 +452,8 @@ FULL = Settings(
     gamma_n_train=512,
     gamma_batch=128,
     gamma_sigma=1.0,
+    critical_batches=(256, 1024, 4096, 16384),  # 4 of the batch study's 6 (~25 min on one busy core)
+    critical_seeds=2,  # of its 3
 )
 QUICK = Settings(
     batches=(64, 256),
@@ -451,6 +472,8 @@ QUICK = Settings(
     gamma_n_train=64,
     gamma_batch=64,
     gamma_sigma=1.0,
+    critical_batches=(64, 256),
+    critical_seeds=2,
 )
 
 
@@ -692,6 +715,244 @@ def experiment_lr(data, settings: Settings, cache: RunCache, log) -> tuple[Secti
     return section, results
 
 
+# start, middle and end of training: the first, the central and the last eighth of the steps
+# (one epoch each at 8 epochs)
+PHASES = {"start": (0.0, 0.125), "middle": (0.4375, 0.5625), "end": (0.875, 1.0)}
+
+
+def noise_window(noise: dict, lo: float, hi: float) -> dict | None:
+    """B_simple over the steps in [lo, hi) of a run (fractions of its steps) as a ratio of means,
+    Σ tr Σ / Σ |G|² (VRGD.md §5: one step's ratio is biased and noisy); steps whose statistics
+    are not finite (a diverging run) are left out. None when no step is left."""
+    total = len(noise["grad_norm_sq"])
+    first, last = int(lo * total), max(int(lo * total) + 1, int(round(hi * total)))
+    steps = [
+        i
+        for i in range(first, min(last, total))
+        if math.isfinite(noise["grad_norm_sq"][i]) and math.isfinite(noise["noise_trace"][i])
+    ]
+    if not steps:
+        return None
+    grad_norm_sq = float(np.mean([noise["grad_norm_sq"][i] for i in steps]))
+    noise_trace = float(np.mean([noise["noise_trace"][i] for i in steps]))
+    return {
+        "steps": [first, min(last, total)],
+        "grad_norm_sq": grad_norm_sq,
+        "noise_trace": noise_trace,
+        "b_simple": noise_trace / grad_norm_sq if grad_norm_sq > 0 else math.nan,
+        "b_simple_ema": noise["b_simple_ema"][steps[-1]],
+        "loss": float(np.mean([noise["loss"][i] for i in steps])),
+    }
+
+
+def noise_phases(runs: list[dict]) -> dict:
+    """Per phase (start/middle/end) the windows' B_simple, EMA and loss over the runs' seeds."""
+    out = {}
+    for phase, (lo, hi) in PHASES.items():
+        windows = [w for w in (noise_window(r["noise"], lo, hi) for r in runs) if w is not None]
+        out[phase] = {key: benchlib.summary([w[key] for w in windows]) for key in ("b_simple", "b_simple_ema", "loss")}
+        out[phase]["steps"] = [w["steps"] for w in windows]
+    return out
+
+
+def paired_differences(vr_runs: list[dict], base_runs: list[dict], key: str) -> list[float]:
+    """VR − base of ``key`` per seed (runs of one seed see the same initialization and data)."""
+    by_seed = {r["config"]["seed"]: r[key] for r in base_runs}
+    return [r[key] - by_seed[r["config"]["seed"]] for r in vr_runs if r["config"]["seed"] in by_seed]
+
+
+def b_simple_at_loss(runs: list[dict], loss: float, windows: int = 32) -> dict:
+    """B_simple of the reference runs where their training loss first falls to ``loss``: over the
+    first of ``windows`` equal windows of steps (fewer when they would hold < 16 steps) whose
+    mean loss is ≤ ``loss`` (the last window if none is). The critical batch depends on the loss
+    reached (McCandlish et al. 2018, §2.3), and a large batch stops at a loss the small one
+    passes early."""
+    found = []
+    for run in runs:
+        count = max(1, min(windows, len(run["noise"]["loss"]) // 16))  # windows of ≥ 16 steps
+        parts = [noise_window(run["noise"], i / count, (i + 1) / count) for i in range(count)]
+        parts = [w for w in parts if w is not None]
+        if parts:
+            found.append(next((w for w in parts if w["loss"] <= loss), parts[-1]))
+    return {"b_simple": benchlib.summary([w["b_simple"] for w in found]), "steps": [w["steps"] for w in found]}
+
+
+def over_b_simple(batch: int, phase: dict) -> float:
+    """B / B_simple for a phase of noise_phases (NaN where no B_simple was measured or it is ≤ 0)."""
+    b_simple = phase["b_simple"]["mean"]
+    return batch / b_simple if b_simple is not None and b_simple > 0 else math.nan
+
+
+def experiment_critical(data, settings: Settings, cache: RunCache, log) -> tuple[list[Section], dict]:
+    """The measured critical batch: B_simple (McCandlish et al. 2018; VRGD.md §5) along training.
+
+    The batch study's runs (same optimizers, LR, schedule, seeds; base and VR) at every batch of
+    ``critical_batches``, with the gradient-noise statistics on (base: ``vr=False,
+    gradient_stats=True``, the same update): each step's |G|² and tr Σ from its k = 8
+    micro-batch gradients of b = B/8 examples. B_simple of a phase = mean tr Σ / mean |G|² over
+    its steps. B / B_simple is taken against the base runs at the smallest batch (they pass
+    through the losses the larger batches stop at) and against the run at B itself; VR − base
+    is paired by seed."""
+    small = min(settings.critical_batches)
+    groups = {}  # (optimizer, batch, vr) -> runs
+    for spec in OPTIMIZERS:
+        for batch in settings.critical_batches:
+            for vr in (False, True):
+                groups[(spec.name, batch, vr)] = [
+                    cache.run(
+                        RunConfig(
+                            spec.name,
+                            vr,
+                            batch,
+                            scaled_lr(spec, batch),
+                            s,
+                            settings.epochs,
+                            settings.hidden,
+                            noise=True,
+                        ),
+                        data,
+                        log,
+                    )
+                    for s in range(settings.critical_seeds)
+                ]
+    along = Section(
+        "critical",
+        f"B_simple along training (examples; mean ± std over {settings.critical_seeds} seeds; phase = first / "
+        f"central / last eighth of the steps; B_simple = mean tr Σ / mean |G|² over the phase; EMA = "
+        f"b_simple_ema at the last step; {settings.epochs:g} epochs, k = {MICRO_BATCHES}, LR ∝ √batch)",
+        ["optimizer", "batch", "steps"]
+        + [f"B_simple base {p}" for p in PHASES]
+        + ["EMA base end"]
+        + [f"B_simple VR {p}" for p in PHASES]
+        + [f"train loss base {p}" for p in PHASES],
+    )
+    versus = Section(
+        "critical_batches",
+        f"Batch sizes against the critical batch, and VR − base (paired by seed; test/train accuracy in "
+        f"points): B / B_simple with B_simple of the base runs at batch {small} in each phase, and of the "
+        f"base run at B itself (> 1: above the critical batch)",
+        [
+            "optimizer",
+            "batch B",
+            "steps",
+            "B / B_simple start",
+            "B / B_simple middle",
+            "B / B_simple end",
+            "B / B_simple own run (start / middle / end)",
+            f"B / B_simple at the loss reached (batch {small})",
+            "test acc base",
+            "VR − base test acc",
+            "VR − base train acc",
+            "VR − base gap",
+        ],
+    )
+    for spec in OPTIMIZERS:
+        reference = noise_phases(groups[(spec.name, small, False)])
+        for batch in settings.critical_batches:
+            base, vr_runs = groups[(spec.name, batch, False)], groups[(spec.name, batch, True)]
+            phases, vr_phases = noise_phases(base), noise_phases(vr_runs)
+            steps = base[0]["total_steps"]
+            along.add(
+                [spec.name, batch, steps]
+                + [mean_std(phases[p]["b_simple"]["values"], 0) for p in PHASES]
+                + [mean_std(phases["end"]["b_simple_ema"]["values"], 0)]
+                + [mean_std(vr_phases[p]["b_simple"]["values"], 0) for p in PHASES]
+                + [mean_std(phases[p]["loss"]["values"], 3) for p in PHASES],
+                {
+                    "optimizer": spec.name,
+                    "batch": batch,
+                    "steps": steps,
+                    "base": {"phases": phases, **run_values(base)},
+                    "vr": {"phases": vr_phases, **run_values(vr_runs, ("test_acc", "train_acc", "gap", "r_bar"))},
+                },
+            )
+            ratios = {p: over_b_simple(batch, reference[p]) for p in PHASES}
+            own = {p: over_b_simple(batch, phases[p]) for p in PHASES}
+            final_loss = phases["end"]["loss"]["mean"]
+            matched = b_simple_at_loss(groups[(spec.name, small, False)], final_loss) if final_loss else None
+            at_loss = over_b_simple(batch, matched) if matched else math.nan
+            diffs = {key: paired_differences(vr_runs, base, key) for key in ("test_acc", "train_acc", "gap")}
+            versus.add(
+                [spec.name, batch, steps]
+                + [f"{ratios[p]:.3g}" for p in PHASES]
+                + [" / ".join(f"{own[p]:.3g}" for p in PHASES), f"{at_loss:.3g}"]
+                + [mean_std([r["test_acc"] for r in base]) + div_note(base)]
+                + [
+                    mean_std(diffs["test_acc"]) + div_note(vr_runs),
+                    mean_std(diffs["train_acc"]),
+                    mean_std(diffs["gap"]),
+                ],
+                {
+                    "optimizer": spec.name,
+                    "batch": batch,
+                    "steps": steps,
+                    "reference_batch": small,
+                    "b_over_b_simple": ratios,
+                    "b_over_b_simple_own_run": own,
+                    "final_train_loss": final_loss,
+                    "b_simple_at_final_loss": matched,
+                    "b_over_b_simple_at_final_loss": at_loss,
+                    "test_acc_base": benchlib.summary([r["test_acc"] for r in base]),
+                    "diverged": {"base": sum(r["diverged"] for r in base), "vr": sum(r["diverged"] for r in vr_runs)},
+                    "vr_minus_base": {key: benchlib.summary(values) for key, values in diffs.items()},
+                },
+            )
+    return [along, versus, critical_trend(versus.cells)], groups
+
+
+def critical_trend(cells: list[dict]) -> Section:
+    """Per optimizer: does VR − base (test accuracy, mean over seeds) change with B / B_simple?
+    B_simple: the reference runs' at the loss the run at B ended with. Least-squares slope per
+    doubling of B / B_simple over the batches, and the mean VR − base below and above the
+    critical batch."""
+    section = Section(
+        "critical_trend",
+        "VR − base test accuracy (points) against B / B_simple (B_simple of the reference runs at the loss "
+        "the run at B ended with): slope per doubling of B / B_simple (least squares over the batches, "
+        "± its standard error), and the mean over the batches below (≤ 1) and above (> 1) the critical batch",
+        [
+            "optimizer",
+            "batches ≤ critical",
+            "batches > critical",
+            "VR − base ≤ critical",
+            "VR − base > critical",
+            "slope per doubling",
+        ],
+    )
+    for name in dict.fromkeys(c["optimizer"] for c in cells):
+        mine = [c for c in cells if c["optimizer"] == name and c["vr_minus_base"]["test_acc"]["n"]]
+        mine = [c for c in mine if math.isfinite(c["b_over_b_simple_at_final_loss"])]
+        x = np.log2([c["b_over_b_simple_at_final_loss"] for c in mine])
+        y = np.array([c["vr_minus_base"]["test_acc"]["mean"] for c in mine])
+        below = [c for c, v in zip(mine, x) if v <= 0]
+        above = [c for c, v in zip(mine, x) if v > 0]
+        slope = se = None
+        if len(mine) >= 3:
+            slope, intercept = np.polyfit(x, y, 1)
+            fitted = slope * x + intercept
+            se = float(np.sqrt(np.sum((y - fitted) ** 2) / (len(x) - 2) / np.sum((x - x.mean()) ** 2)))
+            slope = float(slope)
+        mean_of = [
+            benchlib.summary([c["vr_minus_base"]["test_acc"]["mean"] for c in part]) if part else None
+            for part in (below, above)
+        ]
+        section.add(
+            [name, len(below), len(above)]
+            + ["–" if m is None else mean_std(m["values"]) for m in mean_of]
+            + ["–" if slope is None else f"{slope:+.2f} ± {se:.2f}"],
+            {
+                "optimizer": name,
+                "batches_below": [c["batch"] for c in below],
+                "batches_above": [c["batch"] for c in above],
+                "vr_minus_base_below": mean_of[0],
+                "vr_minus_base_above": mean_of[1],
+                "slope_per_doubling": slope,
+                "slope_se": se,
+            },
+        )
+    return section
+
+
 def experiment_gamma(settings: Settings, log, seed0: int = 0) -> tuple[Section, dict]:
     """γ ablation on synthetic linear regression (VRSGD, no momentum), paper sec. 5 ablation.
 
@@ -863,8 +1124,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--experiment",
         default="all",
-        choices=("all", "batch", "lr", "gamma", "tune", "unbiased"),
-        help="all = batch + lr + gamma (default); tune = the LR search at batch 256",
+        choices=("all", "batch", "lr", "gamma", "tune", "unbiased", "critical"),
+        help="all = batch + lr + unbiased + gamma + critical (default); tune = the LR search at batch 256; "
+        "critical = B_simple along training and the batches against it",
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny subset, tiny model, few steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
@@ -885,7 +1147,7 @@ def main(argv=None) -> int:
     sections: list[Section] = []
     code = benchlib.code_version()  # before the runs: the code they ran
     cache = RunCache(args.runs)
-    if args.experiment in ("all", "batch", "lr", "tune", "unbiased"):
+    if args.experiment in ("all", "batch", "lr", "tune", "unbiased", "critical"):
         data = load_fashion_mnist(Path(args.data))
         if settings.train_subset or settings.test_subset:
             data = (
@@ -909,6 +1171,8 @@ def main(argv=None) -> int:
             sections.append(experiment_lr(data, settings, cache, log)[0])
         if args.experiment in ("all", "unbiased"):
             sections.append(experiment_unbiased(data, settings, cache, log)[0])
+        if args.experiment in ("all", "critical"):
+            sections += experiment_critical(data, settings, cache, log)[0]
     if args.experiment in ("all", "gamma"):
         sections.append(experiment_gamma(settings, log)[0])
 

@@ -86,6 +86,13 @@ def present(values) -> list[float]:
     return [float(v) for v in values if v is not None]
 
 
+def _stdev(values: list[float]) -> float:
+    """Sample standard deviation (n − 1); NaN when a value is not finite (statistics.stdev raises)."""
+    if not all(map(math.isfinite, values)):
+        return math.nan
+    return statistics.stdev(values)
+
+
 def mean_std(values, digits: int = 2, empty: str = "–") -> str:
     """Mean ± sample std (n − 1) of the non-None values, "m ± s"; one value alone; ``empty`` for none."""
     values = present(values)
@@ -93,7 +100,7 @@ def mean_std(values, digits: int = 2, empty: str = "–") -> str:
         return empty
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {_stdev(values):.{digits}f}"
 
 
 def summary(values) -> dict:
@@ -102,7 +109,7 @@ def summary(values) -> dict:
     return {
         "n": len(values),
         "mean": statistics.fmean(values) if values else None,
-        "std": statistics.stdev(values) if len(values) > 1 else None,
+        "std": _stdev(values) if len(values) > 1 else None,
         "values": values,
     }
 

@@ -104,12 +104,15 @@ def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     assert meta["code"].startswith("git ") and "vrgd_ds sha256" in meta["code"]
     assert meta["wall_s"] > 0 and "CPU only" in meta["machine"] and "?" not in meta["versions"].values()
     experiments = result["experiments"]
-    assert list(experiments) == ["batch", "lr", "unbiased", "gamma"]
+    assert list(experiments) == ["batch", "lr", "unbiased", "critical", "critical_batches", "critical_trend", "gamma"]
     quick = bench.QUICK
     assert len(experiments["batch"]["cells"]) == len(bench.OPTIMIZERS) * len(quick.batches)
     assert len(experiments["lr"]["cells"]) == len(bench.OPTIMIZERS) * len(quick.lr_mults)
     assert len(experiments["unbiased"]["cells"]) == len(bench.UNBIASED_OPTIMIZERS) * min(2, len(quick.batches))
     assert len(experiments["gamma"]["cells"]) == 12
+    assert len(experiments["critical"]["cells"]) == len(bench.OPTIMIZERS) * len(quick.critical_batches)
+    assert len(experiments["critical_batches"]["cells"]) == len(bench.OPTIMIZERS) * len(quick.critical_batches)
+    assert len(experiments["critical_trend"]["cells"]) == len(bench.OPTIMIZERS)
     for name, section in experiments.items():
         assert section["title"] and section["header"], name
         for where, value in numbers(section["cells"], name):
@@ -119,3 +122,14 @@ def test_quick_run_has_finite_numbers_in_every_cell(tmp_path):
     for cell in experiments["batch"]["cells"]:
         assert cell["base"]["seeds"] == cell["vr"]["seeds"] == cell["base"]["test_acc"]["n"] >= 1
         assert 0 <= cell["vr"]["r_bar"]["mean"] <= 1
+    small = min(quick.critical_batches)
+    for cell in experiments["critical"]["cells"]:
+        for update in ("base", "vr"):
+            for phase in cell[update]["phases"].values():
+                assert phase["b_simple"]["n"] == quick.critical_seeds and phase["b_simple"]["mean"] > 0
+    for cell in experiments["critical_batches"]["cells"]:
+        ratios = cell["b_over_b_simple"]
+        assert set(ratios) == {"start", "middle", "end"} and all(v > 0 for v in ratios.values())
+        if cell["batch"] == small:  # the reference runs are the runs at the smallest batch
+            assert cell["b_over_b_simple_own_run"] == ratios
+        assert cell["vr_minus_base"]["test_acc"]["n"] == quick.critical_seeds
