@@ -147,6 +147,39 @@ def _cases():
         for opt in ("VRLamb", "VRAdamW")
         for stage, prec in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (2, "fp16"))
     ]
+    # ZeRO-Offload at stages 1/2: the fp32 partition and the inner step on the host.
+    for stage in (1, 2):
+        offload = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}}
+        cases += [
+            dict(
+                name=f"VRLamb-z{stage}-offload-{red}-clip",
+                type="VRLamb",
+                params=dict(lamb, moment_reduction=red),
+                stage=stage,
+                clip=0.05,
+                extra=offload,
+            )
+            for red in ("per_step", "per_micro_step")
+        ]
+        cases += [
+            dict(name=f"VRSGD-z{stage}-offload-clip", type="VRSGD", params=sgd, stage=stage, clip=0.05, extra=offload),
+            dict(
+                name=f"VRAdamW-z{stage}-offload-bf16",
+                type="VRAdamW",
+                params=OPTIMIZERS["VRAdamW"][1],
+                stage=stage,
+                precision="bf16",
+                extra=offload,
+            ),
+            dict(
+                name=f"VRLars-z{stage}-offload-two_groups",
+                type="VRLars",
+                params=OPTIMIZERS["VRLars"][1],
+                stage=stage,
+                groups=True,
+                extra=offload,
+            ),
+        ]
     cases += [
         dict(
             name="VRLamb-z1-per_micro_step-reentrant_ckpt",

@@ -82,5 +82,9 @@ def refuse_unsupported(engine, wrapper, stage: int) -> None:
                 f"vrgd_ds supports ZeRO {stage} through DeepSpeedZeroOptimizer or BF16_Optimizer, got "
                 f"{type(wrapper).__name__}: use ZeRO stage 1 or 2 without other optimizer wrappers."
             )
-        if getattr(wrapper, "cpu_offload", False):
-            raise ValueError("vrgd_ds does not support ZeRO-Offload (offload_optimizer); remove it from the config.")
+        device = getattr(getattr(engine._config.zero_config, "offload_optimizer", None), "device", None)
+        if getattr(wrapper, "cpu_offload", False) and str(getattr(device, "value", device)) != "cpu":
+            raise ValueError(
+                f"vrgd_ds supports ZeRO-Offload at stage {stage} to the CPU only, got offload_optimizer device "
+                f'{getattr(device, "value", device)!r}: use "device": "cpu".'
+            )

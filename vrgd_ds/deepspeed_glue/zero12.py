@@ -57,16 +57,28 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         self.full: list[Tensor | None] = []
         self.views: list[list[tuple[Tensor, Tensor]]] = []
         self.partitions: list[Tensor] = []
+        # ZeRO-Offload (offload_optimizer): the fp32 partition, its gradient and the inner step
+        # live on the host while backward's gradients stay on the accelerator. Σg² is accumulated
+        # and reduced where the gradients are, then copied once per step into a host buffer of
+        # the partition's size, where r is formed next to the gradient (stage_1_and_2.py:3077).
+        self.offload = bool(getattr(zero_opt, "cpu_offload", False))
+        self.host: list[Tensor | None] = []
         self.group_tensors: dict[int, list[Tensor]] = {}
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
             part_size = int(zero_opt.partition_size[i])
             assert part_size * self.world_size == padded, "unexpected ZeRO partitioning"
-            device = zero_opt.single_partition_of_fp32_groups[i].device
+            inner = zero_opt.single_partition_of_fp32_groups[i]
+            device = zero_opt.bit16_groups_flat[i].device  # where the hooks' gradients are
             partition = torch.zeros(part_size, dtype=torch.float32, device=device)
             self.partitions.append(partition)
-            self.sq[id(zero_opt.single_partition_of_fp32_groups[i])] = partition
+            host = None
+            if self.offload:
+                pin = inner.device.type == "cpu" and device.type != "cpu"
+                host = torch.zeros(part_size, dtype=torch.float32, device=inner.device, pin_memory=pin)
+            self.host.append(host)
+            self.sq[id(inner)] = host if host is not None else partition
             full = torch.zeros(padded, dtype=torch.float32, device=device) if strategy == "per_step" else None
             self.full.append(full)
             self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
@@ -153,6 +165,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     pairwise_reduce_scatter(full, partition, group, tag=i)
                 else:
                     dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM, group=group)
+        for partition, host in zip(self.partitions, self.host):
+            if host is not None:
+                host.copy_(partition)  # 4·N/w bytes to the host, once per step
         self._reduced = True
 
     def clear(self) -> None:
@@ -174,6 +189,8 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     def extra_buffer_bytes(self):
         out = {"grad_sq_sum partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
+        if self.offload:
+            out["grad_sq_sum host copy (fp32, offload_optimizer)"] = sum(h.numel() for h in self.host) * 4
         if self.strategy == "per_step":
             out["grad_sq_sum local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
         return out
