@@ -2,62 +2,41 @@
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from .ds_bodies import allow_cpu_fp16
+from .tp_bodies import TPMPU, TPNet, tp_config
 
-from .ds_bodies import MICRO_BATCH
-from .models import TinyNet
-
-
-class ToyMPU:
-    """Megatron's mpu interface with all ranks in one tensor-parallel group (data-parallel size 1),
-    Megatron's rank layout for TP = world size."""
-
-    def __init__(self):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        self.tp_group = dist.new_group(list(range(world)))
-        self.dp_groups = [dist.new_group([r]) for r in range(world)]
-        self.rank, self.world = rank, world
-
-    def get_tensor_model_parallel_world_size(self):
-        return self.world
-
-    def get_tensor_model_parallel_rank(self):
-        return self.rank
-
-    def get_tensor_model_parallel_group(self):
-        return self.tp_group
-
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
-    get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_group = get_tensor_model_parallel_group
-
-    def get_data_parallel_world_size(self):
-        return 1
-
-    def get_data_parallel_rank(self):
-        return 0
-
-    def get_data_parallel_group(self):
-        return self.dp_groups[self.rank]
+# Tensor parallelism is exact at ZeRO 0-2 in fp32 (tests/test_tensor_parallel.py); the rest is refused.
+TP_REFUSALS = {
+    "zero3": dict(stage=3),
+    "bf16": dict(stage=1, extra={"bf16": {"enabled": True}}),
+    "fp16": dict(stage=2, extra={"fp16": {"enabled": True, "initial_scale_power": 8}}),
+    "sequence_parallel": dict(stage=1, sequence_parallel=True),
+}
 
 
-def tensor_parallel_case(rank: int, world: int, opt_type: str):
-    """deepspeed.initialize with an mpu of tensor-parallel size = world: the error text, or None."""
+def tensor_parallel_refusals(rank: int, world: int, opt_type: str) -> dict:
+    """deepspeed.initialize with an mpu of tensor-parallel size = world (data-parallel size 1), once
+    per configuration of TP_REFUSALS: {configuration: the error text, or None}."""
     import deepspeed
 
-    import vrgd_ds  # noqa: F401
+    import vrgd_ds  # noqa: F401  (registers the config types)
 
-    model = TinyNet(hidden=11, with_unused=False)
-    cfg = {
-        "train_batch_size": MICRO_BATCH * 8,
-        "train_micro_batch_size_per_gpu": MICRO_BATCH,
-        "gradient_accumulation_steps": 8,
-        "optimizer": {"type": opt_type, "params": {"lr": 1e-3}},
-        "zero_optimization": {"stage": 1},
-        "gradient_clipping": 0.0,
-    }
-    try:
-        deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg, mpu=ToyMPU())
-    except Exception as exc:  # noqa: BLE001 - the message is what the test checks
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    allow_cpu_fp16()
+    mpu = TPMPU(world)
+    out = {}
+    for what, spec in TP_REFUSALS.items():
+        model = TPNet(mpu.tp, mpu.tp_rank, mpu.tp_group)
+        if spec.get("sequence_parallel"):
+            # What Megatron sets on LayerNorm (and row-parallel bias) weights under sequence parallelism.
+            model.norm.weight.sequence_parallel = True
+            model.norm.bias.sequence_parallel = True
+        case = dict(type=opt_type, params={"lr": 1e-3}, stage=spec["stage"], extra=spec.get("extra", {}))
+        try:
+            deepspeed.initialize(
+                model=model, model_parameters=list(model.parameters()), config=tp_config(case, mpu.dp), mpu=mpu
+            )
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[what] = f"{type(exc).__name__}: {exc}"
+        else:
+            out[what] = None
+    return out

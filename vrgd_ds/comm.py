@@ -5,7 +5,9 @@ reduce-scatter's bytes on the wire, plus a full-size temporary); :func:`pairwise
 (a flat buffer, ZeRO 1/2) and :func:`reduce_scatter_rows` (a (w, n) bucket, ZeRO-3) do the same
 reduction with point-to-point transfers of exactly the reduce-scatter minimum.
 :func:`all_reduce_sum` is the ``complete`` callback of a
-:class:`~vrgd_ds.segments.SegmentLayout` whose tensors are spread over a group.
+:class:`~vrgd_ds.segments.SegmentLayout` whose tensors are spread over a group;
+:func:`all_reduce_sum_sharded` the one under tensor parallelism (sharded tensors' sums completed
+over the tensor-parallel group too).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "pairwise_reduce_scatter", "reduce_scatter_rows"]
+__all__ = ["all_reduce_sum", "all_reduce_sum_sharded", "pairwise_reduce_scatter", "reduce_scatter_rows"]
 
 
 def pairwise_reduce_scatter(full: Tensor, partition: Tensor, group=None, tag: int = 0) -> Tensor:
@@ -96,5 +98,36 @@ def all_reduce_sum(group, world: int):
     def complete(vec: Tensor) -> None:
         if world > 1:
             dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+
+    return complete
+
+
+def all_reduce_sum_sharded(group, world: int, tp_group, tp_world: int, sharded: list[bool]):
+    """``complete(vec)`` for a SegmentLayout under tensor parallelism: the per-tensor partial sums
+    (``vec``: rows of one value per tensor, ``len(sharded)`` per row) all-reduced over ``group``
+    (the data-parallel ranks sharing the flat tensor), then the columns of the tensors marked
+    ``sharded`` — split over the ``tp_world`` ranks of ``tp_group`` — all-reduced over that group
+    too; replicated tensors' columns never are (their sums are whole on every rank)."""
+    n = len(sharded)
+    columns = [i for i, s in enumerate(sharded) if s]
+    cache = {}
+
+    def complete(vec: Tensor) -> None:
+        if world > 1:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=group)
+        if tp_world == 1 or not columns:
+            return
+        if vec.numel() % n:
+            raise ValueError(f"per-tensor sums of {vec.numel()} values for {n} tensors")
+        rows = vec.view(-1, n)
+        if len(columns) == n:
+            dist.all_reduce(vec, op=dist.ReduceOp.SUM, group=tp_group)
+            return
+        index = cache.get(vec.device)
+        if index is None:
+            index = cache[vec.device] = torch.tensor(columns, dtype=torch.long, device=vec.device)
+        part = rows.index_select(1, index)
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=tp_group)
+        rows.index_copy_(1, index, part)
 
     return complete

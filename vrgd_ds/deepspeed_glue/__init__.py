@@ -22,7 +22,10 @@ deepspeed 0.19.8's). One module per job:
   (BF16_Optimizer), :mod:`.zero3` (DeepSpeedZeroOptimizer_Stage3). A new kind is a new module
   beside them: a source, and a :class:`~vrgd_ds.segments.SegmentLayout` per tensor it hands over.
 * :mod:`.layouts` — the per-tensor :class:`~vrgd_ds.segments.SegmentLayout` of ZeRO's flat
-  partitions (ZeRO 1/2 and BF16_Optimizer; ZeRO-3's sub-groups).
+  partitions (ZeRO 1/2 and BF16_Optimizer; ZeRO-3's sub-groups; tensor-parallel shards at stage 0).
+* :mod:`.tensor_parallel` — tensor parallelism through a Megatron-style ``mpu``: which tensors are
+  sharded, their whole size J, and what is refused; sharded tensors' per-tensor sums are
+  completed over the tensor-parallel group too.
 * communication without DeepSpeed (reduce-scatters over point-to-point sends on gloo, the
   per-tensor all-reduce): :mod:`vrgd_ds.comm`.
 

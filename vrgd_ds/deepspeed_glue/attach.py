@@ -17,10 +17,11 @@ from ..collect import k_too_small_message
 from ..optimizer import VROptimizer
 from .bf16 import BF16OptimizerLayout, bf16_optimizer_source, is_bf16_optimizer
 from .config import MOMENT_REDUCTIONS, moment_reduction_of
-from .layouts import zero_layouts
+from .layouts import stage0_tensor_parallel_layouts, zero_layouts
 from .refusals import refuse_unsupported
 from .source import wrap_method
 from .stage0 import stage0_source
+from .tensor_parallel import tensor_parallel_of
 from .zero3 import attach_zero3
 from .zero12 import zero_source
 
@@ -70,8 +71,11 @@ def attach(engine) -> None:
 
     bf16_optimizer = is_bf16_optimizer(wrapper)
     zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
+    tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2, fp32, no pipeline
     if bf16_optimizer or stage in (1, 2):
-        zero_layouts(opt, zero_view, names)
+        zero_layouts(opt, zero_view, names, tp)
+    elif tp is not None and wrapper is opt:
+        stage0_tensor_parallel_layouts(opt, [p for g in opt.param_groups for p in g["params"]], names, tp)
     install_universal(engine)  # universal checkpoints keep the VR state, or are refused
     if not (opt.vr or opt.gradient_stats):
         return
@@ -85,7 +89,7 @@ def attach(engine) -> None:
     elif stage in (1, 2):
         source = zero_source(opt, wrapper, strategy, names)
     else:
-        source = stage0_source(engine, opt, wrapper, names)
+        source = stage0_source(engine, opt, wrapper, names, tp.group if tp is not None else None)
     # engine.backward scales the loss by the loss scale only for ZeRO wrappers (BF16_Optimizer
     # never scales; see the fp16 stage-0 refusal) and always divides it by gradient_accumulation_steps.
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:

@@ -12,22 +12,27 @@
 
 Every layout's ``complete`` is an all-reduce over the group the partitions are spread over
 (:func:`vrgd_ds.comm.all_reduce_sum`): per-tensor sums are over whole tensors, padding skipped.
+Under tensor parallelism (:mod:`.tensor_parallel`) a sharded tensor's J is its whole size and its
+sums are completed over the tensor-parallel group too (:func:`vrgd_ds.comm.all_reduce_sum_sharded`);
+at stage 0, where every tensor is otherwise whole locally, the sharded ones get a one-piece layout
+(:func:`stage0_tensor_parallel_layouts`).
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..comm import all_reduce_sum
+from ..comm import all_reduce_sum, all_reduce_sum_sharded
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
+from .tensor_parallel import TensorParallel
 
-__all__ = ["zero_layouts", "zero3_layouts"]
+__all__ = ["zero_layouts", "zero3_layouts", "stage0_tensor_parallel_layouts"]
 
 
-def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
+def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str], tp: TensorParallel | None = None) -> None:
     """Set the layout of every rank-local flat partition of a ZeRO 1/2 wrapper (or a view with
-    its attributes) on ``opt``."""
+    its attributes) on ``opt``; ``tp``: the tensor-parallel group, if any."""
     for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
         group = zero_opt.real_dp_process_group[i]
         world = dist.get_world_size(group=group)
@@ -49,11 +54,16 @@ def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str]) -> None:
             lengths.append(hi - pos)
             keys.append(-1)
 
-        complete = all_reduce_sum(group, world)
+        if tp is None:
+            complete, numels = all_reduce_sum(group, world), [p.numel() for p in tensors]
+        else:
+            sharded = [tp.is_sharded(p) for p in tensors]
+            complete = all_reduce_sum_sharded(group, world, tp.group, tp.world, sharded)
+            numels = [tp.whole_numel(p) for p in tensors]
         layout = SegmentLayout(
             lengths,
             keys,
-            [p.numel() for p in tensors],
+            numels,
             names=[names.get(id(p), f"group{i}.param{k}") for k, p in enumerate(tensors)],
             complete=complete,
         )
@@ -100,3 +110,14 @@ def zero3_layouts(wrapper, names: dict[int, str]):
         )
         out.append((flat, list(tensors), offsets, layout))
     return out
+
+
+def stage0_tensor_parallel_layouts(opt: VROptimizer, params, names: dict[int, str], tp: TensorParallel) -> None:
+    """Stage 0 (the inner optimizer holds the model's tensors): a sharded tensor is one piece of a
+    tensor of J = tp × its size, completed over the tensor-parallel group (its moments and
+    gradient are already reduced over the data-parallel group); replicated tensors stay whole."""
+    complete = all_reduce_sum_sharded(None, 1, tp.group, tp.world, [True])
+    for p in params:
+        if tp.is_sharded(p):
+            name = names.get(id(p), opt.layout_of(p).names[0])
+            opt.set_layout(p, SegmentLayout([p.numel()], [0], [tp.whole_numel(p)], names=[name], complete=complete))

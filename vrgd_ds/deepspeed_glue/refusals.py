@@ -1,8 +1,9 @@
 """What cannot give the exact VRGD update yet: refused at ``deepspeed.initialize``, on every rank,
 with a ValueError that says what to change.
 
-:func:`unsupported_parallelism` (every ZeRO stage): tensor/sequence parallelism, MoE, MiCS/hpZ,
-weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built
+:func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism other than at ZeRO 0-2 in
+fp32 without pipelines (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
+MoE, MiCS/hpZ, weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built
 its wrapper; at ZeRO-3 the parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload, other
 wrappers). ZeRO-3's own checks are :func:`vrgd_ds.deepspeed_glue.zero3.check_supported`.
 """
@@ -10,34 +11,23 @@ wrappers). ZeRO-3's own checks are :func:`vrgd_ds.deepspeed_glue.zero3.check_sup
 from __future__ import annotations
 
 from .bf16 import is_bf16_optimizer
+from .tensor_parallel import tensor_parallel_refusal
 
 __all__ = ["unsupported_parallelism", "refuse_unsupported"]
-
-
-def _model_parallel_size(mpu) -> int:
-    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
-    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
-    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
-        fn = getattr(mpu, getter, None)
-        if fn is not None:
-            return int(fn())
-    return 1
 
 
 def unsupported_parallelism(engine) -> str | None:
     """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
 
-    Data parallelism (ZeRO 0-3, BF16_Optimizer) and pipeline parallelism without weights tied across stages
-    are exact: every collective of ours runs over the data-parallel group and k counts
-    data-parallel ranks only. Everything else is refused at ``deepspeed.initialize``.
+    Data parallelism (ZeRO 0-3, BF16_Optimizer), pipeline parallelism without weights tied across
+    stages, and tensor parallelism at ZeRO 0-2 in fp32 (:mod:`.tensor_parallel`) are exact: every
+    collective of ours runs over the data-parallel group (sharded tensors' per-tensor sums over the
+    tensor-parallel group too) and k counts data-parallel ranks only. Everything else is refused
+    at ``deepspeed.initialize``.
     """
-    mpu = getattr(engine, "mpu", None)
-    if mpu is not None and _model_parallel_size(mpu) > 1:
-        return (
-            f"tensor (model) parallelism with {_model_parallel_size(mpu)} shards per tensor: the layer mean of r "
-            "and the LAMB/LARS norms of a sharded tensor would be per shard. Use tensor-model-parallel size 1 "
-            "(data and pipeline parallelism, with ZeRO 0-3, are supported)."
-        )
+    reason = tensor_parallel_refusal(engine)
+    if reason is not None:
+        return reason + " (data and pipeline parallelism, with ZeRO 0-3, are supported)."
     if getattr(engine, "sequence_parallel_size", 1) > 1:
         return (
             "sequence parallelism (sequence_parallel_size > 1): the gradient samples of one micro-batch are "

@@ -31,8 +31,11 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
     checks_finite_locally = True
 
-    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None):
+    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None, tp_group=None):
         super().__init__(optimizer, world_size, group, names)
+        # Under tensor parallelism the ranks of a tensor-parallel group hold different shards: the
+        # local non-finite check is agreed on over that group (every rank then skips, or none).
+        self.tp_group = tp_group
         # Frozen tensors (requires_grad=False) never get a gradient: nothing to collect or hook.
         pairs = [(mp, ip) for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
         model_params, inner_params = [mp for mp, _ in pairs], [ip for _, ip in pairs]
@@ -59,7 +62,12 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return add_sample
 
     def all_finite(self) -> bool:
-        return bool(torch.isfinite(self.buffer).all())
+        finite = bool(torch.isfinite(self.buffer).all())
+        if self.tp_group is None:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.buffer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.tp_group)
+        return float(flag) == 0.0
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
         """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced)."""
@@ -81,9 +89,10 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return {"grad_sq_sum (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
 
 
-def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMomentSource:
+def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None) -> DeepSpeedMomentSource:
     """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
-    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer."""
+    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. ``tp_group``: the
+    tensor-parallel group, if any (fp32 only)."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
     # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
@@ -100,7 +109,7 @@ def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMo
         return source
     if wrapper is opt:
         params = [p for g in opt.param_groups for p in g["params"]]
-        source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names)
+        source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names, tp_group=tp_group)
         for p in params:
             if id(p) in names:
                 opt._names.setdefault(id(p), names[id(p)])

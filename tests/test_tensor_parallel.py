@@ -1,0 +1,151 @@
+"""Tensor parallelism through a Megatron-style ``mpu`` (4 CPU ranks: TP2 × DP2), against the
+brute-force float64 reference of the whole, unsharded model (tests/reference.py).
+
+k counts data-parallel ranks × micro-batches only; the per-tensor sums of a sharded tensor (mean of
+r, LAMB/LARS norms, the noise statistics' ΣS² and ΣQ) are over the whole tensor (J = its full
+size), those of replicated tensors never summed over the tensor-parallel group. Teacher-forced as
+tests/test_update_matrix.py: at every step the reference starts from the run's fp32 master
+weights (the shards put together), and each whole tensor's update Δθ is compared in relative L2
+norm. What is not made exact is refused at deepspeed.initialize with a message (ZeRO-3, fp16/bf16,
+sequence parallelism: tests/test_refusals.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .ds_bodies import SAMPLES_PER_STEP
+from .models import micro_batches
+from .multiproc import run_ranks
+from .reference import ReferenceVR
+from .tp_bodies import SHARDED_DIMS, STEPS, TPNet, run_tp_matrix, tp_loss
+
+TP, WORLD = 2, 4
+UPDATE_RTOL = 1e-5
+NOISE_RTOL = 1e-4
+OPTIMIZERS = {  # type: (reference kind, params, reference defaults)
+    "VRLamb": ("lamb", {"lr": 1e-2, "weight_decay": 0.01}, {"gsnr_beta": 0.9}),
+    "VRLars": ("lars", {"lr": 0.5, "weight_decay": 1e-3, "momentum": 0.9}, {"gsnr_beta": None}),
+    "VRSGD": ("sgd", {"lr": 0.1, "momentum": 0.9}, {"gsnr_beta": None}),
+    "VRAdamW": ("adam", {"lr": 1e-2, "weight_decay": 0.1}, {"gsnr_beta": 0.9}),
+}
+
+
+def _cases():
+    cases = []
+    for stage in (0, 1, 2):
+        for opt in ("VRLamb", "VRLars", "VRSGD"):
+            cases.append(dict(name=f"{opt}-z{stage}", type=opt, params=OPTIMIZERS[opt][1], stage=stage))
+        lamb = OPTIMIZERS["VRLamb"][1]
+        # Plain LAMB/LARS (vr=False): per-whole-tensor trust ratios too.
+        cases.append(dict(name=f"LAMB-vr_false-z{stage}", type="VRLamb", params=dict(lamb, vr=False), stage=stage))
+        lars = dict(OPTIMIZERS["VRLars"][1], vr=False)
+        cases.append(dict(name=f"LARS-vr_false-z{stage}", type="VRLars", params=lars, stage=stage))
+    cases += [
+        dict(name="VRAdamW-z1", type="VRAdamW", params=OPTIMIZERS["VRAdamW"][1], stage=1),
+        dict(name="VRLamb-z2-clip", type="VRLamb", params=OPTIMIZERS["VRLamb"][1], stage=2, clip=0.05),
+        dict(name="VRLamb-z0-clip", type="VRLamb", params=OPTIMIZERS["VRLamb"][1], stage=0, clip=0.05),
+        dict(
+            name="VRLamb-z1-per_micro_step",
+            type="VRLamb",
+            params=dict(OPTIMIZERS["VRLamb"][1], moment_reduction="per_micro_step"),
+            stage=1,
+        ),
+    ]
+    return cases
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def tp_runs():
+    return run_ranks(run_tp_matrix, WORLD, TP, CASES, timeout=1500, init="deepspeed")
+
+
+def _whole(results: list[dict], step: int, key: str) -> dict:
+    """The whole tensors of one step's master weights, put together from the shards (and every
+    data-parallel replica checked equal, replicated tensors equal on every tensor-parallel rank)."""
+    by_tp: dict[int, dict] = {}
+    for res in results:
+        rec = res["steps"][step][key]
+        first = by_tp.setdefault(res["tp_rank"], rec)
+        for name, t in rec.items():
+            assert torch.equal(t, first[name]), f"{key} {name} differs between data-parallel replicas"
+    out = {}
+    for name in by_tp[0]:
+        if name in SHARDED_DIMS:
+            out[name] = torch.cat([by_tp[t][name] for t in range(TP)], dim=SHARDED_DIMS[name])
+        else:
+            for t in range(1, TP):
+                assert torch.equal(by_tp[t][name], by_tp[0][name]), f"replicated {name} differs between TP ranks"
+            out[name] = by_tp[0][name]
+    return out
+
+
+def _reference(case: dict, results: list[dict]):
+    """Per step: {name: reference update} from the run's own θ_before, and {name: (ΣS², ΣQ)}."""
+    kind, _, defaults = OPTIMIZERS[case["type"]]
+    hp = {k: v for k, v in case["params"].items() if k != "moment_reduction"}
+    if "vr" in hp:
+        defaults = dict(defaults, vr=hp.pop("vr"))
+    model = TPNet().double()
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    ref = ReferenceVR(params, kind, **defaults, **hp)
+    batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)
+    updates, moments = [], []
+    for step in range(STEPS):
+        before = _whole(results, step, "before")
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(before[n])
+        samples = [[] for _ in params]
+        for x, y, _ in batches[step * SAMPLES_PER_STEP : (step + 1) * SAMPLES_PER_STEP]:
+            loss = tp_loss(model, x.double(), y.double()) / SAMPLES_PER_STEP
+            for i, g in enumerate(torch.autograd.grad(loss, params)):
+                samples[i].append(g.double())
+        G = [sum(s) for s in samples]
+        scale = SAMPLES_PER_STEP  # samples are gradients of loss / SAMPLES_PER_STEP
+        moments.append(
+            {
+                n: ((g * scale).pow(2).sum().item(), sum((s * scale).pow(2) for s in ss).sum().item())
+                for n, g, ss in zip(names, G, samples)
+            }
+        )
+        if case.get("clip"):  # DeepSpeed's gradient_clipping: max_norm / (‖G‖ + 1e-6) when < 1
+            coef = case["clip"] / (torch.sqrt(sum((g * g).sum() for g in G)).item() + 1e-6)
+            if coef < 1:
+                G = [g * coef for g in G]
+        ref.step(samples, G)
+        updates.append({n: p.detach() - before[n] for n, p in zip(names, params)})
+    return updates, moments
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_tensor_parallel_update_matches_whole_model_reference(case, tp_runs):
+    results = [r[case["name"]] for r in tp_runs]
+    for rank, res in enumerate(results):
+        assert res["error"] is None, f"rank {rank}: {res['error']}"
+    expected, moments = _reference(case, results)
+    errors, raw = [], []
+    for step in range(STEPS):
+        before, after = _whole(results, step, "before"), _whole(results, step, "after")
+        for name, ref_update in expected[step].items():
+            update = after[name] - before[name]
+            floor = 4 * 2.0**-24 * after[name].norm().item()  # fp32 rounding of θ_after
+            err = max((update - ref_update).norm().item() - floor, 0.0) / max(ref_update.norm().item(), 1e-30)
+            errors.append(err)
+            raw.append((update - ref_update).norm().item() / max(ref_update.norm().item(), 1e-30))
+            assert err <= UPDATE_RTOL, f"step {step} {name}: update relative error {err:.2e}"
+        stats = results[0]["steps"][step]["noise"]
+        if case["params"].get("vr", True):
+            k, b = SAMPLES_PER_STEP, 4
+            assert stats["k"] == k, f"k = {stats['k']}: counts data-parallel ranks × micro-batches only"
+            for name, (s2, q) in moments[step].items():
+                got = stats["per_tensor"][name]
+                scale = max(s2, q * k) / (k * (k - 1))
+                assert abs(got["grad_norm_sq"] - (s2 - q) / (k * (k - 1))) <= NOISE_RTOL * scale, name
+                assert abs(got["noise_trace"] - b * (k * q - s2) / (k * (k - 1))) <= NOISE_RTOL * b * scale, name
+    print(f"{case['name']}: max relative update error {max(raw):.2e} ({max(errors):.2e} beyond fp32 rounding)")

@@ -1,0 +1,170 @@
+"""Rank side of the tensor-parallel tests (tests/test_tensor_parallel.py): a Megatron-style toy
+model sharded over a tensor-parallel group, trained through deepspeed.initialize with an mpu;
+per optimizer step the fp32 master weights of this rank's shards before and after."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .ds_bodies import MICRO_BATCH, SAMPLES_PER_STEP
+from .models import micro_batches
+
+STEPS = 3
+HIDDEN = 10  # fc1's output features, split over the tensor-parallel ranks
+
+
+class TPMPU:
+    """Megatron's mpu interface (the methods DeepSpeed 0.19.8 calls), Megatron's rank layout:
+    tensor-parallel groups of consecutive ranks, data-parallel groups strided by ``tp``."""
+
+    def __init__(self, tp: int):
+        world, rank = dist.get_world_size(), dist.get_rank()
+        assert world % tp == 0
+        self.tp, self.dp = tp, world // tp
+        self.rank = rank
+        self.tp_rank, self.dp_rank = rank % tp, rank // tp
+        # new_group is collective over the world: every rank creates every group, same order.
+        self.tp_ranks = [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)]
+        self.dp_ranks = [list(range(t, world, tp)) for t in range(tp)]
+        tp_groups = [dist.new_group(r) for r in self.tp_ranks]
+        dp_groups = [dist.new_group(r) for r in self.dp_ranks]
+        self.tp_group = tp_groups[self.dp_rank]
+        self.dp_group = dp_groups[self.tp_rank]
+
+    def get_tensor_model_parallel_world_size(self):
+        return self.tp
+
+    def get_tensor_model_parallel_rank(self):
+        return self.tp_rank
+
+    def get_tensor_model_parallel_group(self):
+        return self.tp_group
+
+    def get_tensor_model_parallel_src_rank(self):
+        return self.tp_ranks[self.dp_rank][0]
+
+    get_model_parallel_world_size = get_tensor_model_parallel_world_size
+    get_model_parallel_rank = get_tensor_model_parallel_rank
+    get_model_parallel_group = get_tensor_model_parallel_group
+
+    def get_data_parallel_world_size(self):
+        return self.dp
+
+    def get_data_parallel_rank(self):
+        return self.dp_rank
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    def get_data_parallel_group_ranks(self):
+        return list(self.dp_ranks[self.tp_rank])
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """Megatron's reduce_from_tensor_model_parallel_region: all-reduce forward, identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class TPNet(nn.Module):
+    """x → column-parallel fc1 (weight, bias split on dim 0) → tanh → row-parallel fc2 (weight
+    split on dim 1; bias replicated) → LayerNorm (replicated). ``tp=1``: the whole model, which
+    is also the reference. Every rank draws the whole model from one seed and keeps its shard."""
+
+    def __init__(self, tp: int = 1, tp_rank: int = 0, group=None, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w1, b1 = torch.randn(HIDDEN, 7, generator=g) * 0.5, torch.randn(HIDDEN, generator=g) * 0.5
+        w2, b2 = torch.randn(5, HIDDEN, generator=g) * 0.5, torch.randn(5, generator=g) * 0.5
+        ln_w, ln_b = 1 + 0.1 * torch.randn(5, generator=g), 0.1 * torch.randn(5, generator=g)
+        h = HIDDEN // tp
+        rows = slice(tp_rank * h, (tp_rank + 1) * h)
+        self.fc1_weight = nn.Parameter(w1[rows].clone())
+        self.fc1_bias = nn.Parameter(b1[rows].clone())
+        self.fc2_weight = nn.Parameter(w2[:, rows].clone())
+        self.fc2_bias = nn.Parameter(b2.clone())
+        self.norm = nn.LayerNorm(5)
+        with torch.no_grad():
+            self.norm.weight.copy_(ln_w)
+            self.norm.bias.copy_(ln_b)
+        self.tp, self.group = tp, group
+        if tp > 1:
+            for p, dim in ((self.fc1_weight, 0), (self.fc1_bias, 0), (self.fc2_weight, 1)):
+                p.tensor_model_parallel = True  # what Megatron's layers set
+                p.partition_dim = dim
+                p.partition_stride = 1
+
+    def forward(self, x):
+        hidden = torch.tanh(nn.functional.linear(x, self.fc1_weight, self.fc1_bias))
+        out = nn.functional.linear(hidden, self.fc2_weight)
+        if self.tp > 1:
+            out = _ReduceFromTP.apply(out, self.group)
+        return self.norm(out + self.fc2_bias)
+
+
+SHARDED_DIMS = {"fc1_weight": 0, "fc1_bias": 0, "fc2_weight": 1}
+
+
+def tp_loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def tp_config(case: dict, dp: int) -> dict:
+    return {
+        "train_batch_size": MICRO_BATCH * SAMPLES_PER_STEP,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": SAMPLES_PER_STEP // dp,
+        "optimizer": {"type": case["type"], "params": dict(case["params"])},
+        "zero_optimization": {"stage": case["stage"]},
+        "gradient_clipping": case.get("clip", 0.0),
+        "steps_per_print": 10**9,
+        **case.get("extra", {}),
+    }
+
+
+def _masters(engine) -> dict:
+    from .matrix_bodies import master_params
+
+    return {n: t for (n, _), t in zip(engine.module.named_parameters(), master_params(engine))}
+
+
+def run_tp_case(case: dict, rank: int, world: int, mpu: TPMPU) -> dict:
+    import deepspeed
+
+    import vrgd_ds
+
+    model = TPNet(mpu.tp, mpu.tp_rank, mpu.tp_group)
+    try:
+        engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=list(model.parameters()), config=tp_config(case, mpu.dp), mpu=mpu
+        )
+    except Exception as exc:  # noqa: BLE001 - a refusal is a result the test checks
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    gas = SAMPLES_PER_STEP // mpu.dp
+    batches = micro_batches(SAMPLES_PER_STEP * STEPS, skip_extra=False)
+    steps = []
+    for step in range(STEPS):
+        before = _masters(engine)
+        for a in range(gas):
+            x, y, _ = batches[step * SAMPLES_PER_STEP + a * mpu.dp + mpu.dp_rank]
+            engine.backward(tp_loss(engine, x, y))
+            engine.step()
+        noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
+        steps.append({"before": before, "after": _masters(engine), "noise": dict(noise)})
+    return {"error": None, "steps": steps, "tp_rank": mpu.tp_rank, "dp_rank": mpu.dp_rank}
+
+
+def run_tp_matrix(rank: int, world: int, tp: int, cases: list[dict]) -> dict:
+    """Every case in one process group (start-up shared); {case name: result}."""
+    mpu = TPMPU(tp)
+    return {case["name"]: run_tp_case(case, rank, world, mpu) for case in cases}

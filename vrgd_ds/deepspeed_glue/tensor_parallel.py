@@ -1,0 +1,123 @@
+"""Tensor parallelism through a Megatron-style ``mpu``: per-tensor sums over whole sharded tensors.
+
+With tensor-parallel size t > 1 a tensor marked ``tensor_model_parallel`` (or ``model_parallel``;
+DeepSpeed's runtime/utils.py:134 ``is_model_parallel_parameter``) holds 1/t of a parameter on each
+rank of its tensor-parallel group (Megatron shards evenly, so the whole tensor has J = t × its local
+size); every other tensor is replicated on the t ranks, with the same gradient on each. The
+gradient samples of one micro-batch are then those of the whole model, spread over the t ranks,
+and DeepSpeed reduces gradients over the data-parallel group only (utils/groups.py:767
+``_get_data_parallel_group`` → ``mpu.get_data_parallel_group()``), so:
+
+* k counts data-parallel ranks × micro-batches only — already so, every source's world is the
+  data-parallel group;
+* a per-tensor sum (mean of r, LAMB/LARS norms, the noise statistics' ΣS² and ΣQ) of a sharded
+  tensor is completed over the data-parallel group, then over the tensor-parallel group
+  (``bwc_tensor_model_parallel_group``, utils/bwc.py:63; never ``get_model_parallel_group`` of a
+  pipeline grid, which spans pipe × model); a replicated tensor's sum is never summed over it.
+  :func:`~vrgd_ds.comm.all_reduce_sum_sharded` is that ``complete``; the layouts carry J.
+  Cost: one more all-reduce of the sharded tensors' per-tensor sums over the tensor-parallel group
+  per phase (a few floats per tensor).
+
+At stage 0 every rank of a tensor-parallel group must agree on skipping a non-finite step: the
+source's local check is agreed on over the group (``Stage0MomentSource.all_finite``); at ZeRO 1/2
+the check rides in the completed sums, as without tensor parallelism.
+
+Exact and tested (tests/test_tensor_parallel.py, TP2 × DP2 on 4 CPU ranks, against the whole
+model in float64): ZeRO 0, 1, 2 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
+gradient clipping; both moment reductions. Refused (:func:`tensor_parallel_refusal`, tested in
+tests/test_refusals.py): ZeRO-3, fp16/bf16, Megatron sequence parallelism (parameters marked
+``sequence_parallel``) or an mpu with sequence-parallel groups; pipelines with tensor parallelism
+(not examined).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+__all__ = ["TensorParallel", "tensor_parallel_of", "tensor_parallel_refusal"]
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """The tensor-parallel group of this rank (``world`` > 1)."""
+
+    group: object
+    world: int
+
+    @staticmethod
+    def is_sharded(p) -> bool:
+        """Megatron marks the tensors it splits over the tensor-parallel group."""
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+
+        return bool(is_model_parallel_parameter(p))
+
+    def whole_numel(self, p) -> int:
+        """J of the parameter whose local tensor is ``p``."""
+        return p.numel() * self.world if self.is_sharded(p) else p.numel()
+
+
+def tensor_model_parallel_size(mpu) -> int:
+    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
+    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
+    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+        fn = getattr(mpu, getter, None)
+        if fn is not None:
+            return int(fn())
+    return 1
+
+
+def tensor_parallel_of(engine) -> TensorParallel | None:
+    """The engine's tensor-parallel group, or None without tensor parallelism."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None or tensor_model_parallel_size(mpu) <= 1:
+        return None
+    from deepspeed.utils.bwc import bwc_tensor_model_parallel_group
+
+    group = bwc_tensor_model_parallel_group(mpu)
+    return TensorParallel(group, dist.get_world_size(group=group))
+
+
+def _pipeline_stages(engine, mpu) -> int:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if isinstance(engine, PipelineEngine):
+        return int(engine.num_stages)
+    for getter in ("get_pipeline_model_parallel_world_size", "get_pipe_parallel_world_size"):
+        fn = getattr(mpu, getter, None)
+        if fn is not None:
+            return int(fn())
+    return 1
+
+
+def tensor_parallel_refusal(engine) -> str | None:
+    """Why this engine's tensor parallelism cannot give the exact update yet, or None (also None
+    without tensor parallelism)."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None:
+        return None
+    size = tensor_model_parallel_size(mpu)
+    if size <= 1:
+        return None
+    what = f"tensor (model) parallelism with {size} shards per tensor"
+    if not hasattr(mpu, "get_tensor_model_parallel_group"):
+        return f"{what} through an mpu without get_tensor_model_parallel_group (Megatron's interface): add it"
+    if _pipeline_stages(engine, mpu) > 1:
+        return f"{what} combined with pipeline parallelism (not examined): use one of the two"
+    sequence = getattr(mpu, "get_sequence_parallel_world_size", None)
+    if (
+        hasattr(mpu, "get_sequence_data_parallel_group")
+        or hasattr(mpu, "initialize_sequence_parallel")
+        or (sequence is not None and int(sequence()) > 1)
+        or any(getattr(p, "sequence_parallel", False) for p in engine.module.parameters())
+    ):
+        return (
+            f"{what} with sequence parallelism (LayerNorm and bias gradients are partial per tensor-parallel "
+            "rank): turn sequence parallelism off"
+        )
+    if engine.zero_optimization_stage() > 2:
+        return f"{what} at ZeRO stage 3 (not examined): use ZeRO stage 0, 1 or 2"
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        return f"{what} with fp16/bf16 (tested exact in fp32 only): use fp32, or tensor-model-parallel size 1"
+    return None
