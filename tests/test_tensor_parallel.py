@@ -52,6 +52,14 @@ def _cases():
             params=dict(OPTIMIZERS["VRLamb"][1], moment_reduction="per_micro_step"),
             stage=1,
         ),
+        dict(
+            name="VRLamb-z2-offload-clip",
+            type="VRLamb",
+            params=OPTIMIZERS["VRLamb"][1],
+            stage=2,
+            clip=0.05,
+            extra={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+        ),
     ]
     return cases
 

@@ -24,10 +24,10 @@ the check rides in the completed sums, as without tensor parallelism.
 
 Exact and tested (tests/test_tensor_parallel.py, TP2 × DP2 on 4 CPU ranks, against the whole
 model in float64): ZeRO 0, 1, 2 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
-gradient clipping; both moment reductions. Refused (:func:`tensor_parallel_refusal`, tested in
-tests/test_refusals.py): ZeRO-3, fp16/bf16, Megatron sequence parallelism (parameters marked
-``sequence_parallel``) or an mpu with sequence-parallel groups; pipelines with tensor parallelism
-(not examined).
+gradient clipping; both moment reductions; CPU offload_optimizer at ZeRO 2. Refused
+(:func:`tensor_parallel_refusal`, tested in tests/test_refusals.py): ZeRO-3, fp16/bf16, Megatron
+sequence parallelism (parameters marked ``sequence_parallel``) or an mpu with sequence-parallel
+groups; pipelines with tensor parallelism (not examined).
 """
 
 from __future__ import annotations
