@@ -61,6 +61,10 @@ def _cases():
             extra={"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
         ),
     ]
+    cases += [
+        dict(name=f"VRLamb-z{stage}-nonfinite", type="VRLamb", params=OPTIMIZERS["VRLamb"][1], stage=stage, inf_step=1)
+        for stage in (0, 1)
+    ]
     return cases
 
 
@@ -131,11 +135,28 @@ def _reference(case: dict, results: list[dict]):
     return updates, moments
 
 
+def _check_skipped_everywhere(case: dict, results: list[dict]) -> None:
+    """A step whose gradients are non-finite on one rank only is skipped by every rank — its
+    tensor-parallel peers, whose own gradients are finite, too — and training goes on."""
+    bad = case["inf_step"]
+    for rank, res in enumerate(results):
+        assert res["skipped_steps"] == 1, f"rank {rank}: skipped {res['skipped_steps']} steps"
+        rec = res["steps"][bad]
+        assert all(torch.equal(rec["before"][n], rec["after"][n]) for n in rec["before"]), f"rank {rank} moved"
+    for step in range(STEPS):
+        if step != bad:
+            before, after = _whole(results, step, "before"), _whole(results, step, "after")
+            assert all(torch.isfinite(t).all() and not torch.equal(t, before[n]) for n, t in after.items()), step
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_tensor_parallel_update_matches_whole_model_reference(case, tp_runs):
     results = [r[case["name"]] for r in tp_runs]
     for rank, res in enumerate(results):
         assert res["error"] is None, f"rank {rank}: {res['error']}"
+    if "inf_step" in case:
+        _check_skipped_everywhere(case, results)
+        return
     expected, moments = _reference(case, results)
     errors, raw = [], []
     for step in range(STEPS):

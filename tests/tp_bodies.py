@@ -157,11 +157,24 @@ def run_tp_case(case: dict, rank: int, world: int, mpu: TPMPU) -> dict:
         before = _masters(engine)
         for a in range(gas):
             x, y, _ = batches[step * SAMPLES_PER_STEP + a * mpu.dp + mpu.dp_rank]
-            engine.backward(tp_loss(engine, x, y))
+            loss = tp_loss(engine, x, y)
+            if step == case.get("inf_step") and a == 0 and rank == 0:
+                # Non-finite gradients on one rank only: its shards and, after the data-parallel
+                # reduction, its data-parallel peers' — its tensor-parallel peers stay finite.
+                loss = loss * float("inf")
+            engine.backward(loss)
             engine.step()
         noise = vrgd_ds.find_vr_optimizer(engine).noise_stats()
         steps.append({"before": before, "after": _masters(engine), "noise": dict(noise)})
-    return {"error": None, "steps": steps, "tp_rank": mpu.tp_rank, "dp_rank": mpu.dp_rank}
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    return {
+        "error": None,
+        "steps": steps,
+        "tp_rank": mpu.tp_rank,
+        "dp_rank": mpu.dp_rank,
+        # Skipped by the VR optimizer (stage 0) or by DeepSpeed's own overflow check (ZeRO 1/2).
+        "skipped_steps": opt.skipped_steps + engine.skipped_steps,
+    }
 
 
 def run_tp_matrix(rank: int, world: int, tp: int, cases: list[dict]) -> dict:
