@@ -3,9 +3,10 @@ with a ValueError that says what to change.
 
 :func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism other than at ZeRO 0-2 in
 fp32 without pipelines (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
-MoE, MiCS/hpZ, weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built
-its wrapper; at ZeRO-3 the parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload, other
-wrappers). ZeRO-3's own checks are :func:`vrgd_ds.deepspeed_glue.zero3.check_supported`.
+MoE, MiCS/hpZ, weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after
+DeepSpeed built its wrapper; at ZeRO-3 the parallelism only): that, plus wrappers we do not read
+(fp16 at stage 0, ZeRO-Offload to anything but the CPU, other wrappers). ZeRO-3's own checks are
+:func:`vrgd_ds.deepspeed_glue.zero3.check_supported`.
 """
 
 from __future__ import annotations
