@@ -452,7 +452,7 @@ FULL = Settings(
     gamma_n_train=512,
     gamma_batch=128,
     gamma_sigma=1.0,
-    critical_batches=(256, 1024, 4096, 16384),  # 4 of the batch study's 6 (~25 min on one busy core)
+    critical_batches=(256, 1024, 2048, 4096, 8192, 16384),  # the batch study's (~20 min on one core)
     critical_seeds=2,  # of its 3
 )
 QUICK = Settings(
@@ -777,6 +777,13 @@ def b_simple_at_loss(runs: list[dict], loss: float, windows: int = 32) -> dict:
     return {"b_simple": benchlib.summary([w["b_simple"] for w in found]), "steps": [w["steps"] for w in found]}
 
 
+def fmt_loss(values: list[float]) -> str:
+    """Mean ± std of losses: 3 decimals, or 3 significant digits where a run blew up."""
+    if all(abs(v) < 1e3 for v in values):
+        return mean_std(values, 3)
+    return f"{np.mean(values):.3g} ± {np.std(values, ddof=1):.3g}" if len(values) > 1 else f"{values[0]:.3g}"
+
+
 def over_b_simple(batch: int, phase: dict) -> float:
     """B / B_simple for a phase of noise_phases (NaN where no B_simple was measured or it is ≤ 0)."""
     b_simple = phase["b_simple"]["mean"]
@@ -857,7 +864,7 @@ def experiment_critical(data, settings: Settings, cache: RunCache, log) -> tuple
                 + [mean_std(phases[p]["b_simple"]["values"], 0) for p in PHASES]
                 + [mean_std(phases["end"]["b_simple_ema"]["values"], 0)]
                 + [mean_std(vr_phases[p]["b_simple"]["values"], 0) for p in PHASES]
-                + [mean_std(phases[p]["loss"]["values"], 3) for p in PHASES],
+                + [fmt_loss(phases[p]["loss"]["values"]) + (div_note(base) if p == "end" else "") for p in PHASES],
                 {
                     "optimizer": spec.name,
                     "batch": batch,
