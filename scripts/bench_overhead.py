@@ -9,7 +9,7 @@ gradient accumulation 1 and 4. One run measures everything:
     # smoke run (tiny model, 2 rounds; tests/test_bench_overhead_smoke.py)
     python scripts/bench_overhead.py --quick
 
-The script spawns its 2 ranks itself (tests/multiproc.py's ``run_ranks``: spawned processes, file
+The script spawns its 2 ranks itself (vrgd_ds/multiproc.py's ``run_ranks``: spawned processes, file
 rendezvous, OMP_NUM_THREADS=1, no JIT build of DeepSpeed's shm op).
 
 On GPUs (scripts/gpu_check.sh; one GPU per rank, NCCL, native bf16 matrix products):
@@ -94,7 +94,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "scripts"):  # tests.multiproc; benchlib (also when imported by a test)
+for _path in (ROOT, ROOT / "scripts"):  # benchlib (also when imported by a test)
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -1227,7 +1227,7 @@ def main(argv=None) -> int:
     if BASELINE not in {v.name for v in VARIANTS}:
         raise RuntimeError("the baseline variant is missing")
 
-    from tests.multiproc import run_ranks
+    from vrgd_ds.multiproc import run_ranks
 
     timeout = args.timeout or (300 if args.quick else 4 * 3600)
     version = benchlib.code_version()  # before the ranks import vrgd_ds
