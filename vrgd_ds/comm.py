@@ -3,7 +3,10 @@
 gloo implements ``reduce_scatter_tensor`` as an all-reduce of a full copy (twice a
 reduce-scatter's bytes on the wire, plus a full-size temporary); :func:`pairwise_reduce_scatter`
 (a flat buffer, ZeRO 1/2) and :func:`reduce_scatter_rows` (a (w, n) bucket, ZeRO-3) do the same
-reduction with point-to-point transfers of exactly the reduce-scatter minimum.
+reduction with point-to-point transfers of exactly the reduce-scatter minimum;
+:func:`reduce_squares_to_owners` reduces one tensor's g² onto the rank(s) owning its elements as
+backward produces it (``dist.reduce``, or point-to-point sends on gloo, whose reduce sends ~2.2×
+a reduce's share).
 :func:`all_reduce_sum` is the ``complete`` callback of a
 :class:`~vrgd_ds.segments.SegmentLayout` whose tensors are spread over a group;
 :func:`all_reduce_sum_sharded` the one under tensor parallelism (sharded tensors' sums completed
@@ -16,7 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "all_reduce_sum_sharded", "pairwise_reduce_scatter", "reduce_scatter_rows"]
+__all__ = [
+    "all_reduce_sum",
+    "all_reduce_sum_sharded",
+    "pairwise_reduce_scatter",
+    "reduce_scatter_rows",
+    "reduce_squares_to_owners",
+]
 
 
 def pairwise_reduce_scatter(full: Tensor, partition: Tensor, group=None, tag: int = 0) -> Tensor:
@@ -131,3 +140,49 @@ def all_reduce_sum_sharded(group, world: int, tp_group, tp_world: int, sharded: 
         rows.index_copy_(1, index, part)
 
     return complete
+
+
+def reduce_squares_to_owners(
+    g: Tensor,
+    owners: list[tuple[int, int, int, int]],
+    partition: Tensor,
+    rank: int,
+    global_ranks: list[int],
+    group,
+    pairwise: bool,
+    tag: int,
+    pending: list,
+) -> list:
+    """Add Σ over the ranks of ``group`` of g² (``g``: one tensor's flat fp32 gradient on this rank)
+    into the partitions that own its elements: ``owners`` holds (owner, a, b, offset) — elements
+    [a, b) of the tensor belong to group member ``owner``, at ``offset`` in its partition; this rank
+    adds into ``partition``. Every rank calls it for the same tensors in the same order, with a
+    ``tag`` of its own per tensor.
+
+    ``pairwise`` (gloo, or a group of one): the owner adds its own squares and receives every other
+    rank's; the others send theirs without waiting (backward goes on) — the sends still in flight
+    are returned, with their buffers kept alive, in ``pending`` (wait on them before the partition
+    is read). Else one ``dist.reduce`` per owner. Returns the new ``pending``.
+    """
+    if not pairwise:
+        sq = g * g
+        for owner, a, b, dst_offset in owners:
+            piece = sq[a:b].contiguous()
+            dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
+            if owner == rank:
+                partition[dst_offset : dst_offset + (b - a)].add_(piece)
+        return pending
+    for owner, a, b, dst_offset in owners:
+        piece = g[a:b]
+        if owner == rank:
+            target = partition[dst_offset : dst_offset + (b - a)]
+            target.addcmul_(piece, piece)
+            for src in range(len(global_ranks)):
+                if src != rank:
+                    incoming = torch.empty_like(target)
+                    dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
+                    target.add_(incoming)
+        else:
+            sq = piece * piece
+            pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
+    return [(w, t) for w, t in pending if not w.is_completed()]

@@ -12,8 +12,9 @@ strategies (README "The two ZeRO moment-reduction strategies"):
   :func:`vrgd_ds.comm.pairwise_reduce_scatter`: each rank sends every other rank exactly the
   elements that rank owns, the reduce-scatter minimum 4·N·(w−1)/w bytes);
 * ``per_micro_step``: partition-sized buffers only; the g² of each tensor is reduced to its owning
-  rank(s) as backward produces it (``dist.reduce`` per owner; on gloo, whose reduce sends ~2.2×
-  a reduce's share, non-blocking sends to the owner, which receives from every other rank).
+  rank(s) as backward produces it (:func:`vrgd_ds.comm.reduce_squares_to_owners`: ``dist.reduce``
+  per owner; on gloo, whose reduce sends ~2.2× a reduce's share, non-blocking sends to the owner,
+  which receives from every other rank).
   Needs every rank to produce gradients for the same tensors in the same order, as ZeRO-2's own
   bucketing does.
 
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..comm import pairwise_reduce_scatter
+from ..comm import pairwise_reduce_scatter, reduce_squares_to_owners
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
 from .source import DeepSpeedMomentSource, wrap_method
@@ -116,30 +117,17 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
         def add_sample(grad):
             g = grad.detach().reshape(-1).float()
-            if not self.pairwise_exchange and self.world_size > 1:
-                sq = g * g
-                for owner, a, b, dst_offset in owners:
-                    piece = sq[a:b].contiguous()
-                    dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
-                    if owner == self.rank:
-                        partition[dst_offset : dst_offset + (b - a)].add_(piece)
-                self._count(p)
-                return
-            for owner, a, b, dst_offset in owners:
-                piece = g[a:b]
-                if owner == self.rank:
-                    target = partition[dst_offset : dst_offset + (b - a)]
-                    target.addcmul_(piece, piece)
-                    for src in range(self.world_size):
-                        if src != self.rank:
-                            incoming = torch.empty_like(target)
-                            dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
-                            target.add_(incoming)
-                else:
-                    # Sent without waiting (backward goes on); kept alive until delivered.
-                    sq = piece * piece
-                    self._pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
-            self._pending = [(w, t) for w, t in self._pending if not w.is_completed()]
+            self._pending = reduce_squares_to_owners(
+                g,
+                owners,
+                partition,
+                self.rank,
+                global_ranks,
+                group,
+                pairwise=self.pairwise_exchange or self.world_size == 1,
+                tag=tag,
+                pending=self._pending,
+            )
             self._count(p)
 
         return add_sample
