@@ -64,6 +64,19 @@ class GradientMomentCollector:
         self.samples = MicroBatchSamples(names)
         self._handles = [p.register_hook(self.samples.hook(p, self._make_sink(i))) for i, p in enumerate(self.params)]
 
+    def watch(self, params) -> None:
+        """Watch ``params`` too (a param group added between steps; moments restart empty)."""
+        for p in params:
+            if not p.requires_grad or id(p) in self._offsets:
+                continue
+            index = len(self.params)
+            self.params.append(p)
+            self._offsets[id(p)] = (self.numel, p.numel())
+            self.numel += p.numel()
+            self._handles.append(p.register_hook(self.samples.hook(p, self._make_sink(index))))
+        self._buffer = None  # re-sized at the next sample
+        self.reset()
+
     def _make_sink(self, index: int):
         p = self.params[index]
 

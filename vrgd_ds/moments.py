@@ -62,5 +62,9 @@ class MomentSource(Protocol):
     def on_zero_grad(self) -> None:
         """The user zeroed the gradients: samples of a step not taken are forgotten."""
 
+    def watch(self, params: list[Tensor]) -> None:
+        """The optimizer got a param group after construction (``add_param_group``, between
+        steps): take gradient samples of ``params`` too, or raise if this source cannot."""
+
     def remove(self) -> None:
         """Remove the hooks (the source is replaced)."""

@@ -218,12 +218,8 @@ class VROptimizer(Optimizer):
             self.param_groups.pop()  # leave the optimizer as it was
             raise
         source = getattr(self, "moment_source", None)
-        if isinstance(source, GradientMomentCollector):
-            # A group added after construction: watch its parameters too (between steps).
-            source.remove()
-            self.moment_source = GradientMomentCollector(
-                [p for g in self.param_groups for p in g["params"]], source.process_group, self._names
-            )
+        if source is not None:
+            source.watch(self.param_groups[-1]["params"])
 
     @staticmethod
     def _validate_common(group: dict) -> None:
@@ -255,6 +251,11 @@ class VROptimizer(Optimizer):
         pass
 
     # ---- hooks for the DeepSpeed glue -----------------------------------------------------
+    def set_param_name(self, p: Tensor, name: str) -> None:
+        """Name ``p`` in statistics and messages, unless it was given a name already (through
+        ``param_names`` or named parameters). The DeepSpeed glue names the tensors it hands over."""
+        self._names.setdefault(id(p), name)
+
     def layout_of(self, p: Tensor) -> SegmentLayout:
         layout = self._layouts.get(id(p))
         if layout is None:

@@ -167,6 +167,12 @@ class DeepSpeedMomentSource:
             and all(float(b.abs().sum()) == 0 for b in self._buffers_to_zero())
         )
 
+    def watch(self, params) -> None:
+        raise RuntimeError(
+            "vrgd_ds: a param group was added to the optimizer after deepspeed.initialize; DeepSpeed has "
+            "already partitioned the groups it was given. Pass every param group to deepspeed.initialize."
+        )
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()

@@ -104,7 +104,7 @@ def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None)
         source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
         for mp, ip in zip(model_params, inner_params):
             if id(mp) in names:
-                opt._names.setdefault(id(ip), names[id(mp)])
+                opt.set_param_name(ip, names[id(mp)])
         wrap_method(wrapper, "unscale_and_clip_grads", before=lambda *a, **k: source.prepare(inner_params))
         return source
     if wrapper is opt:
@@ -112,7 +112,7 @@ def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None)
         source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names, tp_group=tp_group)
         for p in params:
             if id(p) in names:
-                opt._names.setdefault(id(p), names[id(p)])
+                opt.set_param_name(p, names[id(p)])
         wrap_method(engine, "clip_fp32_gradients", before=lambda *a, **k: source.prepare(params))
         return source
     raise ValueError(
