@@ -1,4 +1,5 @@
-"""Rank bodies for the pipeline tests: a 2-stage PipelineModule × 2 data-parallel ranks."""
+"""Rank bodies for the pipeline tests: a 2-stage PipelineModule × 2 data-parallel ranks, with or
+without a weight tied across the two stages."""
 
 from __future__ import annotations
 
@@ -22,30 +23,74 @@ def pipeline_layers(seed: int = 0) -> list[nn.Module]:
     return layers
 
 
+def tied_layers(seed: int = 0) -> dict[str, nn.Module]:
+    """A model whose input layer "io" (7 → 11, no bias) is reused transposed as a later layer
+    (11 → 7), the shape of an embedding tied to the output layer; keys are the pipeline's layer
+    indices ("io" is its TiedLayerSpec key). Forward: :func:`tied_forward`."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {"io": nn.Linear(7, 11, bias=False), "2": nn.Linear(11, 9), "4": nn.Linear(9, 11), "7": nn.Linear(7, 5)}
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in layer.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return layers
+
+
+def tied_output(io: nn.Module, h):
+    return h @ io.weight
+
+
+def tied_forward(layers: dict[str, nn.Module], x):
+    h = torch.tanh(layers["io"](x))
+    h = torch.tanh(layers["4"](torch.tanh(layers["2"](h))))
+    return layers["7"](tied_output(layers["io"], h))
+
+
+def tied_pipeline_module(loss_fn, tie_bias: bool = False):
+    """:func:`tied_layers` as 2 stages: "io" on both (TiedLayerSpec), initialized as the reference
+    (``tie_bias``: "io" gets a bias, tied too — two tensors under one key, refused)."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    layers = tied_layers()
+    attrs = ["weight", "bias"] if tie_bias else "weight"
+    spec = [
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=tie_bias, tied_weight_attr=attrs),
+        nn.Tanh(),
+        layers["2"],
+        nn.Tanh(),
+        layers["4"],
+        nn.Tanh(),
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=tie_bias, tied_weight_attr=attrs, forward_fn=tied_output),
+        layers["7"],
+    ]
+    module = PipelineModule(layers=spec, num_stages=2, loss_fn=loss_fn, partition_method="uniform")
+    with torch.no_grad():
+        module.tied_modules["io"].weight.copy_(layers["io"].weight)
+    return module
+
+
 def mse(out, y):
     return ((out - y) ** 2).mean()
 
 
 def pipeline_case(rank: int, world: int, case: dict):
-    """Train through deepspeed.PipelineEngine; returns {param name: fp32 tensor} of this stage,
-    or the error initialize raised."""
+    """Train through deepspeed.PipelineEngine; returns {param name: fp32 tensor} of this stage
+    (a tied weight as "io.weight"), or the error initialize raised. Tied cases also return
+    ``tied_diffs``: per step, the largest difference between the tied weight's copies on the
+    two stages (fp32 master weights too with bf16)."""
     import deepspeed
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec  # noqa: F401
+    import torch.distributed as dist
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.utils import safe_get_full_fp32_param
 
     import vrgd_ds  # noqa: F401
 
     dp = world // 2
     gas = MICRO_BATCHES // dp
-    layers = pipeline_layers()
     if case.get("tied"):
-        module = PipelineModule(
-            layers=[TiedLayerSpec("io", nn.Linear, 5, 5), nn.Tanh(), TiedLayerSpec("io", nn.Linear, 5, 5)],
-            num_stages=2,
-            loss_fn=mse,
-            partition_method="uniform",
-        )
+        module = tied_pipeline_module(mse, tie_bias=case["tied"] == "weight and bias")
     else:
-        module = PipelineModule(layers=layers, num_stages=2, loss_fn=mse, partition_method="uniform")
+        module = PipelineModule(layers=pipeline_layers(), num_stages=2, loss_fn=mse, partition_method="uniform")
     cfg = {
         "train_batch_size": 4 * MICRO_BATCHES,
         "train_micro_batch_size_per_gpu": 4,
@@ -57,37 +102,61 @@ def pipeline_case(rank: int, world: int, case: dict):
     }
     if case.get("precision") == "bf16":
         cfg["bf16"] = {"enabled": True}  # a bf16 pipeline at stage 0: DeepSpeed's BF16_Optimizer
+    if case.get("precision") == "fp16":
+        from .ds_bodies import allow_cpu_fp16
+
+        allow_cpu_fp16()
+        cfg["fp16"] = {"enabled": True}
     try:
         engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()], config=cfg)
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
     dp_rank = engine.grid.get_data_parallel_rank()
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
+    bf16 = case.get("precision") == "bf16"
+    tied_diffs = []
     for step in range(STEPS):
-        dtype = torch.bfloat16 if case.get("precision") == "bf16" else torch.float32
+        dtype = torch.bfloat16 if bf16 else torch.float32
         mine = [tuple(t.to(dtype) for t in batches[step * MICRO_BATCHES + a * dp + dp_rank][:2]) for a in range(gas)]
         engine.train_batch(iter(mine))
-    # PipelineModule names a stage's parameters by their global layer index ("4.weight").
-    params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    if case.get("precision") == "bf16":  # the fp32 master weights (BF16_Optimizer's flat partitions)
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        params = {n: safe_get_full_fp32_param(p).detach().float().clone() for n, p in engine.module.named_parameters()}
-    return {"error": None, "wrapper": type(engine.optimizer).__name__, "params": params}
+        if case.get("tied"):
+            comm = engine.module.tied_comms["io"]
+            weight = comm["module"].weight
+            copies = [weight.detach().float()] + ([safe_get_full_fp32_param(weight).detach()] if bf16 else [])
+            diff = 0.0
+            for t in copies:
+                gathered = [torch.empty_like(t) for _ in comm["ranks"]]
+                dist.all_gather(gathered, t.contiguous(), group=comm["group"])
+                diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
+            tied_diffs.append(diff)
+    # PipelineModule names a stage's parameters by their global layer index ("4.weight"); the
+    # tied weight is "tied_modules.io.weight" on both stages.
+    params = {n: p for n, p in engine.module.named_parameters()}
+    if bf16:  # the fp32 master weights (BF16_Optimizer's flat partitions)
+        params = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
+    params = {n.replace("tied_modules.", ""): p.detach().float().clone() for n, p in params.items()}
+    return {"error": None, "wrapper": type(engine.optimizer).__name__, "params": params, "tied_diffs": tied_diffs}
 
 
 def train_reference(case: dict) -> dict:
-    """The single-process run: the same layers, all 8 micro-batches accumulated per step."""
+    """The single-process run: the same layers (one "io" weight where the pipeline ties two
+    copies), all 8 micro-batches accumulated per step."""
     import vrgd_ds
 
-    layers = pipeline_layers()
-    model = nn.Sequential(*layers)
+    if case.get("tied"):
+        model = nn.ModuleDict(tied_layers())
+
+        def forward(x):
+            return tied_forward(model, x)
+    else:
+        model = forward = nn.Sequential(*pipeline_layers())
     cls = vrgd_ds.OPTIMIZERS[case["type"].lower()]
-    opt = cls(model.parameters(), **case["params"])
+    params = {k: v for k, v in case["params"].items() if k != "moment_reduction"}  # a DeepSpeed-glue option
+    opt = cls(model.parameters(), **params)
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
     for step in range(STEPS):
         for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
-            (mse(model(x), y) / MICRO_BATCHES).backward()
+            (mse(forward(x), y) / MICRO_BATCHES).backward()
         if case.get("clip"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), case["clip"])
         opt.step()

@@ -31,9 +31,10 @@ deepspeed 0.19.8's). One module per job:
 
 What :func:`attach` installs (VRGD.md §1, DEEPSPEED_NOTES.md): a tensor hook per trainable
 parameter adds g² of every micro-batch (this rank's own gradient, before DeepSpeed accumulates or
-reduces it) into fp32 accumulators, reduced onto exactly the elements the inner optimizer updates
-on this rank; the first moment is the gradient DeepSpeed already reduced, so r is formed from it
-just before DeepSpeed unscales and clips it (r independent of the loss scale and of
+reduces it; a weight tied across pipeline stages: the sum of the stages' shares, see
+:class:`~.source.TiedWeightSamples`) into fp32 accumulators, reduced onto exactly the elements
+the inner optimizer updates on this rank; the first moment is the gradient DeepSpeed already
+reduced, so r is formed from it just before DeepSpeed unscales and clips it (r independent of the loss scale and of
 ``gradient_clipping``), in place of Σg². Per-tensor sums (layer mean of r, LAMB/LARS norms, the
 noise statistics) go through each flat tensor's SegmentLayout. After every wrapper step (applied,
 or skipped on fp16 overflow) the accumulators are cleared; a skipped step never reaches our

@@ -19,7 +19,7 @@ from .bf16 import BF16OptimizerLayout, bf16_optimizer_source, is_bf16_optimizer
 from .config import MOMENT_REDUCTIONS, moment_reduction_of
 from .layouts import stage0_tensor_parallel_layouts, zero_layouts
 from .refusals import refuse_unsupported
-from .source import wrap_method
+from .source import tied_weight_groups, wrap_method
 from .stage0 import stage0_source
 from .tensor_parallel import tensor_parallel_of
 from .zero3 import attach_zero3
@@ -95,5 +95,6 @@ def attach(engine) -> None:
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:
         source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
     source.gas = gas
+    source.tied.groups = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages
     opt.set_moment_source(source)
     wrap_method(wrapper, "step", after=source.clear)

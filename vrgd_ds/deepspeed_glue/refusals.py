@@ -3,9 +3,10 @@ with a ValueError that says what to change.
 
 :func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism other than at ZeRO 0-2 in
 fp32 without pipelines (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
-MoE, MiCS/hpZ, weights tied across pipeline stages. :func:`refuse_unsupported` (ZeRO 0-2, after
-DeepSpeed built its wrapper; at ZeRO-3 the parallelism only): that, plus wrappers we do not read
-(fp16 at stage 0, ZeRO-Offload to anything but the CPU, other wrappers). ZeRO-3's own checks are
+MoE, MiCS/hpZ, weights tied across pipeline stages with fp16 or several tensors per tie.
+:func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built its wrapper; at ZeRO-3 the
+parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload to anything
+but the CPU, other wrappers). ZeRO-3's own checks are
 :func:`vrgd_ds.deepspeed_glue.zero3.check_supported`.
 """
 
@@ -20,11 +21,12 @@ __all__ = ["unsupported_parallelism", "refuse_unsupported"]
 def unsupported_parallelism(engine) -> str | None:
     """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
 
-    Data parallelism (ZeRO 0-3, BF16_Optimizer), pipeline parallelism without weights tied across
-    stages, and tensor parallelism at ZeRO 0-2 in fp32 (:mod:`.tensor_parallel`) are exact: every
-    collective of ours runs over the data-parallel group (sharded tensors' per-tensor sums over the
-    tensor-parallel group too) and k counts data-parallel ranks only. Everything else is refused
-    at ``deepspeed.initialize``.
+    Data parallelism (ZeRO 0-3, BF16_Optimizer), pipeline parallelism, and tensor parallelism at
+    ZeRO 0-2 in fp32 (:mod:`.tensor_parallel`) are exact: every collective of ours runs over the
+    data-parallel group (sharded tensors' per-tensor sums over the tensor-parallel group too) and
+    k counts data-parallel ranks only; a weight tied across pipeline stages has each sample summed
+    over its tie group first (:class:`~.source.TiedWeightSamples`; one tensor per tie, fp32 or
+    bf16). Everything else is refused at ``deepspeed.initialize``.
     """
     reason = tensor_parallel_refusal(engine)
     if reason is not None:
@@ -43,10 +45,18 @@ def unsupported_parallelism(engine) -> str | None:
     if (getattr(zero, "mics_shard_size", -1) or -1) > 0 or (getattr(zero, "zero_hpz_partition_size", 1) or 1) > 1:
         return "MiCS / hpZ (mics_shard_size, zero_hpz_partition_size): remove them from zero_optimization."
     for key, comm in (getattr(engine.module, "tied_comms", None) or {}).items():
-        if len(comm.get("ranks", ())) > 1:
+        if len(comm.get("ranks", ())) < 2:
+            continue
+        if len(comm["weight_attr"]) > 1:
             return (
-                f"weights tied across pipeline stages (TiedLayerSpec key {key!r}): each stage would apply its own "
-                "r to its copy. Put the tied layers on one stage, or untie them."
+                f"weights tied across pipeline stages with several tensors per TiedLayerSpec (key {key!r}, "
+                f"tied_weight_attr={comm['weight_attr']}): their per-micro-batch samples share one tie group, and "
+                "each stage's backward may produce them in another order. Tie one tensor per key."
+            )
+        if engine.fp16_enabled():
+            return (
+                f"weights tied across pipeline stages (TiedLayerSpec key {key!r}) with fp16: exact in fp32 and "
+                "bf16 only. Use bf16 or fp32, or put the tied layers on one stage."
             )
     return None
 

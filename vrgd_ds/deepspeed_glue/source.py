@@ -5,7 +5,11 @@ vrgd_ds/moments.py for the order of calls) for sources whose first moment is the
 DeepSpeed already reduced and whose second moment is Σg² on the tensors the inner optimizer
 updates (``sq[id(inner)]``, flat fp32, the same size as the inner tensor). A wrapper kind's
 subclass (stage0, zero12, bf16, zero3 modules) supplies the hooks that fill ``sq`` and
-:meth:`~DeepSpeedMomentSource.ensure_reduced`; its wiring calls, per optimizer step:
+:meth:`~DeepSpeedMomentSource.ensure_reduced`. Its hooks are ``self.samples.hook(p,
+self.tied.wrap(p, sink))``: ``sink`` gets one sample per micro-batch (:mod:`vrgd_ds.samples`),
+and for a weight tied across pipeline stages the sum of the stages' shares
+(:class:`TiedWeightSamples`, completed at the latest in ``_deliver_samples``, the first thing
+``ensure_reduced`` does). Its wiring calls, per optimizer step:
 
 1. :meth:`~DeepSpeedMomentSource.prepare` on the inner tensors just before DeepSpeed unscales
    and clips their gradients (a wrapped ``unscale_and_clip_grads``, ``clip_fp32_gradients`` or
@@ -26,8 +30,10 @@ Reach an engine's source by ``vrgd_ds.find_vr_optimizer(engine).moment_source``.
 from __future__ import annotations
 
 import functools
+from collections import deque
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..gsnr import gsnr_from_moments
@@ -35,7 +41,88 @@ from ..optimizer import VROptimizer
 from ..samples import MicroBatchSamples
 from ..segments import SegmentLayout
 
-__all__ = ["DeepSpeedMomentSource", "wrap_method"]
+__all__ = ["DeepSpeedMomentSource", "TiedWeightSamples", "tied_weight_groups", "wrap_method"]
+
+
+def tied_weight_groups(module) -> dict[int, object]:
+    """``{id(weight): tie group}`` of the weights a PipelineModule ties across stages
+    (``TiedLayerSpec`` keys whose layers sit on more than one stage; pipe/module.py
+    ``_index_tied_modules``); empty for any other module."""
+    groups = {}
+    for comm in (getattr(module, "tied_comms", None) or {}).values():
+        if len(comm.get("ranks", ())) > 1:
+            for attr in comm["weight_attr"]:
+                groups[id(module._recursive_getattr(comm["module"], attr))] = comm["group"]
+    return groups
+
+
+class TiedWeightSamples:
+    """Samples of weights tied across pipeline stages, completed over their tie groups.
+
+    A weight tied across stages (DeepSpeed's ``TiedLayerSpec``, e.g. an embedding reused as the
+    output layer) gets one share of each micro-batch's gradient on every stage holding a copy;
+    the micro-batch's sample is the SUM of the shares (DeepSpeed sums the accumulated gradients
+    the same way once per step, pipe/engine.py:269). :meth:`wrap` sits between a tied weight's
+    hook and its sink: each share is copied to fp32 and all-reduced over the tie group *without
+    waiting* — a blocking collective inside a hook can deadlock 1F1B (the last stage's hook fires
+    before it sends the input gradient the first stage waits for). The sink then gets the
+    completed samples in micro-batch order, the same on every copy (so every stage applies the
+    same r and the copies stay identical):
+
+    * ``eager`` (sinks that only add locally): those already complete whenever the tied weight's
+      next share arrives — at most about one per pipeline stage stays in flight;
+    * the rest in :meth:`complete`, which the source calls in ``ensure_reduced`` before its
+      data-parallel reduction. By then the pipeline has run every backward pass, so every copy
+      has issued its all-reduces and waiting cannot deadlock. Sinks that issue collectives of
+      their own (ZeRO's ``per_micro_step``) are not eager: when an all-reduce completes differs
+      between data-parallel ranks, and their collectives must run in the same order on each.
+
+    Cost: one all-reduce of each tied weight per micro-batch over its tie group, and an fp32
+    buffer of its size per sample in flight.
+    """
+
+    def __init__(self):
+        #: ``{id(weight): tie group}`` (:func:`tied_weight_groups`); read when a share arrives.
+        self.groups: dict[int, object] = {}
+        self.eager = True
+        self._in_flight: deque = deque()  # (work, sample buffer, sink), in micro-batch order
+
+    def wrap(self, p: Tensor, sink):
+        """The sink to hook on ``p``: ``sink`` itself, by way of the tie group when ``p`` is tied."""
+
+        def tied_sink(grad: Tensor) -> None:
+            group = self.groups.get(id(p))
+            if group is None:
+                sink(grad)
+                return
+            sample = grad.detach().to(torch.float32, copy=True)
+            self._in_flight.append((dist.all_reduce(sample, group=group, async_op=True), sample, sink))
+            if self.eager:
+                self._deliver(wait=False)
+
+        return tied_sink
+
+    def _deliver(self, wait: bool) -> None:
+        while self._in_flight:
+            work, sample, sink = self._in_flight[0]
+            if not wait and not work.is_completed():
+                return
+            work.wait()
+            self._in_flight.popleft()
+            sink(sample)
+
+    def complete(self) -> None:
+        """Every sample still in flight to its sink (waits for the all-reduces)."""
+        self._deliver(wait=True)
+
+    def discard(self) -> None:
+        """Forget the samples in flight (the step's samples are being thrown away)."""
+        for work, _, _ in self._in_flight:
+            work.wait()  # the buffers stay alive until the collective is done with them
+        self._in_flight.clear()
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
 
 class DeepSpeedMomentSource:
@@ -58,8 +145,11 @@ class DeepSpeedMomentSource:
         self._moment_sums: dict[int, Tensor] = {}
         self.world_size = world_size
         self.group = group
-        # Gradient pieces → one sample per micro-batch (reentrant activation checkpointing).
+        # Gradient pieces → one sample per micro-batch (reentrant activation checkpointing);
+        # hooks are ``self.samples.hook(p, self.tied.wrap(p, sink))``.
         self.samples = MicroBatchSamples(names)
+        # Weights tied across pipeline stages: each sample summed over the tie group first.
+        self.tied = TiedWeightSamples()
         #: Micro-batches of this step seen on this rank so far (the most samples any tensor got).
         self.local_samples = 0
         self._hook_counts: dict[int, int] = {}
@@ -76,6 +166,12 @@ class DeepSpeedMomentSource:
         self._hook_counts[id(p)] = c
         if c > self.local_samples:
             self.local_samples = c
+
+    def _deliver_samples(self) -> None:
+        """Every sample of this step to its sink, before the moments are reduced: the pieces of a
+        backward pass that raised, then the tied weights' samples still in flight."""
+        self.samples.end_micro_batch()
+        self.tied.complete()
 
     def num_samples(self) -> int:
         # Every rank runs the same number of micro-batches per step (DeepSpeed's
@@ -150,6 +246,7 @@ class DeepSpeedMomentSource:
         self.optimizer.finish_noise_stats()
         self._moment_sums.clear()
         self.samples.discard()
+        self.tied.discard()
         for buf in self._buffers_to_zero():
             buf.zero_()
         self._hook_counts.clear()
@@ -164,6 +261,7 @@ class DeepSpeedMomentSource:
         return (
             self.local_samples == 0
             and not self._hook_counts
+            and not self.tied.in_flight()
             and all(float(b.abs().sum()) == 0 for b in self._buffers_to_zero())
         )
 

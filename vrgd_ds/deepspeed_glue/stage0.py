@@ -51,7 +51,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             offset += mp.numel()
             self.sq[id(ip)] = view
             self.count_index[id(ip)] = index
-            self.handles.append(mp.register_hook(self.samples.hook(mp, self._make_sink(mp, view))))
+            self.handles.append(mp.register_hook(self.samples.hook(mp, self.tied.wrap(mp, self._make_sink(mp, view)))))
 
     def _make_sink(self, p, view):
         def add_sample(grad):
@@ -75,7 +75,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
 
     def ensure_reduced(self):
         if not self._reduced:
-            self.samples.end_micro_batch()
+            self._deliver_samples()
             for i, p in enumerate(self.model_params):
                 self.counts[i] = float(self._hook_counts.get(id(p), 0))
             if self.world_size > 1:

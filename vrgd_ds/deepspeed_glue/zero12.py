@@ -54,6 +54,8 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         # reduce's share: use point-to-point transfers there (sends still pending: _pending).
         # (An attribute read at every use, so tests can run the collective path on gloo too.)
         self.pairwise_exchange = dist.get_backend(group0) == "gloo"
+        # per_micro_step sinks issue collectives: tied weights' samples reach them in ensure_reduced.
+        self.tied.eager = strategy == "per_step"
         self._pending: list = []
         self.full: list[Tensor | None] = []
         self.views: list[list[tuple[Tensor, Tensor]]] = []
@@ -88,7 +90,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 self.views.append([(p, full[offset : offset + p.numel()]) for p, offset in zip(tensors, offsets)])
             for p, offset in zip(tensors, offsets):
                 self.handles.append(
-                    p.register_hook(self.samples.hook(p, self._make_sink(i, p, offset, part_size, group)))
+                    p.register_hook(
+                        self.samples.hook(p, self.tied.wrap(p, self._make_sink(i, p, offset, part_size, group)))
+                    )
                 )
 
     def _make_sink(self, i, p, offset, part_size, group):
@@ -135,7 +139,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
     def ensure_reduced(self):
         if self._reduced:
             return
-        self.samples.end_micro_batch()
+        self._deliver_samples()
         for work, _ in self._pending:
             work.wait()
         self._pending = []
