@@ -1,4 +1,4 @@
-"""ZeRO stage 3 (vrgd_ds/zero3.py): every step's update against the brute-force float64 reference
+"""ZeRO stage 3 (vrgd_ds/deepspeed_glue/zero3.py): every step's update against the brute-force float64 reference
 of VRGD.md, with the update matrix's own checks (tests/test_update_matrix.py: teacher-forced, per
 step and tensor, fp32 ≤ 1e-5 plus the fp32 weight-rounding floor, 16-bit within the matrix's
 tolerance; noise statistics against the formulas on the reference's samples) — or a refusal at
