@@ -163,7 +163,9 @@ class BenchConfig:
     accumulations: tuple = (1, 4)
     world: int = 2  # ranks (processes); on CUDA one GPU each
     device: str = "cpu"  # "cpu": gloo, timings and memory of the processes; "cuda": NCCL, GPU memory
-    stage: int = 2  # ZeRO stage (2 or 3)
+    stage: int = 2  # ZeRO stage (1, 2 or 3; 1 only as BF16_Optimizer)
+    # bf16 + ZeRO-1 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's path)
+    bf16_optimizer: bool = False
 
     def bert_config(self):
         from transformers import BertConfig
@@ -477,6 +479,8 @@ def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, worl
     }
     if precision == "bf16":
         out["bf16"] = {"enabled": True}
+    if cfg.bf16_optimizer:
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
     return out
 
 
@@ -738,6 +742,7 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
         "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
         "actual_strategy": moment_source(engine).strategy if variant.strategy else None,
+        "wrapper": type(engine.optimizer).__name__,  # DeepSpeed's optimizer wrapper (e.g. BF16_Optimizer)
         **{key: [] for key in TIMES + tuple("cpu_" + t for t in TIMES)},
         "transient_bytes": [],
     }
@@ -865,6 +870,7 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
             m["num_params"] = entry["num_params"]
             m["num_tensors"] = entry["num_tensors"]
             m["actual_strategy"] = entry.get("actual_strategy")
+            m["wrapper"] = entry.get("wrapper")
             m["profile"] = entry.get("profile")
             coll: dict[tuple, list] = {}
             for e in entries:
@@ -904,6 +910,7 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
                 "variant": variant.name,
                 "auto": variant.is_auto(block["gas"], stage),
                 "strategy": e["actual_strategy"],
+                "wrapper": e.get("wrapper"),
                 "samples": len(e["total"]),
                 "peak": e["peak_bytes"],
                 "held": e["held_bytes"],
@@ -950,7 +957,8 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     out = []
     out.append(
         f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
-        f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}, "
+        f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}"
+        + (" (BF16_Optimizer), " if cfg.bf16_optimizer else ", ")
         + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
         + f", {cfg.rounds} timed steps per variant (round-robin), "
         f'{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction "auto" picks.'
@@ -1166,6 +1174,11 @@ def main(argv=None) -> int:
         default=2,
         help='ZeRO stage (default 2; at 3, moment_reduction "auto" is per_micro_step)',
     )
+    parser.add_argument(
+        "--bf16-optimizer",
+        action="store_true",
+        help="bf16 + ZeRO-1 + fp32 gradient accumulation (DeepSpeed's BF16_Optimizer); implies --precisions bf16",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per variant (default: 6; quick: 2)")
     parser.add_argument("--precisions", default=None, help="comma list of fp32,bf16 (default: both)")
     parser.add_argument(
@@ -1204,6 +1217,10 @@ def main(argv=None) -> int:
         if world > torch.cuda.device_count():
             parser.error(f"--world-size {world}: only {torch.cuda.device_count()} GPU(s)")
     changes = {"world": world, "device": args.device, "stage": args.zero_stage}
+    if args.bf16_optimizer:
+        if args.precisions not in (None, "bf16"):
+            parser.error("--bf16-optimizer runs bf16 only; drop --precisions or use --precisions bf16")
+        changes.update(stage=1, bf16_optimizer=True, precisions=("bf16",))
     if args.micro_batch is not None:
         changes["micro_batch"] = args.micro_batch
     if args.rounds is not None:
