@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from vrgd_ds.comm import pairwise_reduce_scatter
+from vrgd_ds.comm import owners_of, pairwise_reduce_scatter, reduce_squares_to_owners
 
 
 def reduce_scatter_case(rank: int, world: int, sizes: list[int]):
@@ -33,3 +33,32 @@ def reduce_scatter_case(rank: int, world: int, sizes: list[int]):
     except ValueError as exc:
         out.append(str(exc))
     return out
+
+
+def _grads(rank: int, sizes: list[int]) -> list:
+    gen = torch.Generator().manual_seed(1000 + rank)
+    return [torch.randn(n, generator=gen) for n in sizes]
+
+
+def owners_case(rank: int, world: int, sizes: list[int]):
+    """Tensors of ``sizes`` in one flat group (padded to a multiple of ``world``), each rank with
+    its own random gradients: every tensor's g² reduced onto the owning partitions, as ZeRO 1/2's
+    per_micro_step hooks do, by each transport. Returns {transport: this rank's partition} and
+    the expected partition (Σ over ranks of g²)."""
+    part = -(-sum(sizes) // world)
+    got = {}
+    for pairwise in (True, False):
+        partition = torch.zeros(part)
+        pending, offset = [], 0
+        for tag, g in enumerate(_grads(rank, sizes)):
+            owners = owners_of(offset, g.numel(), part)
+            pending = reduce_squares_to_owners(
+                g, owners, partition, rank, list(range(world)), None, pairwise, tag, pending
+            )
+            offset += g.numel()
+        for work, _ in pending:
+            work.wait()
+        got["point_to_point" if pairwise else "reduce"] = partition
+    total = sum(torch.cat(_grads(q, sizes)) ** 2 for q in range(world))
+    total = torch.cat([total, torch.zeros(part * world - total.numel())])
+    return got, total[rank * part : (rank + 1) * part]

@@ -22,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "all_reduce_sum",
     "all_reduce_sum_sharded",
+    "owners_of",
     "pairwise_reduce_scatter",
     "reduce_scatter_rows",
     "reduce_squares_to_owners",
@@ -140,6 +141,18 @@ def all_reduce_sum_sharded(group, world: int, tp_group, tp_world: int, sharded: 
         rows.index_copy_(1, index, part)
 
     return complete
+
+
+def owners_of(offset: int, numel: int, part_size: int) -> list[tuple[int, int, int, int]]:
+    """Which ranks own the elements of a tensor at ``offset`` (``numel`` elements) in a flat group
+    split into partitions of ``part_size`` (rank r owns [r·part_size, (r+1)·part_size)):
+    ``(owner, a, b, offset in the owner's partition)`` for elements [a, b) of the tensor, in rank
+    order — the ``owners`` of :func:`reduce_squares_to_owners`."""
+    out = []
+    for owner in range(offset // part_size, (offset + numel - 1) // part_size + 1):
+        lo, hi = max(offset, owner * part_size), min(offset + numel, (owner + 1) * part_size)
+        out.append((owner, lo - offset, hi - offset, lo - owner * part_size))
+    return out
 
 
 def reduce_squares_to_owners(

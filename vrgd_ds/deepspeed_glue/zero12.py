@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..comm import pairwise_reduce_scatter, reduce_squares_to_owners
+from ..comm import owners_of, pairwise_reduce_scatter, reduce_squares_to_owners
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
 from .source import DeepSpeedMomentSource, wrap_method
@@ -111,10 +111,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             return add_sample
 
         # per_micro_step: reduce g² of this parameter to the rank(s) owning its elements.
-        owners = []
-        for owner in range(offset // part_size, (offset + numel - 1) // part_size + 1):
-            lo, hi = max(offset, owner * part_size), min(offset + numel, (owner + 1) * part_size)
-            owners.append((owner, lo - offset, hi - offset, lo - owner * part_size))
+        owners = owners_of(offset, numel, part_size)
         partition = self.partitions[i]
         global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
         tag = len(self.handles)  # this hook's index: the same on every rank
