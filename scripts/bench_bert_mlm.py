@@ -16,7 +16,8 @@ configs this script writes from configs/tiny_cpu_phase1.json into each run's fol
      batch's grid; the best = lowest held-out loss at the end (equal samples seen).
   3. seeds: the other seeds at each optimizer x batch's best LR.
 
-    # the study of docs/results_bert_mlm.md (runs/ is git-ignored; a restart reuses finished runs)
+    # the study of docs/results_bert_mlm.md (~85 min on one shared core; runs/ is git-ignored; a
+    # restart reuses finished runs; the page used --code-ref 26ded7f)
     OMP_NUM_THREADS=1 nohup nice -n 10 python scripts/bench_bert_mlm.py --out runs/bert_mlm14 \\
         --code-ref HEAD --json docs/results_bert_mlm.json --report runs/bert_mlm14/report.md \\
         --plot docs/results_bert_mlm.png > runs/bert_mlm14.log 2>&1 &
@@ -90,8 +91,8 @@ class Settings:
     samples: int = 32768
     evals: int = 4
     eval_samples: int = 256
-    lrs_small: tuple[float, ...] = (0.0025, 0.005, 0.01)
-    lrs_large: tuple[float, ...] = (0.01, 0.02, 0.04)
+    lrs_small: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02)
+    lrs_large: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.04)
     seeds: tuple[int, ...] = (0, 1, 2)
     warmup_share: float = 0.1
     vocab_size: int | None = None  # None: pretrain_bert's default for tiny
@@ -514,14 +515,14 @@ def summarize(s: Settings, warm: dict, tuning: list[dict], results: dict[str, di
                     "samples_per_s": benchlib.summary([r["samples_per_s"] for r in rs]),
                 }
             )
+            # Per seed: the held-out masks depend on the seed, so only the first seed's curve
+            # shares its starting point (the warm start's last evaluation, seed 0's masks).
             curves[f"{opt}@{b}"] = {
-                "steps": sorted(int(k) for k in rs[0]["eval_loss"]),
-                "eval_loss": [
-                    statistics.fmean(r["eval_loss"][k] for r in rs)
-                    for k in sorted(rs[0]["eval_loss"], key=int)
-                    if all(k in r["eval_loss"] for r in rs)
-                ],
                 "batch": b,
+                "steps": sorted(int(k) for k in rs[0]["eval_loss"]),
+                "eval_loss_by_seed": {
+                    str(r["seed"]): [r["eval_loss"][k] for k in sorted(r["eval_loss"], key=int)] for r in rs
+                },
             }
             paired_key = f"{opt}@{b}"
             paired[paired_key] = rs
@@ -547,11 +548,19 @@ def summarize(s: Settings, warm: dict, tuning: list[dict], results: dict[str, di
             ),
         }
     b_crit = warm["b_simple_end"]
-    small_b = {seed_r["name"]: seed_r["b_simple_ema"] for seed_r in paired[f"LAMB@{s.small}"] if seed_r["b_simple_ema"]}
+    # LAMB runs ("vr": false) collect no statistics; VR-LAMB's are the same estimator on its own trajectory.
+    along = {
+        f"VR-LAMB@{b}": {str(r["seed"]): r["b_simple_ema"] for r in paired[f"VR-LAMB@{b}"] if r["b_simple_ema"]}
+        for b in (s.small, s.large)
+    }
+    small_end = [series[max(series, key=int)] for series in along[f"VR-LAMB@{s.small}"].values()]
+    small_all = [v for series in along[f"VR-LAMB@{s.small}"].values() for v in series.values()]
     return {
         "b_simple_at_start": b_crit,
         "batch_over_b_simple": {"small": s.small / b_crit, "large": s.large / b_crit} if b_crit else None,
-        "b_simple_small_batch_lamb": small_b,
+        "b_simple_along_continuations": along,
+        "b_simple_small_batch_end": benchlib.summary(small_end),
+        "b_simple_small_batch_range": [min(small_all), max(small_all)] if small_all else None,
         "tuning": [
             {
                 "optimizer": r["optimizer"],
@@ -624,6 +633,15 @@ def report(data: dict) -> str:
             f"{r['small']:.2f} × B_simple, the large batch {s['large']} is {r['large']:.1f} × B_simple.",
             "",
         ]
+    if summ.get("b_simple_small_batch_range"):
+        lo, hi = summ["b_simple_small_batch_range"]
+        lines += [
+            f'Along the VR-LAMB continuations at batch {s["small"]} (LAMB with `"vr": false` collects no '
+            f"statistics) B_simple (EMA) stayed between {lo:.0f} and {hi:.0f} sequences, ending at "
+            f"{fmt(summ['b_simple_small_batch_end'], 0)} (mean ± std over seeds): the large batch stayed "
+            f"{s['large'] / hi:.1f}–{s['large'] / lo:.1f} × B_simple.",
+            "",
+        ]
     lines += [
         f"### LR tuning (seed {s['seeds'][0]}, {s['samples']} samples, final held-out loss / accuracy)",
         "",
@@ -682,31 +700,42 @@ def plot(data: dict, path: Path) -> None:
     ema = warm["b_simple_ema"]
     steps = sorted(ema, key=int)
     ax = axes[0]
-    ax.plot([int(k) for k in steps], [ema[k] for k in steps], color="k", label="B_simple (EMA), warm start")
+    warm_samples = s["warm_steps"] * s["warm_batch"]
+    ax.plot([int(k) * s["warm_batch"] for k in steps], [ema[k] for k in steps], color="k", label="warm start (LAMB)")
+    series = summ.get("b_simple_along_continuations", {}).get(f"VR-LAMB@{s['small']}", {})
+    for i, (_seed, curve) in enumerate(sorted(series.items())):
+        ks = sorted(curve, key=int)
+        ax.plot(
+            [warm_samples + int(k) * s["small"] for k in ks],
+            [curve[k] for k in ks],
+            color="tab:purple",
+            alpha=0.7,
+            label=f"continuation, VR-LAMB at batch {s['small']}" if i == 0 else None,
+        )
     for name, color in (("small", "tab:blue"), ("large", "tab:red")):
         ax.axhline(s[name], color=color, ls="--", label=f"{name} batch {s[name]}")
     ax.set_yscale("log")
-    ax.set_xlabel(f"warm-start step (batch {s['warm_batch']})")
+    ax.set_xlabel("samples seen since initialization")
     ax.set_ylabel("sequences")
-    ax.set_title("critical batch B_simple")
+    ax.set_title("critical batch B_simple (EMA)")
     ax.legend(fontsize=8)
-    start = summ["start"]["eval_loss"]
+    start, seed = summ["start"]["eval_loss"], str(s["seeds"][0])
     styles = {"LAMB": "-", "VR-LAMB": "--"}
     for key, curve in summ["curves"].items():
         opt, batch = key.split("@")
         color = "tab:blue" if int(batch) == s["small"] else "tab:red"
-        xs = [0] + curve["steps"][: len(curve["eval_loss"])]
-        ys = [start] + curve["eval_loss"]
+        xs = [0] + curve["steps"]
+        ys = [start] + curve["eval_loss_by_seed"][seed]
         label = f"{opt}, batch {batch}, LR {summ['best_lr'][key]:g}"
         axes[1].plot([x * int(batch) for x in xs], ys, styles[opt], color=color, label=label, marker=".")
         axes[2].plot(xs, ys, styles[opt], color=color, label=label, marker=".")
     axes[1].set_xlabel("samples seen after the warm start")
-    axes[1].set_title("held-out MLM loss at equal samples")
+    axes[1].set_title(f"held-out MLM loss at equal samples (seed {seed})")
     axes[2].set_xscale("symlog", linthresh=1)
     axes[2].set_xlabel("steps after the warm start")
-    axes[2].set_title("held-out MLM loss at equal steps")
+    axes[2].set_title(f"held-out MLM loss at equal steps (seed {seed})")
     for ax in axes[1:]:
-        ax.set_ylabel("held-out loss (mean over seeds)")
+        ax.set_ylabel("held-out MLM loss")
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
