@@ -11,7 +11,8 @@
 #      size (24 layers, hidden 1024, 335M parameters), seq 128, micro-batch 32, bf16, gradient
 #      accumulation 16, on GPU_CHECK_BENCH_WORLD GPUs (default 1: k = 16 samples per step);
 #      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW; ZeRO-2, then ZeRO-3
-#      (GPU_CHECK_ZERO3=0 skips it).
+#      (GPU_CHECK_ZERO3=0 skips it), then BF16_Optimizer (bf16 + ZeRO-1 + fp32 accumulation;
+#      GPU_CHECK_BF16_OPTIMIZER=0 skips it).
 #   3. GPU tests: tests/test_cuda.py -- each VR optimizer on the GPU vs the CPU (plain PyTorch), and
 #      the DeepSpeed update matrix (every ZeRO stage 0-2 x fp32/bf16/fp16 x clipping x optimizer,
 #      and the special cases) against the float64 reference through the CUDA accelerator: with
@@ -30,6 +31,7 @@
 #   GPU_CHECK_BENCH_ARGS      extra arguments for bench_overhead.py (e.g. "--rounds 3 --micro-batch 64") []
 #   GPU_CHECK_BENCH_TIMEOUT   seconds, each of the two runs [900]
 #   GPU_CHECK_ZERO3           1 | 0: the ZeRO-3 benchmark too [1]
+#   GPU_CHECK_BF16_OPTIMIZER  1 | 0: the BF16_Optimizer benchmark too [1]
 #   GPU_CHECK_GPU_TESTS_TIMEOUT   seconds [900]
 #   GPU_CHECK_CPU_SUITE       1 | 0 [1]
 #   GPU_CHECK_CPU_SUITE_TIMEOUT   seconds [1800]
@@ -99,18 +101,19 @@ fi
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 CORES=$(nproc 2>/dev/null || echo 2)
 
-# ---- 2. BERT-large overhead, ZeRO-2 and ZeRO-3 ------------------------------------------------
+# ---- 2. BERT-large overhead, ZeRO-2, ZeRO-3 and BF16_Optimizer ---------------------------------
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SIZE="${GPU_CHECK_BENCH_SIZE:-large}"
-# bench NAME STAGE: one bench_overhead.py run; its JSON/markdown/log under $OUT_DIR/NAME.*
+# bench NAME STAGE [ARGS...]: one bench_overhead.py run; its JSON/markdown/log under $OUT_DIR/NAME.*
 bench() {
     local name=$1 stage=$2 t s
-    echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE --zero-stage $stage ${GPU_CHECK_BENCH_ARGS:-} (large: bf16, gas 16)"
+    shift 2
+    echo "== 2. bench_overhead.py --device $DEVICE --size $SIZE --zero-stage $stage $* ${GPU_CHECK_BENCH_ARGS:-} (large: bf16, gas 16)"
     t=$(limit "${GPU_CHECK_BENCH_TIMEOUT:-900}")
     # shellcheck disable=SC2086
     timeout "$t" "$PY" scripts/bench_overhead.py --device "$DEVICE" --size "$SIZE" --zero-stage "$stage" \
         --world-size "${GPU_CHECK_BENCH_WORLD:-1}" --timeout "$t" \
-        --json "$OUT_DIR/$name.json" --report "$OUT_DIR/$name.md" ${GPU_CHECK_BENCH_ARGS:-} \
+        --json "$OUT_DIR/$name.json" --report "$OUT_DIR/$name.md" "$@" ${GPU_CHECK_BENCH_ARGS:-} \
         >"$OUT_DIR/$name.log" 2>&1
     s=$?
     grep -E '^\[ *[0-9]+ s\]' "$OUT_DIR/$name.log" | tail -n 40
@@ -139,6 +142,11 @@ if [ "${GPU_CHECK_ZERO3:-1}" = 1 ]; then
     bench bench_large_zero3 3
 else
     record bench_large_zero3 "skipped (GPU_CHECK_ZERO3=0)"
+fi
+if [ "${GPU_CHECK_BF16_OPTIMIZER:-1}" = 1 ]; then
+    bench bench_large_bf16_optimizer 2 --bf16-optimizer  # bf16 + ZeRO-1 + fp32 accumulation
+else
+    record bench_large_bf16_optimizer "skipped (GPU_CHECK_BF16_OPTIMIZER=0)"
 fi
 
 # ---- 3. GPU tests -----------------------------------------------------------------------------
