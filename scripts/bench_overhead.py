@@ -596,7 +596,7 @@ def _profiler_file(shown: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)
-def _is_profiler_frame(event_name: str) -> bool:
+def is_profiler_frame(event_name: str) -> bool:
     """A Python frame of torch's profiler itself (torch/profiler/, torch/autograd/profiler*.py)."""
     match = _PY_FRAME.match(event_name)
     if not match:
@@ -613,7 +613,7 @@ def _is_profiler_frame(event_name: str) -> bool:
     )
 
 
-def _frame_owner(event_name: str) -> str | None:
+def frame_owner(event_name: str) -> str | None:
     """``"vrgd_ds/optimizer.py(123): step"`` (or ``deepspeed/...``) for a profiler Python frame
     ``"<path>.py(123): step"`` of vrgd_ds or DeepSpeed, else None."""
     match = _PY_FRAME.match(event_name)
@@ -637,7 +637,7 @@ def attribute_profile(prof, top: int = 40) -> dict:
     total = 0.0
     events = prof.events()
     # Only the training thread (DeepSpeed's step runs there; gloo waits are its own ops).
-    main_thread = next((e.thread for e in events if (_frame_owner(e.name) or "").startswith("deepspeed/")), None)
+    main_thread = next((e.thread for e in events if (frame_owner(e.name) or "").startswith("deepspeed/")), None)
     for event in events:
         if event.thread != main_thread:
             continue
@@ -646,12 +646,12 @@ def attribute_profile(prof, top: int = 40) -> dict:
         owner, first_frame, node = None, None, event
         while node is not None:
             name = node.name
-            if _is_profiler_frame(name):
+            if is_profiler_frame(name):
                 owner = "skip"
                 break
             if _PY_FRAME.match(name):
                 first_frame = first_frame or name
-                owner = _frame_owner(name)
+                owner = frame_owner(name)
                 if owner is not None:
                     break
             node = node.cpu_parent

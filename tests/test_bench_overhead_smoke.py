@@ -83,8 +83,8 @@ def test_frames_are_classified_by_package_not_by_path_substring(tmp_path):
     decoy.parent.mkdir(parents=True)
     decoy.write_text("")
     assert bench.package_of_file(str(decoy)) is None
-    assert bench._frame_owner(f"{decoy}(3): f") is None
-    assert bench._frame_owner(f"{vrgd_ds.optimizer.__file__}(7): step") == "vrgd_ds/optimizer.py(7): step"
+    assert bench.frame_owner(f"{decoy}(3): f") is None
+    assert bench.frame_owner(f"{vrgd_ds.optimizer.__file__}(7): step") == "vrgd_ds/optimizer.py(7): step"
     assert [
         bench.package_of_module(m)
         for m in (
@@ -98,11 +98,11 @@ def test_frames_are_classified_by_package_not_by_path_substring(tmp_path):
         )
     ] == ["vrgd_ds", "vrgd_ds", "deepspeed", None, None, None, None]
     # The profiler names frames relative to the sys.path entry it stripped.
-    assert bench._frame_owner("vrgd_ds/optimizer.py(7): step") == "vrgd_ds/optimizer.py(7): step"
-    assert bench._frame_owner("deepspeed/runtime/engine.py(9): step") == "deepspeed/runtime/engine.py(9): step"
-    assert bench._frame_owner("vrgd_ds/no_such_file.py(1): f") is None
-    assert bench._is_profiler_frame("torch/profiler/profiler.py(1118): __enter__")
-    assert not bench._is_profiler_frame("vrgd_ds/optimizer.py(7): step")
+    assert bench.frame_owner("vrgd_ds/optimizer.py(7): step") == "vrgd_ds/optimizer.py(7): step"
+    assert bench.frame_owner("deepspeed/runtime/engine.py(9): step") == "deepspeed/runtime/engine.py(9): step"
+    assert bench.frame_owner("vrgd_ds/no_such_file.py(1): f") is None
+    assert bench.is_profiler_frame("torch/profiler/profiler.py(1118): __enter__")
+    assert not bench.is_profiler_frame("vrgd_ds/optimizer.py(7): step")
 
 
 def test_profile_attribution_names_vrgd_ds_and_deepspeed_functions():
