@@ -58,14 +58,19 @@ class TensorParallel:
         return p.numel() * self.world if self.is_sharded(p) else p.numel()
 
 
-def tensor_model_parallel_size(mpu) -> int:
-    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
-    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
-    for getter in ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"):
+def _first_size(mpu, getters: tuple[str, ...]) -> int:
+    """What the first of ``getters`` the mpu has returns, else 1."""
+    for getter in getters:
         fn = getattr(mpu, getter, None)
         if fn is not None:
             return int(fn())
     return 1
+
+
+def tensor_model_parallel_size(mpu) -> int:
+    # Megatron's interface; DeepSpeed's PipelineParallelGrid counts pipeline stages in
+    # get_model_parallel_world_size, so the tensor-parallel getter comes first.
+    return _first_size(mpu, ("get_tensor_model_parallel_world_size", "get_model_parallel_world_size"))
 
 
 def tensor_parallel_of(engine) -> TensorParallel | None:
@@ -84,11 +89,7 @@ def _pipeline_stages(engine, mpu) -> int:
 
     if isinstance(engine, PipelineEngine):
         return int(engine.num_stages)
-    for getter in ("get_pipeline_model_parallel_world_size", "get_pipe_parallel_world_size"):
-        fn = getattr(mpu, getter, None)
-        if fn is not None:
-            return int(fn())
-    return 1
+    return _first_size(mpu, ("get_pipeline_model_parallel_world_size", "get_pipe_parallel_world_size"))
 
 
 def tensor_parallel_refusal(engine) -> str | None:
