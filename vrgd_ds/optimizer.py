@@ -83,13 +83,16 @@ def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | Non
     """One more step for the state, and for each of its tensors that got a gradient (``absent``
     marks those that did not, one bool per tensor of ``layout``; None: all did)."""
     state["step"] += 1
-    if absent is None or ("tensor_step" not in state and not bool(absent.any())):
+    steps = state.get("tensor_step")
+    if absent is None:
+        if steps is not None:
+            steps += 1
         return
-    if "tensor_step" not in state:
-        state["tensor_step"] = torch.full(
+    if steps is None:
+        steps = state["tensor_step"] = torch.full(
             (layout.num_tensors,), float(state["step"] - 1), dtype=torch.float32, device=absent.device
         )
-    state["tensor_step"] += (~absent).to(state["tensor_step"])
+    steps += (~absent).to(steps)
 
 
 class VROptimizer(Optimizer):
@@ -545,9 +548,10 @@ class VROptimizer(Optimizer):
             raw, layer_mean, absent = phase1
             if absent is not None and bool(absent.all()):
                 continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
-            advance_step_counts(state, layout, absent)
+            some_absent = absent is not None and bool(absent.any())  # one host sync per flat tensor
+            advance_step_counts(state, layout, absent if some_absent else None)
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
-            held = layout.hold(absent, p, state) if absent is not None and bool(absent.any()) else None
+            held = layout.hold(absent, p, state) if some_absent else None
             self._base_update(
                 p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout
             )
