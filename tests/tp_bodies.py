@@ -5,75 +5,16 @@ per optimizer step the fp32 master weights of this rank's shards before and afte
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from vrgd_ds.megatron_mpu import MegatronStyleMpu as TPMPU
+from vrgd_ds.megatron_mpu import reduce_from_tensor_parallel_region
 
 from .ds_bodies import MICRO_BATCH, SAMPLES_PER_STEP
 from .models import micro_batches
 
 STEPS = 3
 HIDDEN = 10  # fc1's output features, split over the tensor-parallel ranks
-
-
-class TPMPU:
-    """Megatron's mpu interface (the methods DeepSpeed 0.19.8 calls), Megatron's rank layout:
-    tensor-parallel groups of consecutive ranks, data-parallel groups strided by ``tp``."""
-
-    def __init__(self, tp: int):
-        world, rank = dist.get_world_size(), dist.get_rank()
-        assert world % tp == 0
-        self.tp, self.dp = tp, world // tp
-        self.rank = rank
-        self.tp_rank, self.dp_rank = rank % tp, rank // tp
-        # new_group is collective over the world: every rank creates every group, same order.
-        self.tp_ranks = [list(range(d * tp, (d + 1) * tp)) for d in range(self.dp)]
-        self.dp_ranks = [list(range(t, world, tp)) for t in range(tp)]
-        tp_groups = [dist.new_group(r) for r in self.tp_ranks]
-        dp_groups = [dist.new_group(r) for r in self.dp_ranks]
-        self.tp_group = tp_groups[self.dp_rank]
-        self.dp_group = dp_groups[self.tp_rank]
-
-    def get_tensor_model_parallel_world_size(self):
-        return self.tp
-
-    def get_tensor_model_parallel_rank(self):
-        return self.tp_rank
-
-    def get_tensor_model_parallel_group(self):
-        return self.tp_group
-
-    def get_tensor_model_parallel_src_rank(self):
-        return self.tp_ranks[self.dp_rank][0]
-
-    get_model_parallel_world_size = get_tensor_model_parallel_world_size
-    get_model_parallel_rank = get_tensor_model_parallel_rank
-    get_model_parallel_group = get_tensor_model_parallel_group
-
-    def get_data_parallel_world_size(self):
-        return self.dp
-
-    def get_data_parallel_rank(self):
-        return self.dp_rank
-
-    def get_data_parallel_group(self):
-        return self.dp_group
-
-    def get_data_parallel_group_ranks(self):
-        return list(self.dp_ranks[self.tp_rank])
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """Megatron's reduce_from_tensor_model_parallel_region: all-reduce forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
 
 
 class TPNet(nn.Module):
@@ -108,7 +49,7 @@ class TPNet(nn.Module):
         hidden = torch.tanh(nn.functional.linear(x, self.fc1_weight, self.fc1_bias))
         out = nn.functional.linear(hidden, self.fc2_weight)
         if self.tp > 1:
-            out = _ReduceFromTP.apply(out, self.group)
+            out = reduce_from_tensor_parallel_region(out, self.group)
         return self.norm(out + self.fc2_bias)
 
 
