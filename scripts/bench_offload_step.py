@@ -8,6 +8,10 @@ engine in turn and times ``engine.step()`` at the boundary, which under offload 
 CPU step (unscale/clip, the optimizer's step on the host partition, copy back to the 16/32-bit
 parameters) — so the ratios compare what a user waits for, measured in the same run.
 
+Inside the same steps it also times the *host step* alone (``host_step_ms``): the basic optimizer's
+``step()`` plus, for the VR optimizers, the moment source's ``prepare`` (r and the noise
+statistics' sums, formed just before DeepSpeed unscales the partition) — the part vrgd_ds owns.
+
     OMP_NUM_THREADS=2 python scripts/bench_offload_step.py --params 8e6 --rounds 10 --json runs/offload_step.json
     python scripts/bench_offload_step.py --quick --json /tmp/offload.json     # smoke run, not evidence
 """
@@ -74,6 +78,31 @@ def _micro_steps(engine, width: int, gen: torch.Generator) -> None:
     assert engine.is_gradient_accumulation_boundary()
 
 
+def _timed(obj, method: str, sink: list[float]) -> None:
+    """Replace ``obj.method`` by a wrapper that adds each call's seconds to ``sink[-1]``."""
+    inner = getattr(obj, method)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            sink[-1] += time.perf_counter() - t0
+
+    setattr(obj, method, timed)
+
+
+def _time_host_step(engine, sink: list[float]) -> None:
+    """Time the host step of ``engine`` into ``sink``: its basic optimizer's ``step`` and, for a
+    VR optimizer, its moment source's ``prepare`` (both instance attributes, looked up per call)."""
+    import vrgd_ds
+
+    _timed(engine.basic_optimizer, "step", sink)
+    vr = vrgd_ds.find_vr_optimizer(engine)
+    if vr is not None and vr.moment_source is not None and hasattr(vr.moment_source, "prepare"):
+        _timed(vr.moment_source, "prepare", sink)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=8e6, help="model size (elements)")
@@ -111,21 +140,32 @@ def main(argv=None) -> dict:
     basic = {name: type(e.basic_optimizer).__name__ for name, e in engines.items()}
     gen = torch.Generator().manual_seed(1)
     times: dict[str, list[float]] = {name: [] for name in engines}
+    host: dict[str, list[float]] = {name: [] for name in engines}
+    for name, engine in engines.items():
+        _time_host_step(engine, host[name])
     for rnd in range(args.warmup + args.rounds):
         for name, engine in engines.items():  # interleaved: the machine's noise hits all alike
+            host[name].append(0.0)
             _micro_steps(engine, args.width, gen)
+            host[name][-1] = 0.0  # only the boundary step's host work counts
             t0 = time.perf_counter()
             engine.step()
             if rnd >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
+            else:
+                host[name].pop()
     numel = sum(p.numel() for p in next(iter(engines.values())).module.parameters())
     base = benchlib.median(times[baseline])
+    host_base = benchlib.median(host[baseline])
     results = {
         name: {
             "inner_optimizer": basic[name],
             "step_ms": benchlib.summary([t * 1e3 for t in ts]),
             "median_ms": benchlib.median(ts) * 1e3,
             "ratio_to_baseline": benchlib.median(ts) / base,
+            "host_step_ms": benchlib.summary([t * 1e3 for t in host[name]]),
+            "host_median_ms": benchlib.median(host[name]) * 1e3,
+            "host_ratio_to_baseline": benchlib.median(host[name]) / host_base,
         }
         for name, ts in times.items()
     }
@@ -141,7 +181,10 @@ def main(argv=None) -> dict:
     benchlib.write_json(args.json, payload)
     for name, r in results.items():
         ratio = r["ratio_to_baseline"]
-        print(f"{name:18s} {r['inner_optimizer']:18s} step {r['median_ms']:9.1f} ms   x{ratio:.2f} {baseline}")
+        print(
+            f"{name:18s} {r['inner_optimizer']:18s} step {r['median_ms']:9.1f} ms   x{ratio:.2f} {baseline}   "
+            f"host step {r['host_median_ms']:9.1f} ms   x{r['host_ratio_to_baseline']:.2f}"
+        )
     os.unlink(store.name)
     return payload
 
