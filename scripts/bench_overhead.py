@@ -770,17 +770,8 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
     COUNTER.install()  # before deepspeed.initialize creates DeepSpeed's comm backend
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     cfg = BenchConfig(**cfg_dict)
-    DEVICE = cfg.device
-    if DEVICE == "cuda":  # run_ranks(init="none"): NCCL over the harness's file store, one GPU per rank
-        torch.cuda.set_device(rank)
-        dist.init_process_group(
-            "nccl",
-            store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
-            rank=rank,
-            world_size=world,
-            device_id=torch.device("cuda", rank),
-        )
-    else:
+    DEVICE = cfg.device  # on CUDA run_ranks(backend="nccl") made GPU `rank` this rank's device
+    if DEVICE == "cpu":
         torch.set_num_threads(1)
     t_start = time.perf_counter()
 
@@ -1256,7 +1247,8 @@ def main(argv=None) -> int:
         args.bf16_matmul,
         args.profile,
         timeout=timeout,
-        init="torch" if cfg.device == "cpu" else "none",
+        init="torch",
+        backend="gloo" if cfg.device == "cpu" else "nccl",
         # CPU: 1 thread per rank (2 ranks share 2 busy cores); GPU: the host-side work
         # (model construction, DeepSpeed's bookkeeping) may use a few cores.
         env=None

@@ -104,20 +104,8 @@ def _run_case_on_gpu(case: dict, rank: int, world: int) -> dict:
 
 
 def _gpu_matrix(rank: int, world: int, cases: list[dict]) -> dict:
-    import torch.distributed as dist
-
+    """One rank on GPU ``rank`` (run_ranks(backend="nccl") set it and DeepSpeed's NCCL backend up)."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl",
-        store=dist.FileStore(os.environ["MULTIPROC_STORE_FILE"], world),
-        rank=rank,
-        world_size=world,
-        device_id=torch.device("cuda", rank),
-    )
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl", verbose=False)
     return {case["name"]: _run_case_on_gpu(case, rank, world) for case in cases}
 
 
@@ -126,7 +114,7 @@ GPU_WORLD = min(2, torch.cuda.device_count()) if CUDA else 1
 
 @pytest.fixture(scope="module")
 def gpu_matrix():
-    results = run_ranks(_gpu_matrix, GPU_WORLD, matrix_tests.CASES, timeout=1200, init="none")
+    results = run_ranks(_gpu_matrix, GPU_WORLD, matrix_tests.CASES, timeout=1200, init="deepspeed", backend="nccl")
     return results if GPU_WORLD > 1 else results * 2  # the CPU test compares rank 0 with rank 1
 
 

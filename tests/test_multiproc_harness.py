@@ -146,6 +146,15 @@ def test_rejects_functions_spawn_cannot_pickle():
         run_ranks(_sleep_on_rank1, WORLD_SIZE, init="mpi")
 
 
+def test_backend_is_checked_before_any_rank_starts():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run_ranks(_sleep_on_rank1, WORLD_SIZE, backend="mpi")
+    # NCCL: one GPU per rank (GPU number = LOCAL_RANK); more ranks than GPUs is refused at once.
+    too_many = torch.cuda.device_count() + 1
+    with pytest.raises(ValueError, match=rf"one GPU per rank: {too_many} ranks"):
+        run_ranks(_sleep_on_rank1, too_many, backend="nccl", timeout=5)
+
+
 def test_free_port_is_bindable():
     import socket
 

@@ -1,5 +1,5 @@
 """Run one function on N ranks, each a separate CPU process talking over gloo (the tests'
-multi-rank harness; benchmarks use it too).
+multi-rank harness; benchmarks use it too), or one process per GPU talking over NCCL.
 
 Modelled on PyTorch's ``MultiProcessTestCase`` (torch/testing/_internal/common_distributed.py)
 and DeepSpeed's ``DistributedTest``, cut down to a single function::
@@ -23,14 +23,19 @@ What each rank gets
     DeepSpeed's accelerator choice) see them. ``MULTIPROC_STORE_FILE`` names this call's
     rendezvous file, for bodies that set up the process group themselves (``init="none"``).
 
-Rendezvous (``init=``)
-    ``"torch"`` (default): ``dist.init_process_group("gloo", store=FileStore(file, world_size))``.
+Rendezvous (``init=``) and backend (``backend=``)
+    ``"torch"`` (default): ``dist.init_process_group(backend, store=FileStore(file, world_size))``.
     A file store has no port to race for; ``MASTER_PORT`` is only there for code that reads the
     environment.
-    ``"deepspeed"``: ``deepspeed.init_distributed(dist_backend="gloo",
+    ``"deepspeed"``: ``deepspeed.init_distributed(dist_backend=backend,
     init_method="file://<file>", rank=, world_size=)``: DeepSpeed's own path (its ``cdb``
     backend object is set up, as ``deepspeed.initialize`` would do it), same file rendezvous.
     ``"none"``: the body does it all (and may use ``env://`` or ``MULTIPROC_STORE_FILE``).
+    ``backend="gloo"`` (default): CPU processes. ``backend="nccl"``: one GPU per rank, the GPU
+    numbered ``LOCAL_RANK`` (= rank: one node), made the rank's current device
+    (``torch.cuda.set_device``) before the process group is set up, whatever ``init``; with
+    ``init="torch"`` the group is bound to it (``device_id``), as DeepSpeed binds it with
+    ``init="deepspeed"``. ``run_ranks`` refuses more ranks than visible GPUs.
     The process group's own timeout is the harness timeout plus a margin, so a stuck collective
     shows up as the harness's timeout (with stacks), not as a gloo error on the waiting rank.
     Whatever the mode, a rank that returns normally ends with ``dist.barrier()`` and
@@ -67,8 +72,8 @@ Constraints
     * ``fn`` (and everything in ``args``/``kwargs``) must be picklable: a module-level function
       of an importable module, not a lambda, closure or nested function. The child imports
       ``fn``'s module, so keep heavy work out of module import.
-    * ``timeout``, ``env``, ``init`` and ``build_shm_op`` are run_ranks's own keywords and are
-      never passed on to ``fn``.
+    * ``timeout``, ``env``, ``init``, ``backend`` and ``build_shm_op`` are run_ranks's own keywords
+      and are never passed on to ``fn``.
     * Start-up costs about 2 s per call (interpreter + ``import torch`` per rank, in parallel),
       ~0.5 s more when the body imports deepspeed. Budget ~5 s for a trivial 2-rank call on a
       2-core machine.
@@ -94,6 +99,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch.multiprocessing as mp
 
 INIT_MODES = ("torch", "deepspeed", "none")
+BACKENDS = ("gloo", "nccl")
 
 # Extra process-group timeout beyond the harness timeout: the harness must fire first.
 _PG_TIMEOUT_MARGIN_S = 60
@@ -123,6 +129,7 @@ def run_ranks(
     timeout: float = 120,
     env: Mapping[str, str] | None = None,
     init: str = "torch",
+    backend: str = "gloo",
     build_shm_op: bool = False,
     **kwargs: Any,
 ) -> list:
@@ -134,8 +141,16 @@ def run_ranks(
     """
     if init not in INIT_MODES:
         raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend == "nccl":
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if world_size > gpus:
+            raise ValueError(f'backend="nccl" runs one GPU per rank: {world_size} ranks, {gpus} GPU(s) visible')
     qualname = getattr(fn, "__qualname__", "")
     if "<" in qualname or "." in qualname:  # a lambda, a nested function or a method
         raise ValueError(f"fn must be a module-level function (spawn pickles it by name), got {fn!r}")
@@ -169,6 +184,7 @@ def run_ranks(
                     args,
                     kwargs,
                     init,
+                    backend,
                     build_shm_op,
                     store_file,
                     workdir,
@@ -317,7 +333,19 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
 
 
 def _rank_main(
-    fn, rank, world_size, args, kwargs, init, build_shm_op, store_file, workdir, timeout, parent_pid, results_queue
+    fn,
+    rank,
+    world_size,
+    args,
+    kwargs,
+    init,
+    backend,
+    build_shm_op,
+    store_file,
+    workdir,
+    timeout,
+    parent_pid,
+    results_queue,
 ) -> None:
     faulthandler.enable()  # segfaults and aborts print a Python stack to stderr
     stack_file = open(_stack_file(workdir, rank), "w")  # noqa: SIM115 - lives as long as we do
@@ -330,19 +358,27 @@ def _rank_main(
         if not build_shm_op:
             _disable_deepspeed_shm_build()
         pg_timeout = timedelta(seconds=timeout + _PG_TIMEOUT_MARGIN_S)
+        device = {}
+        if backend == "nccl":
+            import torch
+
+            local_rank = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local_rank)
+            device = {"device_id": torch.device("cuda", local_rank)}
         if init == "torch":
             dist.init_process_group(
-                "gloo",
+                backend,
                 store=dist.FileStore(store_file, world_size),
                 rank=rank,
                 world_size=world_size,
                 timeout=pg_timeout,
+                **device,
             )
         elif init == "deepspeed":
             import deepspeed
 
             deepspeed.init_distributed(
-                dist_backend="gloo",
+                dist_backend=backend,
                 init_method=f"file://{store_file}",
                 rank=rank,
                 world_size=world_size,
