@@ -12,6 +12,17 @@ gradient accumulation 1 and 4. One run measures everything:
 The script spawns its 2 ranks itself (vrgd_ds/multiproc.py's ``run_ranks``: spawned processes, file
 rendezvous, OMP_NUM_THREADS=1, no JIT build of DeepSpeed's shm op).
 
+Tensor parallelism (``--tensor-parallel T``): every encoder layer's linear layers become Megatron's
+column-/row-parallel pairs over T consecutive ranks (query/key/value and the FFN's first layer split
+by output features, the attention output and the FFN's second layer by input features, an
+all-reduce after each row-parallel layer and of the gradient before each column-parallel one);
+embeddings, LayerNorms, the row-parallel biases and the MLM head stay whole on every rank. The
+mpu is ``vrgd_ds.megatron_mpu.MegatronStyleMpu(T)``; ZeRO's group is its data-parallel group. The
+tensor-parallel issue-12 numbers (fp32, ZeRO-2, TP2 × DP1 on 2 CPU ranks, gas 4):
+
+    python scripts/bench_overhead.py --tensor-parallel 2 --precisions fp32 --accumulations 4 \
+        --json docs/results_overhead_tp2_gas4.json
+
 On GPUs (scripts/gpu_check.sh; one GPU per rank, NCCL, native bf16 matrix products):
 
     # BERT-large, bf16, gas 16, ZeRO-2, micro-batch 32, on one GPU (k = 16 samples per step)
@@ -163,9 +174,17 @@ class BenchConfig:
     accumulations: tuple = (1, 4)
     world: int = 2  # ranks (processes); on CUDA one GPU each
     device: str = "cpu"  # "cpu": gloo, timings and memory of the processes; "cuda": NCCL, GPU memory
-    stage: int = 2  # ZeRO stage (1, 2 or 3; 1 only as BF16_Optimizer)
+    stage: int = 2  # ZeRO stage (1, 2 or 3)
     # bf16 + ZeRO-1 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer (Megatron-DeepSpeed's path)
     bf16_optimizer: bool = False
+    # Megatron-style tensor parallelism: shards per encoder linear layer (consecutive ranks), through
+    # a vrgd_ds.megatron_mpu.MegatronStyleMpu; world // tensor_parallel data-parallel replicas
+    tensor_parallel: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks (ZeRO's group; k = dp × gradient accumulation steps)."""
+        return self.world // self.tensor_parallel
 
     def bert_config(self):
         from transformers import BertConfig
@@ -345,6 +364,8 @@ class CollectiveCounter:
         # vrgd_ds frame does not make DeepSpeed's own all-gather a VR collective.
         frame = sys._getframe(2)
         while frame is not None:
+            if frame.f_code in _TP_CODES or frame.f_globals.get("__name__") == "vrgd_ds.megatron_mpu":
+                return TP_ORIGIN  # the model's tensor-parallel all-reduces, not VR's
             package = package_of_module(frame.f_globals.get("__name__"))
             if package == "vrgd_ds":
                 return f"vrgd_ds.{Path(frame.f_code.co_filename).stem}.{frame.f_code.co_name}"
@@ -465,10 +486,149 @@ def _bf16_matmul_in_fp32_mode():
     return Bf16MatmulInFp32
 
 
+# ---- tensor parallelism (Megatron-style, hand-written) --------------------------------------------
+TP_ORIGIN = "model (tensor parallel)"  # the collective counter's origin of the model's own all-reduces
+
+
+class _CopyToTensorParallelRegion(torch.autograd.Function):
+    """Megatron's ``copy_to_tensor_model_parallel_region``: identity forward, all-reduce of the
+    gradient backward (the input of column-parallel layers is whole on every rank, its gradient
+    partial)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+_TP_CODES = {_CopyToTensorParallelRegion.backward.__code__}
+
+
+def _mark_sharded(p: torch.Tensor, dim: int) -> None:
+    p.tensor_model_parallel = True  # what Megatron's layers set (DeepSpeed's is_model_parallel_parameter)
+    p.partition_dim = dim
+    p.partition_stride = 1
+
+
+class ColumnParallelLinear(torch.nn.Module):
+    """This rank's rows (output features) of ``linear``; ``copy_input``: all-reduce the input's
+    gradient here (False where the caller does it once for several layers, as for query/key/value)."""
+
+    def __init__(self, linear: torch.nn.Linear, tp: int, tp_rank: int, group, copy_input: bool = True):
+        super().__init__()
+        rows = slice(tp_rank * linear.out_features // tp, (tp_rank + 1) * linear.out_features // tp)
+        self.weight = torch.nn.Parameter(linear.weight.detach()[rows].clone())
+        self.bias = torch.nn.Parameter(linear.bias.detach()[rows].clone())
+        _mark_sharded(self.weight, 0)
+        _mark_sharded(self.bias, 0)
+        self.group, self.copy_input = group, copy_input
+
+    def forward(self, x):
+        if self.copy_input:
+            x = _CopyToTensorParallelRegion.apply(x, self.group)
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(torch.nn.Module):
+    """This rank's columns (input features) of ``linear``; the partial outputs summed over the
+    tensor-parallel group, then the whole bias added (replicated, as in Megatron)."""
+
+    def __init__(self, linear: torch.nn.Linear, tp: int, tp_rank: int, group):
+        super().__init__()
+        cols = slice(tp_rank * linear.in_features // tp, (tp_rank + 1) * linear.in_features // tp)
+        self.weight = torch.nn.Parameter(linear.weight.detach()[:, cols].clone())
+        self.bias = torch.nn.Parameter(linear.bias.detach().clone())
+        _mark_sharded(self.weight, 1)
+        self.group = group
+
+    def forward(self, x):
+        from vrgd_ds.megatron_mpu import reduce_from_tensor_parallel_region
+
+        return reduce_from_tensor_parallel_region(torch.nn.functional.linear(x, self.weight), self.group) + self.bias
+
+
+def _copy_hidden_states_hook(group):
+    """Forward pre-hook of a BertSelfAttention: its input, shared by query, key and value, gets
+    one gradient all-reduce (Megatron's fused QKV layer has one)."""
+
+    def hook(module, args, kwargs):
+        if args:
+            return (_CopyToTensorParallelRegion.apply(args[0], group), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _CopyToTensorParallelRegion.apply(kwargs["hidden_states"], group)}
+
+    return hook
+
+
+def shard_for_tensor_parallel(model, tp: int, tp_rank: int, group):
+    """Megatron's tensor parallelism of a BertForMaskedLM's encoder, in place: per layer, query/key/
+    value and the FFN's first layer column-parallel (heads and FFN units split over the ranks),
+    the attention output and the FFN's second layer row-parallel. Parameter names are unchanged;
+    every rank must hold the same whole model before (same seed)."""
+    for layer in model.bert.encoder.layer:
+        attention = layer.attention.self
+        for name in ("query", "key", "value"):
+            setattr(attention, name, ColumnParallelLinear(getattr(attention, name), tp, tp_rank, group, False))
+        attention.num_attention_heads //= tp
+        attention.all_head_size //= tp
+        attention.register_forward_pre_hook(_copy_hidden_states_hook(group), with_kwargs=True)
+        layer.attention.output.dense = RowParallelLinear(layer.attention.output.dense, tp, tp_rank, group)
+        layer.intermediate.dense = ColumnParallelLinear(layer.intermediate.dense, tp, tp_rank, group)
+        layer.output.dense = RowParallelLinear(layer.output.dense, tp, tp_rank, group)
+    return model
+
+
+def build_model(cfg: BenchConfig, mpu=None):
+    """The benchmark's BertForMaskedLM (seed 0, the same on every rank), sharded over ``mpu``'s
+    tensor-parallel group when given."""
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(cfg.bert_config())
+    if mpu is not None:
+        shard_for_tensor_parallel(model, mpu.tp, mpu.tp_rank, mpu.tp_group)
+    return model
+
+
+def whole_numel(p: torch.Tensor, tp: int) -> int:
+    return p.numel() * tp if getattr(p, "tensor_model_parallel", False) else p.numel()
+
+
+def check_tensor_parallel(cfg: BenchConfig, mpu, batch: dict) -> dict:
+    """The sharded model against the whole one (eval mode, fp32, one micro-batch): the loss, and
+    every parameter's gradient against the matching slice of the whole model's (the replicated
+    ones need the gradient all-reduces); the largest relative error over parameters."""
+    whole, sharded = build_model(cfg).to(DEVICE).eval(), build_model(cfg, mpu).to(DEVICE).eval()
+    losses = []
+    for model in (whole, sharded):
+        loss = model(**{k: v.to(DEVICE) for k, v in batch.items()}).loss
+        loss.backward()
+        losses.append(loss.item())
+    whole_params = dict(whole.named_parameters())
+    pairs = []
+    for name, p in sharded.named_parameters():
+        reference = whole_params[name].grad
+        if getattr(p, "tensor_model_parallel", False):
+            reference = reference.chunk(mpu.tp, dim=p.partition_dim)[mpu.tp_rank]
+        pairs.append((p.grad, reference))
+    # A key bias's gradient is 0 but for rounding (softmax ignores a shift of all scores): errors
+    # relative to at least 1e-3 of the largest gradient norm.
+    floor = 1e-3 * max(reference.norm().item() for _, reference in pairs)
+    grad_err = max((grad - reference).norm().item() / max(reference.norm().item(), floor) for grad, reference in pairs)
+    return {"loss_whole": losses[0], "loss_sharded": losses[1], "grad_max_rel_err": grad_err}
+
+
 # ---- one rank -----------------------------------------------------------------------------------
-def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int) -> dict:
+def ds_config(variant: Variant, precision: str, gas: int, cfg: BenchConfig, dp: int) -> dict:
     out = {
-        "train_batch_size": cfg.micro_batch * gas * world,
+        "train_batch_size": cfg.micro_batch * gas * dp,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": gas,
         "optimizer": json.loads(json.dumps(variant.optimizer)),
@@ -501,19 +661,18 @@ def make_batches(cfg: BenchConfig, rank: int, count: int, device="cpu") -> list[
     return out
 
 
-def build_engine(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int):
+def build_engine(variant: Variant, precision: str, gas: int, cfg: BenchConfig, dp: int, mpu=None):
+    """``dp``: data-parallel ranks; ``mpu``: a MegatronStyleMpu for tensor parallelism, else None."""
     import deepspeed
-    from transformers import BertForMaskedLM
 
     import vrgd_ds  # noqa: F401  (registers "VRLamb")
 
-    torch.manual_seed(0)
-    model = BertForMaskedLM(cfg.bert_config())
+    model = build_model(cfg, mpu)
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config(variant, precision, gas, cfg, world)
+        model=model, model_parameters=groups, config=ds_config(variant, precision, gas, cfg, dp), mpu=mpu
     )
     return engine
 
@@ -711,7 +870,7 @@ def vr_buffer_bytes(engine) -> dict[str, int]:
     return out
 
 
-def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConfig, world: int, batches, mode):
+def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConfig, mpu, batches, mode):
     """Build a variant's engine, warm it up, count one step's collectives; memory around all of it."""
     import torch.distributed as dist
 
@@ -719,7 +878,7 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
     dist.barrier()
     rss0 = mem_now()
     mem_reset_peak()
-    engine = build_engine(variant, precision, gas, cfg, world)
+    engine = build_engine(variant, precision, gas, cfg, cfg.dp, mpu)
     for _ in range(cfg.warmup):
         train_step(engine, batches, mode)
     dist.barrier()
@@ -738,8 +897,10 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
         "collectives": collectives,
         "tcp_bytes": None if tcp0 is None else tcp1 - tcp0,
         "vr_buffers": vr_buffer_bytes(engine),
-        # ZeRO-3 leaves an empty tensor in p; ds_numel is the parameter's full size.
+        # ZeRO-3 leaves an empty tensor in p; ds_numel is the parameter's full size. With tensor
+        # parallelism: this rank's shards and the replicated tensors (num_params_whole: the model's).
         "num_params": sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()),
+        "num_params_whole": sum(whole_numel(p, cfg.tensor_parallel) for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
         "actual_strategy": moment_source(engine).strategy if variant.strategy else None,
         "wrapper": type(engine.optimizer).__name__,  # DeepSpeed's optimizer wrapper (e.g. BF16_Optimizer)
@@ -780,14 +941,26 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
             print(f"[{time.perf_counter() - t_start:6.0f} s] {text}", flush=True)
 
     fp32_mode = _bf16_matmul_in_fp32_mode() if bf16_matmul == "fp32" and DEVICE == "cpu" else None
-    batches = make_batches(cfg, rank, max(cfg.accumulations), DEVICE)
+    mpu = None
+    if cfg.tensor_parallel > 1:
+        from vrgd_ds.megatron_mpu import MegatronStyleMpu
+
+        mpu = MegatronStyleMpu(cfg.tensor_parallel)
+    data_rank = rank if mpu is None else mpu.dp_rank  # a tensor-parallel group reads one batch
+    batches = make_batches(cfg, data_rank, max(cfg.accumulations), DEVICE)
     # Imports and first-call allocations must not count as the first variant's memory.
-    warm = build_engine(VARIANTS[2], "fp32", 1, QUICK, world)
-    train_step(warm, make_batches(QUICK, rank, 1, DEVICE), None)
+    quick = dataclasses.replace(QUICK, world=cfg.world, tensor_parallel=cfg.tensor_parallel)
+    warm_gas = 1 if cfg.dp > 1 else 2  # k >= 2
+    warm = build_engine(VARIANTS[2], "fp32", warm_gas, quick, cfg.dp, mpu)
+    train_step(warm, make_batches(quick, data_rank, warm_gas, DEVICE), None)
     warm.destroy()
     del warm
     say("imports and a throw-away engine done")
     results = {"blocks": [], "peak_resettable": mem_reset_peak()}
+    if mpu is not None:
+        results["tp_check"] = check_tensor_parallel(cfg, mpu, make_batches(cfg, data_rank, 1)[0])
+        say(f"tensor-parallel model against the whole one: {results['tp_check']}")
+        gc.collect()
 
     for precision in cfg.precisions:
         mode = fp32_mode if precision == "bf16" else None
@@ -796,9 +969,7 @@ def rank_body(rank: int, world: int, cfg_dict: dict, bf16_matmul: str, profile: 
             engines = {}
             for variant in variants():
                 t = time.perf_counter()
-                engines[variant.name], entry = build_and_measure(
-                    variant, precision, gas, cfg, world, batches[:gas], mode
-                )
+                engines[variant.name], entry = build_and_measure(variant, precision, gas, cfg, mpu, batches[:gas], mode)
                 block["variants"][variant.name] = entry
                 say(
                     f"[{precision} gas={gas}] {variant.name}: built, {cfg.warmup} warm-up + 1 counted step in "
@@ -859,6 +1030,7 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
             m["tcp_bytes"] = None if None in tcp else statistics.fmean(tcp)
             m["vr_buffers"] = {k: max(e["vr_buffers"].get(k, 0) for e in entries) for k in entry["vr_buffers"]}
             m["num_params"] = entry["num_params"]
+            m["num_params_whole"] = entry.get("num_params_whole", entry["num_params"])
             m["num_tensors"] = entry["num_tensors"]
             m["actual_strategy"] = entry.get("actual_strategy")
             m["wrapper"] = entry.get("wrapper")
@@ -883,9 +1055,9 @@ def _mib(b):
     return b / 2**20
 
 
-def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
-    """Medians, ratios to LAMB and VR's extra bytes per block and variant (extra / limit is NaN
-    for one rank, where nothing is sent)."""
+def summarize(blocks: list[dict], dp: int = 2, stage: int = 2) -> dict:
+    """Medians, ratios to LAMB and VR's extra bytes per block and variant. ``dp``: data-parallel
+    ranks, over which VR's reduction of Σg² runs (extra / limit is NaN for dp = 1: its limit is 0)."""
     rows = []
     for block in blocks:
         base = block["variants"][BASELINE]
@@ -893,7 +1065,7 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
         for variant in variants():
             e = block["variants"][variant.name]
             n = e["num_params"]
-            limit = 4 * n * (world - 1) / world
+            limit = 4 * n * (dp - 1) / dp
             ring = sum(c["ring"] for c in e["collectives"])
             row = {
                 "precision": block["precision"],
@@ -920,6 +1092,7 @@ def summarize(blocks: list[dict], world: int = 2, stage: int = 2) -> dict:
                 else ((e["tcp_bytes"] - base["tcp_bytes"]) / limit if limit else float("nan")),
                 "vr_ring": sum(c["ring"] for c in e["collectives"] if c["origin"].startswith("vrgd_ds")),
                 "num_params": n,
+                "num_params_whole": e.get("num_params_whole", n),
                 "collectives": e["collectives"],
                 "profile": e.get("profile"),
             }
@@ -948,13 +1121,29 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     out = []
     out.append(
         f"Model: BertForMaskedLM hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, seq {cfg.seq}, "
-        f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters; ZeRO-{cfg.stage}"
+        f"micro-batch {cfg.micro_batch}/rank; N = {rows[0]['num_params']:,} parameters"
+        + (
+            f" per rank ({rows[0]['num_params_whole']:,} in the model; encoder linear layers split over "
+            f"{cfg.tensor_parallel} tensor-parallel ranks)"
+            if cfg.tensor_parallel > 1
+            else ""
+        )
+        + f"; ZeRO-{cfg.stage}"
         + (" (BF16_Optimizer), " if cfg.bf16_optimizer else ", ")
         + (f"{cfg.world} CPU ranks (gloo)" if cfg.device == "cpu" else f"{cfg.world} GPU(s) (NCCL)")
+        + (f", TP{cfg.tensor_parallel} × DP{cfg.dp}" if cfg.tensor_parallel > 1 else "")
         + f", {cfg.rounds} timed steps per variant (round-robin), "
         f'{cfg.warmup} warm-up step(s) + 1 counted step. `*` = what moment_reduction "auto" picks.'
     )
     out.append("")
+    check = summary.get("tp_check")
+    if check:
+        out.append(
+            f"Tensor-parallel model against the whole one (fp32, eval, one micro-batch; worst rank): loss "
+            f"{check['loss_sharded']:.6f} vs {check['loss_whole']:.6f}, gradients' max relative error "
+            f"{check['grad_max_rel_err']:.1e}."
+        )
+        out.append("")
     for kind, prefix, who in (("wall clock", "", "slower rank"), ("CPU time", "cpu_", "mean of the ranks")):
         t, fb, o = (prefix + key for key in TIMES)
         out.append(
@@ -980,11 +1169,11 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
     out.append("")
     out.append(
         "| precision | gas | optimizer | peak (build + warm-up) | held | step transient | VR buffers "
-        "| VR buffers / (4N/w) |"
+        "| VR buffers / (4N/dp) |"
     )
     out.append("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        part = 4 * r["num_params"] / cfg.world
+        part = 4 * r["num_params"] / cfg.dp
         out.append(
             f"| {r['precision']} | {r['gas']} | {_label(r)} | {_mib(r['peak']):.1f} | {_mib(r['held']):.1f} "
             f"| {_mib(r['transient']):.1f} | {_mib(r['vr_buffer_total']):.1f} | {r['vr_buffer_total'] / part:.2f} |"
@@ -1000,7 +1189,10 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
             for k, v in r["vr_buffers"].items():
                 out.append(f"| {r['precision']} | {r['gas']} | {_label(r)} | {k} | {_mib(v):.2f} |")
         out.append("")
-    out.append("### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N, 4N(w-1)/w)")
+    out.append(
+        "### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N over the "
+        "data-parallel group, 4N(dp-1)/dp)"
+    )
     out.append("")
     out.append(
         "| precision | gas | optimizer | collectives | sent MiB | extra vs LAMB MiB | by vrgd_ds MiB "
@@ -1133,6 +1325,55 @@ def machine_text(bf16_matmul: str, cfg: BenchConfig | None = None) -> str:
     )
 
 
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BenchConfig:
+    """The BenchConfig the command line asks for (``parser.error`` on an impossible one)."""
+    cfg = QUICK if args.quick else SIZES[args.size]
+    world = args.world_size or (WORLD_SIZE if args.device == "cpu" else 1)
+    if world < 1:
+        parser.error("--world-size must be >= 1")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA device")
+        if world > torch.cuda.device_count():
+            parser.error(f"--world-size {world}: only {torch.cuda.device_count()} GPU(s)")
+    changes = {"world": world, "device": args.device, "stage": args.zero_stage}
+    if args.bf16_optimizer:
+        if args.precisions not in (None, "bf16"):
+            parser.error("--bf16-optimizer runs bf16 only; drop --precisions or use --precisions bf16")
+        changes.update(stage=1, bf16_optimizer=True, precisions=("bf16",))
+    if args.micro_batch is not None:
+        changes["micro_batch"] = args.micro_batch
+    if args.rounds is not None:
+        changes["rounds"] = args.rounds
+    if args.precisions:
+        changes["precisions"] = tuple(p.strip() for p in args.precisions.split(","))
+        bad = set(changes["precisions"]) - {"fp32", "bf16"}
+        if bad:
+            parser.error(f"unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
+    if args.accumulations:
+        changes["accumulations"] = tuple(int(a) for a in args.accumulations.split(","))
+        if any(a < 1 for a in changes["accumulations"]):
+            parser.error("accumulation steps must be >= 1")
+    tp = args.tensor_parallel
+    if tp < 1 or world % tp:
+        parser.error(f"--tensor-parallel {tp} must be >= 1 and divide the world size {world}")
+    if tp > 1:
+        if cfg.heads % tp or cfg.intermediate % tp:
+            parser.error(
+                f"--tensor-parallel {tp} must divide the attention heads ({cfg.heads}) and the FFN width "
+                f"({cfg.intermediate})"
+            )
+        changes["tensor_parallel"] = tp
+    cfg = dataclasses.replace(cfg, **changes)
+    if cfg.dp * min(cfg.accumulations) < 2:
+        parser.error(
+            f"VR needs k = data-parallel ranks x accumulation steps >= 2 gradient samples per step; "
+            f"{cfg.dp} data-parallel rank(s) with accumulation {min(cfg.accumulations)} gives k = "
+            f"{cfg.dp * min(cfg.accumulations)} (pass --accumulations)"
+        )
+    return cfg
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1161,9 +1402,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--zero-stage",
         type=int,
-        choices=(2, 3),
+        choices=(1, 2, 3),
         default=2,
         help='ZeRO stage (default 2; at 3, moment_reduction "auto" is per_micro_step)',
+    )
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="T",
+        help="Megatron-style tensor parallelism of the encoder's linear layers over T consecutive ranks "
+        "(default 1: none); world size / T data-parallel ranks. Precision and stage are passed through: "
+        "what vrgd_ds refuses with tensor parallelism fails at deepspeed.initialize",
     )
     parser.add_argument(
         "--bf16-optimizer",
@@ -1198,40 +1448,7 @@ def main(argv=None) -> int:
     if args.stats_cost:
         os.environ[STATS_COST_ENV] = "1"  # read by variants(), here and in the spawned ranks
 
-    cfg = QUICK if args.quick else SIZES[args.size]
-    world = args.world_size or (WORLD_SIZE if args.device == "cpu" else 1)
-    if world < 1:
-        parser.error("--world-size must be >= 1")
-    if args.device == "cuda":
-        if not torch.cuda.is_available():
-            parser.error("--device cuda: torch sees no CUDA device")
-        if world > torch.cuda.device_count():
-            parser.error(f"--world-size {world}: only {torch.cuda.device_count()} GPU(s)")
-    changes = {"world": world, "device": args.device, "stage": args.zero_stage}
-    if args.bf16_optimizer:
-        if args.precisions not in (None, "bf16"):
-            parser.error("--bf16-optimizer runs bf16 only; drop --precisions or use --precisions bf16")
-        changes.update(stage=1, bf16_optimizer=True, precisions=("bf16",))
-    if args.micro_batch is not None:
-        changes["micro_batch"] = args.micro_batch
-    if args.rounds is not None:
-        changes["rounds"] = args.rounds
-    if args.precisions:
-        changes["precisions"] = tuple(p.strip() for p in args.precisions.split(","))
-        bad = set(changes["precisions"]) - {"fp32", "bf16"}
-        if bad:
-            parser.error(f"unknown precision(s) {sorted(bad)}; use fp32 and/or bf16")
-    if args.accumulations:
-        changes["accumulations"] = tuple(int(a) for a in args.accumulations.split(","))
-        if any(a < 1 for a in changes["accumulations"]):
-            parser.error("accumulation steps must be >= 1")
-    cfg = dataclasses.replace(cfg, **changes)
-    if cfg.world * min(cfg.accumulations) < 2:
-        parser.error(
-            f"VR needs k = ranks x accumulation steps >= 2 gradient samples per step; world size "
-            f"{cfg.world} with accumulation {min(cfg.accumulations)} gives k = "
-            f"{cfg.world * min(cfg.accumulations)} (pass --accumulations)"
-        )
+    cfg = config_from_args(parser, args)
     if BASELINE not in {v.name for v in VARIANTS}:
         raise RuntimeError("the baseline variant is missing")
 
@@ -1257,7 +1474,10 @@ def main(argv=None) -> int:
     )
     wall = time.time() - start
     blocks = merge_ranks(per_rank)
-    summary = summarize(blocks, cfg.world, cfg.stage)
+    summary = summarize(blocks, cfg.dp, cfg.stage)
+    if cfg.tensor_parallel > 1:
+        # the worst rank's check
+        summary["tp_check"] = max((r["tp_check"] for r in per_rank), key=lambda c: c["grad_max_rel_err"])
     meta = {
         **benchlib.run_meta(
             machine_text(args.bf16_matmul, cfg), wall, argv, ("torch", "Python", "deepspeed"), code=version

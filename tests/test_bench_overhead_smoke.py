@@ -1,4 +1,5 @@
-"""Smoke test of scripts/bench_overhead.py --quick: tiny BERT, ZeRO-2 on 2 CPU ranks, 2 rounds.
+"""Smoke test of scripts/bench_overhead.py --quick: tiny BERT, ZeRO-2 on 2 CPU ranks, 2 rounds
+(and with --tensor-parallel 2).
 
 Checks, in the JSON the script writes (never its markdown), that every number of the time, memory
 and bytes tables is finite, that collectives were counted (ZeRO's own all-reduce/all-gather and
@@ -66,6 +67,48 @@ def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
             assert abs(row["extra_ratio"]) < 0.01
             vr_ops = {c["op"] for c in row["collectives"] if c["origin"].startswith("vrgd_ds")}
             assert vr_ops <= {"all_reduce"}, vr_ops
+
+
+@pytest.mark.timeout(300)
+def test_quick_tensor_parallel_run(tmp_path):
+    """--tensor-parallel 2 on 2 ranks (TP2 x DP1), ZeRO-2, fp32, gas 4: the sharded model is the
+    whole one (loss, every gradient), the model's own all-reduces are counted apart from VR's, and
+    VR's state per rank is what its buffers' design says for a data-parallel group of one."""
+    raw = tmp_path / "tp.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--tensor-parallel", "2", "--precisions", "fp32"]
+        + ["--accumulations", "4", "--json", str(raw)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(raw.read_text())
+    config, summary = result["config"], result["summary"]
+    assert config["tensor_parallel"] == 2 and config["world"] == 2 and config["stage"] == 2
+    check = summary["tp_check"]
+    assert check["loss_sharded"] == pytest.approx(check["loss_whole"], rel=1e-6)
+    assert check["grad_max_rel_err"] < 1e-5, check
+    rows = summary["rows"]
+    assert [r["variant"] for r in rows] == ["VRLamb per_step", "VRLamb per_micro_step", "LAMB", "AdamW"]
+    for row in rows:
+        assert row["gas"] == 4 and row["precision"] == "fp32"
+        for key in (*TIMES, *(t + "_ratio" for t in TIMES), "peak", "held", "ring"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        n = row["num_params"]
+        assert n < row["num_params_whole"]  # this rank's shards and the replicated tensors
+        # per layer and micro-batch: 2 row-parallel outputs forward, 2 column-parallel inputs backward
+        model = [c for c in row["collectives"] if c["origin"] == "model (tensor parallel)"]
+        assert [c["op"] for c in model] == ["all_reduce"] and model[0]["calls"] == 4 * config["layers"] * 4
+        # one data-parallel rank: nothing for VR's reduction to send, its limit 0
+        assert row["limit"] == 0 and math.isnan(row["extra_ratio"])
+        assert abs(row["extra_ring"]) < 1e-3 * 4 * n  # VR: per-tensor sums over the tensor-parallel group only
+        expected = {"VRLamb per_step": 3 * 4 * n, "VRLamb per_micro_step": 2 * 4 * n}.get(row["variant"], 0)
+        assert row["vr_buffer_total"] == pytest.approx(expected, rel=1e-3), row["vr_buffers"]
+        if row["variant"].startswith("VRLamb"):  # the per-tensor sums of the sharded tensors, over TP
+            assert any(c["origin"].startswith("vrgd_ds") and c["op"] == "all_reduce" for c in row["collectives"])
 
 
 def test_frames_are_classified_by_package_not_by_path_substring(tmp_path):
