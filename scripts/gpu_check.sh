@@ -12,7 +12,10 @@
 #      accumulation 16, on GPU_CHECK_BENCH_WORLD GPUs (default 1: k = 16 samples per step);
 #      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW; ZeRO-2, then ZeRO-3
 #      (GPU_CHECK_ZERO3=0 skips it), then BF16_Optimizer (bf16 + ZeRO-1 + fp32 accumulation;
-#      GPU_CHECK_BF16_OPTIMIZER=0 skips it).
+#      GPU_CHECK_BF16_OPTIMIZER=0 skips it), then, with >= 2 GPUs only, tensor parallelism: the
+#      encoder's linear layers split over 2 GPUs (--tensor-parallel 2 --world-size 2: TP2 x DP1),
+#      ZeRO-2, in GPU_CHECK_TP_PRECISIONS (fp32: vrgd_ds refuses bf16 with tensor parallelism so
+#      far); GPU_CHECK_TENSOR_PARALLEL=0 skips it.
 #   3. GPU tests: tests/test_cuda.py -- each VR optimizer on the GPU vs the CPU (plain PyTorch), and
 #      the DeepSpeed update matrix (every ZeRO stage 0-2 x fp32/bf16/fp16 x clipping x optimizer,
 #      and the special cases) against the float64 reference through the CUDA accelerator: with
@@ -32,6 +35,8 @@
 #   GPU_CHECK_BENCH_TIMEOUT   seconds, each of the two runs [900]
 #   GPU_CHECK_ZERO3           1 | 0: the ZeRO-3 benchmark too [1]
 #   GPU_CHECK_BF16_OPTIMIZER  1 | 0: the BF16_Optimizer benchmark too [1]
+#   GPU_CHECK_TENSOR_PARALLEL 1 | 0: the tensor-parallel benchmark too, where there are >= 2 GPUs [1]
+#   GPU_CHECK_TP_PRECISIONS   its --precisions [fp32]
 #   GPU_CHECK_GPU_TESTS_TIMEOUT   seconds [900]
 #   GPU_CHECK_CPU_SUITE       1 | 0 [1]
 #   GPU_CHECK_CPU_SUITE_TIMEOUT   seconds [1800]
@@ -101,7 +106,7 @@ fi
 GPUS=$("$PY" -c 'import torch; print(torch.cuda.device_count())')
 CORES=$(nproc 2>/dev/null || echo 2)
 
-# ---- 2. BERT-large overhead, ZeRO-2, ZeRO-3 and BF16_Optimizer ---------------------------------
+# ---- 2. BERT-large overhead, ZeRO-2, ZeRO-3, BF16_Optimizer, tensor parallelism ----------------
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 SIZE="${GPU_CHECK_BENCH_SIZE:-large}"
 # bench NAME STAGE [ARGS...]: one bench_overhead.py run; its JSON/markdown/log under $OUT_DIR/NAME.*
@@ -126,7 +131,8 @@ bench() {
 import json, sys
 data = json.load(open(sys.argv[1]))
 rows, c = data["summary"]["rows"], data["config"]
-print(f"BertForMaskedLM hidden {c['hidden']} x {c['layers']} layers, ZeRO-{c.get('stage', 2)}, {c['precisions']} "
+print(f"BertForMaskedLM hidden {c['hidden']} x {c['layers']} layers, ZeRO-{c.get('stage', 2)}, "
+      f"TP{c.get('tensor_parallel', 1)}, {c['precisions']} "
       f"gas {c['accumulations']} micro-batch {c['micro_batch']} x {c['world']} rank(s); {data['meta']['machine']}")
 print(f"{'variant':24s} {'full step s':>11s} {'opt step s':>10s} {'full/LAMB':>9s} {'opt/LAMB':>8s} "
       f"{'peak GiB':>8s} {'held GiB':>8s} {'VR buf GiB':>10s}")
@@ -147,6 +153,13 @@ if [ "${GPU_CHECK_BF16_OPTIMIZER:-1}" = 1 ]; then
     bench bench_large_bf16_optimizer 2 --bf16-optimizer  # bf16 + ZeRO-1 + fp32 accumulation
 else
     record bench_large_bf16_optimizer "skipped (GPU_CHECK_BF16_OPTIMIZER=0)"
+fi
+if [ "${GPU_CHECK_TENSOR_PARALLEL:-1}" != 1 ]; then
+    record bench_large_tp2 "skipped (GPU_CHECK_TENSOR_PARALLEL=0)"
+elif [ "$DEVICE" != cuda ] || [ "$GPUS" -lt 2 ]; then
+    record bench_large_tp2 "skipped (needs NCCL and >= 2 GPUs; $GPUS here)"
+else  # TP2 x DP1: one tensor-parallel pair of GPUs
+    bench bench_large_tp2 2 --tensor-parallel 2 --world-size 2 --precisions "${GPU_CHECK_TP_PRECISIONS:-fp32}"
 fi
 
 # ---- 3. GPU tests -----------------------------------------------------------------------------
