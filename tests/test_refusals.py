@@ -15,8 +15,6 @@ from .refusal_bodies import TP_REFUSALS, tensor_parallel_refusals
 
 EXPECTED = {
     "zero3": r"at ZeRO stage 3 .*use ZeRO stage 0, 1 or 2",
-    "bf16": r"with fp16/bf16 .*use fp32",
-    "fp16": r"with fp16/bf16 .*use fp32",
     "sequence_parallel": r"with sequence parallelism .*turn sequence parallelism off",
 }
 

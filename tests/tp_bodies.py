@@ -10,7 +10,7 @@ from torch import nn
 from vrgd_ds.megatron_mpu import MegatronStyleMpu as TPMPU
 from vrgd_ds.megatron_mpu import reduce_from_tensor_parallel_region
 
-from .ds_bodies import MICRO_BATCH, SAMPLES_PER_STEP
+from .ds_bodies import MICRO_BATCH, SAMPLES_PER_STEP, allow_cpu_fp16
 from .models import micro_batches
 
 STEPS = 3
@@ -45,14 +45,22 @@ class TPNet(nn.Module):
                 p.partition_dim = dim
                 p.partition_stride = 1
 
-    def forward(self, x):
+    def partial_output(self, x):
+        """This shard's share of fc2's output (the whole output is the sum over the shards)."""
         hidden = torch.tanh(nn.functional.linear(x, self.fc1_weight, self.fc1_bias))
-        out = nn.functional.linear(hidden, self.fc2_weight)
-        if self.tp > 1:
-            out = reduce_from_tensor_parallel_region(out, self.group)
+        return nn.functional.linear(hidden, self.fc2_weight)
+
+    def finish(self, out):
         return self.norm(out + self.fc2_bias)
 
+    def forward(self, x):
+        out = self.partial_output(x)
+        if self.tp > 1:
+            out = reduce_from_tensor_parallel_region(out, self.group)
+        return self.finish(out)
 
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDED_DIMS = {"fc1_weight": 0, "fc1_bias": 0, "fc2_weight": 1}
 
 
@@ -61,7 +69,14 @@ def tp_loss(model, x, y):
 
 
 def tp_config(case: dict, dp: int) -> dict:
+    precision = {}
+    if case.get("precision") == "bf16":
+        precision["bf16"] = {"enabled": True}
+    elif case.get("precision") == "fp16":
+        allow_cpu_fp16()
+        precision["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
     return {
+        **precision,
         "train_batch_size": MICRO_BATCH * SAMPLES_PER_STEP,
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": SAMPLES_PER_STEP // dp,
@@ -98,7 +113,8 @@ def run_tp_case(case: dict, rank: int, world: int, mpu: TPMPU) -> dict:
         before = _masters(engine)
         for a in range(gas):
             x, y, _ = batches[step * SAMPLES_PER_STEP + a * mpu.dp + mpu.dp_rank]
-            loss = tp_loss(engine, x, y)
+            dtype = DTYPES[case.get("precision", "fp32")]
+            loss = tp_loss(engine, x.to(dtype), y.to(dtype))
             if step == case.get("inf_step") and a == 0 and rank == 0:
                 # Non-finite gradients on one rank only: its shards and, after the data-parallel
                 # reduction, its data-parallel peers' — its tensor-parallel peers stay finite.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["MegatronStyleMpu", "reduce_from_tensor_parallel_region"]
+__all__ = ["MegatronStyleMpu", "copy_to_tensor_parallel_region", "reduce_from_tensor_parallel_region"]
 
 
 class MegatronStyleMpu:
@@ -80,3 +80,22 @@ def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Megatron's ``reduce_from_tensor_model_parallel_region``: the sum of the partial outputs of a
     row-parallel layer over the tensor-parallel group (all-reduce forward, identity backward)."""
     return _ReduceFromTensorParallelRegion.apply(x, group)
+
+
+class _CopyToTensorParallelRegion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Megatron's ``copy_to_tensor_model_parallel_region``: the input of a column-parallel layer
+    (identity forward; backward all-reduces the partial input gradients of the shards)."""
+    return _CopyToTensorParallelRegion.apply(x, group)

@@ -20,7 +20,7 @@ from .config import MOMENT_REDUCTIONS, moment_reduction_of
 from .layouts import stage0_tensor_parallel_layouts, zero_layouts
 from .refusals import refuse_unsupported
 from .source import tied_weight_groups, wrap_method
-from .stage0 import stage0_source
+from .stage0 import stage0_params, stage0_source
 from .tensor_parallel import tensor_parallel_of
 from .zero3 import attach_zero3
 from .zero12 import zero_source
@@ -71,11 +71,11 @@ def attach(engine) -> None:
 
     bf16_optimizer = is_bf16_optimizer(wrapper)
     zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
-    tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2, fp32, no pipeline
+    tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2
     if bf16_optimizer or stage in (1, 2):
         zero_layouts(opt, zero_view, names, tp)
-    elif tp is not None and wrapper is opt:
-        stage0_tensor_parallel_layouts(opt, [p for g in opt.param_groups for p in g["params"]], names, tp)
+    elif tp is not None:
+        stage0_tensor_parallel_layouts(opt, *stage0_params(opt, wrapper), names, tp)
     install_universal(engine)  # universal checkpoints keep the VR state, or are refused
     if not (opt.vr or opt.gradient_stats):
         return

@@ -112,12 +112,15 @@ def zero3_layouts(wrapper, names: dict[int, str]):
     return out
 
 
-def stage0_tensor_parallel_layouts(opt: VROptimizer, params, names: dict[int, str], tp: TensorParallel) -> None:
-    """Stage 0 (the inner optimizer holds the model's tensors): a sharded tensor is one piece of a
-    tensor of J = tp × its size, completed over the tensor-parallel group (its moments and
-    gradient are already reduced over the data-parallel group); replicated tensors stay whole."""
+def stage0_tensor_parallel_layouts(
+    opt: VROptimizer, model_params, inner_params, names: dict[int, str], tp: TensorParallel
+) -> None:
+    """Stage 0 (the inner optimizer holds whole local tensors: the model's, or their fp32 master
+    copies): the tensor of a sharded model tensor is one piece of a tensor of J = tp × its size,
+    completed over the tensor-parallel group (its moments and gradient are already reduced over
+    the data-parallel group); replicated tensors stay whole."""
     complete = all_reduce_sum_sharded(None, 1, tp.group, tp.world, [True])
-    for p in params:
-        if tp.is_sharded(p):
-            name = names.get(id(p), opt.layout_of(p).names[0])
-            opt.set_layout(p, SegmentLayout([p.numel()], [0], [tp.whole_numel(p)], names=[name], complete=complete))
+    for mp, ip in zip(model_params, inner_params):
+        if tp.is_sharded(mp):
+            name = names.get(id(mp), opt.layout_of(ip).names[0])
+            opt.set_layout(ip, SegmentLayout([ip.numel()], [0], [tp.whole_numel(mp)], names=[name], complete=complete))

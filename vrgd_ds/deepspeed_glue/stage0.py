@@ -22,7 +22,7 @@ from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
 from .source import DeepSpeedMomentSource, wrap_method
 
-__all__ = ["Stage0MomentSource", "stage0_source"]
+__all__ = ["Stage0MomentSource", "stage0_params", "stage0_source"]
 
 
 class Stage0MomentSource(DeepSpeedMomentSource):
@@ -89,33 +89,36 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return {"grad_sq_sum (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
 
 
-def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None) -> DeepSpeedMomentSource:
-    """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
-    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. ``tp_group``: the
-    tensor-parallel group, if any (fp32 only)."""
+def stage0_params(opt: VROptimizer, wrapper) -> tuple[list, list]:
+    """(the model's trainable tensors, the inner optimizer's tensors for them), in one order:
+    the same tensors with fp32, the fp32 master copies of ``FP16_UnfusedOptimizer`` with bf16."""
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
 
-    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
-    # the world holds other stages' tensors); sequence parallelism is refused.
-    dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
     if isinstance(wrapper, FP16_UnfusedOptimizer):
-        model_params = [p for g in wrapper.fp16_groups for p in g]
-        inner_params = [p for g in wrapper.fp32_groups for p in g]
-        source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names)
-        for mp, ip in zip(model_params, inner_params):
-            if id(mp) in names:
-                opt.set_param_name(ip, names[id(mp)])
-        wrap_method(wrapper, "unscale_and_clip_grads", before=lambda *a, **k: source.prepare(inner_params))
-        return source
+        return [p for g in wrapper.fp16_groups for p in g], [p for g in wrapper.fp32_groups for p in g]
     if wrapper is opt:
         params = [p for g in opt.param_groups for p in g["params"]]
-        source = Stage0MomentSource(opt, dp_world, dp_group, params, params, names, tp_group=tp_group)
-        for p in params:
-            if id(p) in names:
-                opt.set_param_name(p, names[id(p)])
-        wrap_method(engine, "clip_fp32_gradients", before=lambda *a, **k: source.prepare(params))
-        return source
+        return params, params
     raise ValueError(
         f"vrgd_ds does not support DeepSpeed's {type(wrapper).__name__} wrapper at ZeRO stage 0; "
         "use ZeRO stage 1 or 2 for fp16/bf16."
     )
+
+
+def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None) -> DeepSpeedMomentSource:
+    """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
+    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. ``tp_group``: the
+    tensor-parallel group, if any."""
+    # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
+    # the world holds other stages' tensors); sequence parallelism is refused.
+    dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
+    model_params, inner_params = stage0_params(opt, wrapper)
+    source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names, tp_group=tp_group)
+    for mp, ip in zip(model_params, inner_params):
+        if id(mp) in names:
+            opt.set_param_name(ip, names[id(mp)])
+    if wrapper is opt:
+        wrap_method(engine, "clip_fp32_gradients", before=lambda *a, **k: source.prepare(inner_params))
+    else:
+        wrap_method(wrapper, "unscale_and_clip_grads", before=lambda *a, **k: source.prepare(inner_params))
+    return source

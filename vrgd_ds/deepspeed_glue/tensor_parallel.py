@@ -24,10 +24,13 @@ the check rides in the completed sums, as without tensor parallelism.
 
 Exact and tested (tests/test_tensor_parallel.py, TP2 × DP2 on 4 CPU ranks, against the whole
 model in float64): ZeRO 0, 1, 2 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
-gradient clipping; both moment reductions; CPU offload_optimizer at ZeRO 2. Refused
-(:func:`tensor_parallel_refusal`, tested in tests/test_refusals.py): ZeRO-3, fp16/bf16, Megatron
-sequence parallelism (parameters marked ``sequence_parallel``) or an mpu with sequence-parallel
-groups; pipelines with tensor parallelism (not examined).
+gradient clipping; both moment reductions; CPU offload_optimizer at ZeRO 2; bf16 (stage 0's
+FP16_UnfusedOptimizer, DeepSpeedZeroOptimizer at ZeRO 1/2, BF16_Optimizer) and fp16 at ZeRO 1/2
+within the documented 16-bit update tolerances. With pipelines (DeepSpeed's
+``PipelineParallelGrid``, whose tensor-parallel group is its slice group; tests/test_pipeline.py:
+TP2 × PP2, weights tied across stages too). Refused (:func:`tensor_parallel_refusal`, tested in
+tests/test_refusals.py): ZeRO-3, Megatron sequence parallelism (parameters marked
+``sequence_parallel``) or an mpu with sequence-parallel groups.
 """
 
 from __future__ import annotations
@@ -84,14 +87,6 @@ def tensor_parallel_of(engine) -> TensorParallel | None:
     return TensorParallel(group, dist.get_world_size(group=group))
 
 
-def _pipeline_stages(engine, mpu) -> int:
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    if isinstance(engine, PipelineEngine):
-        return int(engine.num_stages)
-    return _first_size(mpu, ("get_pipeline_model_parallel_world_size", "get_pipe_parallel_world_size"))
-
-
 def tensor_parallel_refusal(engine) -> str | None:
     """Why this engine's tensor parallelism cannot give the exact update yet, or None (also None
     without tensor parallelism)."""
@@ -102,10 +97,8 @@ def tensor_parallel_refusal(engine) -> str | None:
     if size <= 1:
         return None
     what = f"tensor (model) parallelism with {size} shards per tensor"
-    if not hasattr(mpu, "get_tensor_model_parallel_group"):
+    if not (hasattr(mpu, "get_tensor_model_parallel_group") or hasattr(mpu, "get_slice_parallel_group")):
         return f"{what} through an mpu without get_tensor_model_parallel_group (Megatron's interface): add it"
-    if _pipeline_stages(engine, mpu) > 1:
-        return f"{what} combined with pipeline parallelism (not examined): use one of the two"
     sequence = getattr(mpu, "get_sequence_parallel_world_size", None)
     if (
         hasattr(mpu, "get_sequence_data_parallel_group")
@@ -119,6 +112,4 @@ def tensor_parallel_refusal(engine) -> str | None:
         )
     if engine.zero_optimization_stage() > 2:
         return f"{what} at ZeRO stage 3 (not examined): use ZeRO stage 0, 1 or 2"
-    if engine.fp16_enabled() or engine.bfloat16_enabled():
-        return f"{what} with fp16/bf16 (tested exact in fp32 only): use fp32, or tensor-model-parallel size 1"
     return None

@@ -1,0 +1,152 @@
+"""Tensor parallelism inside a DeepSpeed pipeline (4 CPU ranks: 2 stages × 2 tensor-parallel
+ranks, DeepSpeed's PipelineParallelGrid as the mpu), against the brute-force float64 reference of
+the whole, unsharded model (tests/reference.py), update by update.
+
+Both compositions at once: the per-tensor sums of a sharded tensor are completed over the
+tensor-parallel group (the grid's slice group — never its model-parallel group, which spans the
+stages too), and a weight tied across the stages (an embedding reused by the last stage, sharded
+over the tensor-parallel ranks as Megatron's vocabulary-parallel embedding) has each
+micro-batch's sample summed over its tie group first; the stages' copies stay bit-identical.
+Teacher-forced as tests/test_tensor_parallel.py. bf16 (BF16_Optimizer, the Megatron-DeepSpeed
+path): the update of VR against the fp32 reference may exceed the base optimizer's (vr=False on
+the same path, same 16-bit arithmetic) by 1.5× + 1e-2 at most.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from .multiproc import run_ranks
+from .reference import ReferenceVR
+from .test_tensor_parallel import OPTIMIZERS
+from .tp_pipeline_bodies import (
+    MICRO_BATCHES,
+    SHARDED_DIMS,
+    STEPS,
+    TP,
+    mse,
+    reference_forward,
+    tp_pipeline_cases,
+)
+from .models import micro_batches
+
+UPDATE_RTOL = 1e-5
+LAMB, SGD = OPTIMIZERS["VRLamb"][1], OPTIMIZERS["VRSGD"][1]
+CASES = [
+    dict(name="VRLamb-z0", type="VRLamb", params=LAMB, stage=0),
+    dict(name="VRSGD-z0", type="VRSGD", params=SGD, stage=0),
+    dict(name="VRLamb-z1-clip", type="VRLamb", params=LAMB, stage=1, clip=0.05),
+    dict(name="LAMB-vr_false-z1", type="VRLamb", params=dict(LAMB, vr=False), stage=1),
+    dict(name="VRLamb-z0-tied", type="VRLamb", params=LAMB, stage=0, tied=True),
+    dict(name="VRSGD-z1-tied", type="VRSGD", params=SGD, stage=1, tied=True),
+    dict(
+        name="VRLamb-z1-tied-per_micro_step",
+        type="VRLamb",
+        params=dict(LAMB, moment_reduction="per_micro_step"),
+        stage=1,
+        tied=True,
+    ),
+    dict(name="VRAdamW-z1-tied", type="VRAdamW", params=OPTIMIZERS["VRAdamW"][1], stage=1, tied=True),
+]
+BF16_CASES = [
+    dict(name=f"VRLamb-bf16-tied-{kind}", type="VRLamb", params=dict(LAMB, vr=vr), stage=0, tied=True, precision="bf16")
+    for kind, vr in (("vr", True), ("base", False))
+]
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return run_ranks(tp_pipeline_cases, TP * 2, CASES + BF16_CASES, timeout=900, init="deepspeed")
+
+
+def _whole(results: list[dict], step: int, key: str) -> dict:
+    """Whole tensors from the shards; every copy of a tensor (tensor-parallel replicas, the tied
+    weight's copy on each stage) checked equal."""
+    held: dict[tuple[str, int], torch.Tensor] = {}
+    for res in results:
+        for name, t in res["steps"][step][key].items():
+            slot = (name, res["tp_rank"] if name in SHARDED_DIMS else 0)
+            if slot in held:
+                assert torch.equal(held[slot], t), f"{key} {name}: copies differ"
+            held[slot] = t
+    names = {name for name, _ in held}
+    return {
+        n: torch.cat([held[n, t] for t in range(TP)], dim=SHARDED_DIMS[n]) if n in SHARDED_DIMS else held[n, 0]
+        for n in names
+    }
+
+
+def _reference_updates(case: dict, results: list[dict]) -> list[dict]:
+    kind, _, defaults = OPTIMIZERS[case["type"]]
+    hp = {k: v for k, v in case["params"].items() if k != "moment_reduction"}
+    if "vr" in hp:
+        defaults = dict(defaults, vr=hp.pop("vr"))
+    start = _whole(results, 0, "before")
+    names = sorted(start)
+    params = [torch.nn.Parameter(start[n].double()) for n in names]
+    ref = ReferenceVR(params, kind, **defaults, **hp)
+    batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
+    updates = []
+    for step in range(STEPS):
+        before = _whole(results, step, "before")
+        with torch.no_grad():
+            for n, p in zip(names, params):
+                p.copy_(before[n])
+        samples = [[] for _ in params]
+        for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
+            w = dict(zip(names, params))
+            loss = mse(reference_forward(w, x.double()), y.double()) / MICRO_BATCHES
+            for i, g in enumerate(torch.autograd.grad(loss, params)):
+                samples[i].append(g.double())
+        G = [sum(s) for s in samples]
+        if case.get("clip"):  # DeepSpeed's gradient_clipping: max_norm / (‖G‖ + 1e-6) when < 1
+            coef = case["clip"] / (torch.sqrt(sum((g * g).sum() for g in G)).item() + 1e-6)
+            if coef < 1:
+                G = [g * coef for g in G]
+        ref.step(samples, G)
+        updates.append({n: p.detach() - before[n] for n, p in zip(names, params)})
+    return updates
+
+
+def _update_errors(case: dict, results: list[dict]) -> dict:
+    """{(step, tensor): relative L2 error of the run's update beyond the fp32 rounding of θ}."""
+    expected = _reference_updates(case, results)
+    out = {}
+    for step in range(STEPS):
+        before, after = _whole(results, step, "before"), _whole(results, step, "after")
+        for name, ref_update in expected[step].items():
+            floor = 4 * 2.0**-24 * after[name].norm().item()
+            diff = (after[name] - before[name] - ref_update).norm().item()
+            out[step, name] = max(diff - floor, 0.0) / max(ref_update.norm().item(), 1e-30)
+    return out
+
+
+def _results(runs, case) -> list[dict]:
+    results = [r[case["name"]] for r in runs]
+    for rank, res in enumerate(results):
+        assert res["error"] is None, f"rank {rank}: {res['error']}"
+        if case.get("tied"):
+            assert res["tied_diffs"] == [0.0] * STEPS, f"rank {rank}: tied copies differ by {res['tied_diffs']}"
+    return results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_tensor_parallel_pipeline_update_matches_whole_model_reference(case, runs):
+    results = _results(runs, case)
+    errors = _update_errors(case, results)
+    for (step, name), err in errors.items():
+        assert err <= UPDATE_RTOL, f"step {step} {name}: update relative error {err:.2e}"
+    if case["params"].get("vr", True):
+        assert results[0]["steps"][0]["noise"]["k"] == MICRO_BATCHES  # one data-parallel rank
+    print(f"{case['name']}: max relative update error {max(errors.values()):.2e}")
+
+
+def test_tensor_parallel_bf16_pipeline_through_bf16_optimizer(runs):
+    vr_case, base_case = BF16_CASES
+    vr, base = (_update_errors(c, _results(runs, c)) for c in BF16_CASES)
+    for rank, res in enumerate(r[vr_case["name"]] for r in runs):
+        assert res["wrapper"] == "BF16_Optimizer", f"rank {rank}: {res['wrapper']}"
+    for key, err in vr.items():
+        assert err <= 1.5 * base[key] + 1e-2, f"{key}: VR {err:.2e} vs the base optimizer's {base[key]:.2e}"
+    print(f"bf16: VR max {max(vr.values()):.2e}, base max {max(base.values()):.2e}")
