@@ -103,6 +103,18 @@ def _cases():
             extra=bf16_optimizer,
         )
     )
+    # Megatron-DeepSpeed's mpu, with DeepSpeed-Ulysses' getters at sequence-parallel size 1.
+    cases.append(
+        dict(
+            name="VRLamb-bf16_optimizer-megatron_deepspeed_mpu",
+            type="VRLamb",
+            params=OPTIMIZERS["VRLamb"][1],
+            stage=1,
+            precision="bf16",
+            extra=bf16_optimizer,
+            mpu="megatron_deepspeed",
+        )
+    )
     cases += [
         dict(name=f"VRLamb-z{stage}-nonfinite", type="VRLamb", params=OPTIMIZERS["VRLamb"][1], stage=stage, inf_step=1)
         for stage in (0, 1)

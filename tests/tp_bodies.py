@@ -134,7 +134,33 @@ def run_tp_case(case: dict, rank: int, world: int, mpu: TPMPU) -> dict:
     }
 
 
+class MegatronDeepSpeedMpu(TPMPU):
+    """Megatron-DeepSpeed's mpu also has DeepSpeed-Ulysses' sequence-parallel getters, at size 1
+    unless ``--ds-sequence-parallel-size`` (the sequence-data-parallel group is then the
+    data-parallel one)."""
+
+    def __init__(self, tp: int):
+        import torch.distributed as dist
+
+        super().__init__(tp)
+        self.sp_group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+
+    def get_sequence_parallel_world_size(self):
+        return 1
+
+    def get_sequence_parallel_rank(self):
+        return 0
+
+    def get_sequence_parallel_group(self):
+        return self.sp_group
+
+    get_sequence_data_parallel_world_size = TPMPU.get_data_parallel_world_size
+    get_sequence_data_parallel_rank = TPMPU.get_data_parallel_rank
+    get_sequence_data_parallel_group = TPMPU.get_data_parallel_group
+
+
 def run_tp_matrix(rank: int, world: int, tp: int, cases: list[dict]) -> dict:
-    """Every case in one process group (start-up shared); {case name: result}."""
-    mpu = TPMPU(tp)
-    return {case["name"]: run_tp_case(case, rank, world, mpu) for case in cases}
+    """Every case in one process group (start-up shared); {case name: result}. A case with
+    ``"mpu": "megatron_deepspeed"`` gets :class:`MegatronDeepSpeedMpu`."""
+    mpus = {"megatron": TPMPU(tp), "megatron_deepspeed": MegatronDeepSpeedMpu(tp)}
+    return {case["name"]: run_tp_case(case, rank, world, mpus[case.get("mpu", "megatron")]) for case in cases}

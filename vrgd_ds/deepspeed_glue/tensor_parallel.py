@@ -99,13 +99,14 @@ def tensor_parallel_refusal(engine) -> str | None:
     what = f"tensor (model) parallelism with {size} shards per tensor"
     if not (hasattr(mpu, "get_tensor_model_parallel_group") or hasattr(mpu, "get_slice_parallel_group")):
         return f"{what} through an mpu without get_tensor_model_parallel_group (Megatron's interface): add it"
+    # Megatron-DeepSpeed's mpu always has the sequence-parallel getters (DeepSpeed-Ulysses; size 1
+    # unless --ds-sequence-parallel-size); Megatron's own --sequence-parallel marks parameters.
     sequence = getattr(mpu, "get_sequence_parallel_world_size", None)
-    if (
-        hasattr(mpu, "get_sequence_data_parallel_group")
-        or hasattr(mpu, "initialize_sequence_parallel")
-        or (sequence is not None and int(sequence()) > 1)
-        or any(getattr(p, "sequence_parallel", False) for p in engine.module.parameters())
-    ):
+    try:
+        sequence_size = 1 if sequence is None else int(sequence())
+    except Exception:  # noqa: BLE001 - an mpu whose sequence-parallel groups were never set up
+        sequence_size = 1
+    if sequence_size > 1 or any(getattr(p, "sequence_parallel", False) for p in engine.module.parameters()):
         return (
             f"{what} with sequence parallelism (LayerNorm and bias gradients are partial per tensor-parallel "
             "rank): turn sequence parallelism off"
