@@ -5,10 +5,9 @@ from __future__ import annotations
 from .ds_bodies import allow_cpu_fp16
 from .tp_bodies import TPMPU, TPNet, tp_config
 
-# Tensor parallelism is exact at ZeRO 0-2 in fp32, bf16 and fp16 (tests/test_tensor_parallel.py),
+# Tensor parallelism is exact at ZeRO 0-3 in fp32, bf16 and fp16 (tests/test_tensor_parallel.py),
 # with pipelines too (tests/test_pipeline.py); the rest is refused.
 TP_REFUSALS = {
-    "zero3": dict(stage=3),
     "sequence_parallel": dict(stage=1, sequence_parallel=True),
 }
 

@@ -14,7 +14,6 @@ from .multiproc import run_ranks
 from .refusal_bodies import TP_REFUSALS, tensor_parallel_refusals
 
 EXPECTED = {
-    "zero3": r"at ZeRO stage 3 .*use ZeRO stage 0, 1 or 2",
     "sequence_parallel": r"with sequence parallelism .*turn sequence parallelism off",
 }
 

@@ -103,6 +103,22 @@ def _cases():
             extra=bf16_optimizer,
         )
     )
+    # ZeRO-3: each local shard partitioned over the data-parallel ranks on its own.
+    z3 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    cases += [
+        dict(name="VRLamb-z3", type="VRLamb", params=OPTIMIZERS["VRLamb"][1], stage=3, extra=z3),
+        dict(name="VRLars-z3", type="VRLars", params=OPTIMIZERS["VRLars"][1], stage=3, extra=z3),
+        dict(name="VRSGD-z3-clip", type="VRSGD", params=OPTIMIZERS["VRSGD"][1], stage=3, clip=0.05, extra=z3),
+        dict(name="LAMB-vr_false-z3", type="VRLamb", params=dict(OPTIMIZERS["VRLamb"][1], vr=False), stage=3, extra=z3),
+        dict(
+            name="VRAdamW-z3-bf16",
+            type="VRAdamW",
+            params=OPTIMIZERS["VRAdamW"][1],
+            stage=3,
+            precision="bf16",
+            extra=z3,
+        ),
+    ]
     # Megatron-DeepSpeed's mpu, with DeepSpeed-Ulysses' getters at sequence-parallel size 1.
     cases.append(
         dict(

@@ -70,10 +70,11 @@ def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str], tp: TensorPa
         opt.set_layout(zero_opt.single_partition_of_fp32_groups[i], layout)
 
 
-def zero3_layouts(wrapper, names: dict[int, str]):
+def zero3_layouts(wrapper, names: dict[int, str], tp: TensorParallel | None = None):
     """Per ZeRO-3 sub-group: (flat fp32 tensor, its trainable tensors, their offsets in it,
     SegmentLayout) — one piece per parameter (its real elements on this rank, possibly none)
-    and its padding. Checks the layout against the wrapper's ``grad_position``."""
+    and its padding. Checks the layout against the wrapper's ``grad_position``. ``tp``: the
+    tensor-parallel group, if any (a sharded parameter's ``ds_numel`` is its local shard's)."""
     out = []
     for i, tensors in enumerate(wrapper.fp16_groups):
         group = wrapper.sub_group_process_groups[i]
@@ -100,11 +101,16 @@ def zero3_layouts(wrapper, names: dict[int, str]):
                 f"vrgd_ds: ZeRO-3 sub-group {i} holds {flat.numel()} elements, its parameters' slices {pos}"
             )
 
-        complete = all_reduce_sum(group, world)
+        if tp is None:
+            complete, numels = all_reduce_sum(group, world), [int(p.ds_numel) for p in tensors]
+        else:
+            sharded = [tp.is_sharded(p) for p in tensors]
+            complete = all_reduce_sum_sharded(group, world, tp.group, tp.world, sharded)
+            numels = [int(p.ds_numel) * (tp.world if s else 1) for p, s in zip(tensors, sharded)]
         layout = SegmentLayout(
             lengths,
             keys,
-            [int(p.ds_numel) for p in tensors],
+            numels,
             names=[names.get(id(p), f"subgroup{i}.param{k}") for k, p in enumerate(tensors)],
             complete=complete,
         )

@@ -1,8 +1,8 @@
 """What cannot give the exact VRGD update yet: refused at ``deepspeed.initialize``, on every rank,
 with a ValueError that says what to change.
 
-:func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism other than at ZeRO 0-2 in
-fp32 without pipelines (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
+:func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism with sequence parallelism or
+without Megatron's group getters (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
 MoE, MiCS/hpZ, weights tied across pipeline stages with fp16 or several tensors per tie.
 :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built its wrapper; at ZeRO-3 the
 parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload to anything
@@ -21,8 +21,8 @@ __all__ = ["unsupported_parallelism", "refuse_unsupported"]
 def unsupported_parallelism(engine) -> str | None:
     """Why this engine's parallel layout cannot give the exact VRGD update yet, or None.
 
-    Data parallelism (ZeRO 0-3, BF16_Optimizer), pipeline parallelism, and tensor parallelism at
-    ZeRO 0-2 in fp32 (:mod:`.tensor_parallel`) are exact: every collective of ours runs over the
+    Data parallelism (ZeRO 0-3, BF16_Optimizer), pipeline parallelism, and tensor parallelism
+    (:mod:`.tensor_parallel`, with any of those) are exact: every collective of ours runs over the
     data-parallel group (sharded tensors' per-tensor sums over the tensor-parallel group too) and
     k counts data-parallel ranks only; a weight tied across pipeline stages has each sample summed
     over its tie group first (:class:`~.source.TiedWeightSamples`; one tensor per tie, fp32 or

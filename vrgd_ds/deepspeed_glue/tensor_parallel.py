@@ -23,14 +23,15 @@ source's local check is agreed on over the group (``Stage0MomentSource.all_finit
 the check rides in the completed sums, as without tensor parallelism.
 
 Exact and tested (tests/test_tensor_parallel.py, TP2 × DP2 on 4 CPU ranks, against the whole
-model in float64): ZeRO 0, 1, 2 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
+model in float64): ZeRO 0, 1, 2, 3 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
 gradient clipping; both moment reductions; CPU offload_optimizer at ZeRO 2; bf16 (stage 0's
 FP16_UnfusedOptimizer, DeepSpeedZeroOptimizer at ZeRO 1/2, BF16_Optimizer) and fp16 at ZeRO 1/2
-within the documented 16-bit update tolerances. With pipelines (DeepSpeed's
+within the documented 16-bit update tolerances; ZeRO-3 (each local shard partitioned over the
+data-parallel ranks: J = its ``ds_numel`` × t), bf16 too. With pipelines (DeepSpeed's
 ``PipelineParallelGrid``, whose tensor-parallel group is its slice group; tests/test_pipeline.py:
 TP2 × PP2, weights tied across stages too). Refused (:func:`tensor_parallel_refusal`, tested in
-tests/test_refusals.py): ZeRO-3, Megatron sequence parallelism (parameters marked
-``sequence_parallel``) or an mpu with sequence-parallel groups.
+tests/test_refusals.py): Megatron sequence parallelism (parameters marked ``sequence_parallel``)
+or an mpu with a sequence-parallel size > 1 (DeepSpeed-Ulysses).
 """
 
 from __future__ import annotations
@@ -111,6 +112,4 @@ def tensor_parallel_refusal(engine) -> str | None:
             f"{what} with sequence parallelism (LayerNorm and bias gradients are partial per tensor-parallel "
             "rank): turn sequence parallelism off"
         )
-    if engine.zero_optimization_stage() > 2:
-        return f"{what} at ZeRO stage 3 (not examined): use ZeRO stage 0, 1 or 2"
     return None

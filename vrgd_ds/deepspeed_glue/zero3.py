@@ -34,8 +34,9 @@ What this module installs (:func:`attach_zero3`, after DeepSpeed built its stage
 * Per sub-group :class:`~vrgd_ds.segments.SegmentLayout`
   (:func:`~vrgd_ds.deepspeed_glue.layouts.zero3_layouts`): one piece per parameter (its real
   elements on this rank, possibly none) and its padding, so layer means of r and the LAMB/LARS
-  norms are per whole tensor, completed by one small all-reduce over the partition group; the
-  padding is skipped by every sum.
+  norms are per whole tensor, completed by one small all-reduce over the partition group (and,
+  for a tensor sharded by tensor parallelism, over the tensor-parallel group:
+  :mod:`~vrgd_ds.deepspeed_glue.tensor_parallel`); the padding is skipped by every sum.
 * After the wrapper's whole step (applied or skipped on fp16 overflow) the buffers are cleared
   and the step's noise statistics finished.
 
@@ -57,6 +58,7 @@ from ..collect import k_too_small_message
 from ..comm import reduce_scatter_rows
 from ..segments import SegmentLayout
 from .layouts import zero3_layouts
+from .tensor_parallel import tensor_parallel_of
 from .refusals import unsupported_parallelism
 from .source import DeepSpeedMomentSource, wrap_method
 
@@ -295,7 +297,7 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
             )
     if strategy == "auto":
         strategy = "per_micro_step"
-    subgroups = zero3_layouts(wrapper, names)
+    subgroups = zero3_layouts(wrapper, names, tensor_parallel_of(engine))
     for flat, _tensors, _, layout in subgroups:
         opt.set_layout(flat, layout)
     _refuse_universal_load(engine)
