@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from vrgd_ds import segments
 from vrgd_ds.gsnr import normalize_and_clip, update_gsnr_momentum
 from vrgd_ds.segments import SegmentLayout
 from vrgd_ds.update_rules import adam_update, lamb_update, lars_update, sgd_update
@@ -23,7 +24,60 @@ def _shard(seed=0):
     return torch.rand(14, generator=g) * 3
 
 
-def test_normalize_and_clip_on_a_shard_equals_whole_tensors():
+@pytest.fixture(params=["runs", "pieces"])
+def small_piece(request, monkeypatch):
+    """Both ways a layout handles its pieces: consecutive small pieces as one run per operation
+    (the default at these sizes), or every piece on its own (``SMALL_PIECE`` = 1, as large ones)."""
+    if request.param == "pieces":
+        monkeypatch.setattr(segments, "SMALL_PIECE", 1)
+    return request.param
+
+
+def _layout():
+    return SegmentLayout(LAYOUT.piece_lengths, LAYOUT.piece_keys, [9, 4, 6], names=LAYOUT.names)
+
+
+def test_layout_plans_runs_of_small_pieces_and_single_large_ones(monkeypatch):
+    monkeypatch.setattr(segments, "SMALL_PIECE", 4)
+    # pieces 5 (large), 2, 3 (a run), padding 1, 1 (alone: a large item), 0 (empty), 6 (large)
+    layout = SegmentLayout([5, 2, 3, 1, 1, 0, 6], [0, 1, 2, -1, 3, 4, 5], [5, 2, 3, 1, 1, 6])
+    assert layout._large == [(0, 0, 5), (3, 11, 12), (5, 12, 18)]
+    assert [(r.start, r.end, r.keys, r.lengths) for r in layout._runs] == [(5, 10, [1, 2], [2, 3])]
+
+
+@pytest.mark.parametrize("squares", [False, True])
+def test_layout_sums_and_scaling_equal_piece_by_piece(small_piece, squares):
+    """local_sums, scale_ (in place and from a source) and add_scaled_ against the same
+    operation on every piece alone; padding is never touched."""
+    layout = SegmentLayout([5, 3, 4, 2, 6, 2], [0, 2, 1, 3, 4, -1], [5, 4, 3, 2, 6])
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(22, generator=g), torch.randn(22, generator=g)
+    per_tensor = torch.rand(5, generator=g) + 0.5
+    sums = layout.local_sums([x, y], squares=squares)
+    for row, v in zip(sums, (x, y)):
+        for key, a, b in layout.pieces():
+            expect = (v[a:b].double() ** 2 if squares else v[a:b].double()).sum()
+            assert float(row[key]) == pytest.approx(float(expect), rel=1e-6)
+    for divide in (False, True):
+        out = layout.scale_(x.clone(), per_tensor, divide=divide)
+        written = layout.scale_(y.clone(), per_tensor, divide=divide, src=x)
+        for key, a, b in layout.pieces():
+            expect = x[a:b] / per_tensor[key] if divide else x[a:b] * per_tensor[key]
+            assert torch.equal(out[a:b], expect) and torch.equal(written[a:b], expect)
+        assert torch.equal(out[20:], x[20:]) and torch.equal(written[20:], y[20:])
+    acc = layout.add_scaled_(x.clone(), y, per_tensor, alpha=-0.3)
+    for key, a, b in layout.pieces():
+        torch.testing.assert_close(acc[a:b], x[a:b] - 0.3 * (per_tensor[key] * y[a:b]), rtol=1e-6, atol=1e-7)
+    assert torch.equal(acc[20:], x[20:])
+    # a whole tensor: the plain ops
+    whole = SegmentLayout.whole(22)
+    assert torch.equal(whole.scale_(x.clone(), per_tensor[:1], divide=True), x / per_tensor[0])
+    expect = x.addcmul(y, per_tensor[0], value=2.0)
+    assert torch.equal(whole.add_scaled_(x.clone(), y, per_tensor[:1], alpha=2.0), expect)
+
+
+def test_normalize_and_clip_on_a_shard_equals_whole_tensors(small_piece):
+    LAYOUT = _layout()
     r = _shard()
     means = torch.tensor([1.3, 0.0, 2.0])  # tensor 1 without signal: γ everywhere
     out = normalize_and_clip(r.clone(), means, 0.1, layout=LAYOUT)
@@ -36,7 +90,8 @@ def test_normalize_and_clip_on_a_shard_equals_whole_tensors():
     assert torch.equal(inplace, out)
 
 
-def test_gsnr_momentum_with_one_step_count_per_tensor():
+def test_gsnr_momentum_with_one_step_count_per_tensor(small_piece):
+    LAYOUT = _layout()
     r, start = _shard(1), _shard(2)
     steps = torch.tensor([3.0, 1.0, 7.0])
     momentum = start.clone()
@@ -159,7 +214,7 @@ RULES = {
 
 
 @pytest.mark.parametrize("name", list(RULES))
-def test_update_rule_on_shards_with_per_tensor_steps_equals_whole_tensors(name):
+def test_update_rule_on_shards_with_per_tensor_steps_equals_whole_tensors(name, small_piece):
     rule, hp = RULES[name]
     g = torch.Generator().manual_seed(3)
     param, grad = torch.randn(20, generator=g), torch.randn(20, generator=g) * 0.1
@@ -186,3 +241,35 @@ def test_held_elements_keep_absent_tensors_and_zero_new_state():
     assert torch.equal(state["exp_avg"][9:13], torch.ones(4)) and bool((state["exp_avg"][:9] == 5).all())
     assert bool((state["momentum_buffer"][9:13] == 0).all()) and bool((state["momentum_buffer"][13:] == 7).all())
     assert torch.equal(state["tensor_step"], torch.full((3,), 2.0))  # per-tensor state: not per element
+
+
+@pytest.mark.parametrize("steps", ["int", "per_tensor"])
+@pytest.mark.parametrize("variant", ["plain", "l2", "nesterov", "no_ratio"])
+@pytest.mark.parametrize("name", list(RULES))
+def test_update_rule_with_a_workspace_equals_without(name, variant, steps):
+    """``workspace``: the gradient itself (what the optimizer passes with VR: its scaled
+    gradient, consumed) or a separate buffer (``vr=False`` on the CPU) gives bit for bit the
+    update that allocating temporaries gives."""
+    rule, hp = RULES[name]
+    hp = dict(hp)
+    if variant == "l2" and "decoupled_weight_decay" in hp:
+        hp["decoupled_weight_decay"] = False
+    if variant == "nesterov" and "nesterov" in hp:
+        hp.update(nesterov=True, **({"dampening": 0.0} if "dampening" in hp else {}))
+    if variant == "no_ratio" and "trust_ratio" in hp:
+        hp["trust_ratio"] = False
+    layout = SegmentLayout([9, 4, 6, 1], [0, 1, 2, -1], SIZES)
+    step = STEPS if steps == "per_tensor" else 3
+    g = torch.Generator().manual_seed(5)
+    param, grad = torch.randn(20, generator=g), torch.randn(20, generator=g) * 0.1
+    state = _flat_state(6, first_tensor_zero=False)
+    results = []
+    for workspace in ("none", "grad", "buffer"):
+        p, gr, st = param.clone(), grad.clone(), {k: v.clone() for k, v in state.items()}
+        ws = {"none": None, "grad": gr, "buffer": torch.full_like(gr, float("nan"))}[workspace]
+        rule(p, gr, st, step, layout, workspace=ws, **hp)
+        results.append((p, st))
+    for p, st in results[1:]:
+        assert torch.equal(p, results[0][0])
+        for k in st:
+            assert torch.equal(st[k], results[0][1][k]), k

@@ -64,7 +64,7 @@ class VRAdam(VROptimizer):
     def _init_state(self, p, state, group):
         init_adam_state(p, state)
 
-    def _base_update(self, p, grad, state, group, layout):
+    def _base_update(self, p, grad, state, group, layout, workspace=None):
         beta1, beta2 = group["betas"]
         hp = dict(
             lr=group["lr"],
@@ -74,7 +74,7 @@ class VRAdam(VROptimizer):
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
         )
-        adam_update(p, grad, state, step_counts(state), layout, **hp)
+        adam_update(p, grad, state, step_counts(state), layout, workspace=workspace, **hp)
 
 
 class VRAdamW(VRAdam):

@@ -35,14 +35,14 @@ def gsnr_from_moments(
     (VRGD.md §1): it caps r near 1/eps and keeps r invariant to any common scale of the samples
     (loss scale, 1/gas, 1/world size), so callers may pass moments of scaled samples.
 
-    Computed in place in ``out`` with no temporary (this runs on every element of the model
-    every step): with c = sum_scale²/k and y = Q/S'² (S' = ``grad_sum``, so u = c/y),
-    r = c / max(y − c, c·ε/(1−ε)). That is u/max(1−u, ε) exactly where the floor is not active;
-    where it is (u ≥ 1−ε: all samples nearly equal), r = (1−ε)/ε instead of u/ε, a relative
-    difference ≤ ε. u ≤ 1 by Cauchy–Schwarz; rounding above 1 also lands on the cap. S = 0 gives
-    y = ∞, r = 0; Q = 0 (then S = 0) gives r = 0; a non-finite sample gives a non-finite r.
-    Near the cap fp32 cancellation in 1 − u limits r's precision (as in any fp32 form of the
-    variance); the relative error is ~1e-7 where r ≪ 1/ε.
+    Computed in ``out`` with no full-size temporary (this runs on every element of the model every
+    step; six passes over memory): with c = sum_scale²/k and y = Q/S'² (S' = ``grad_sum``, so
+    u = c/y), r = c / max(y − c, c·ε/(1−ε)). That is u/max(1−u, ε) exactly where the floor is not
+    active; where it is (u ≥ 1−ε: all samples nearly equal), r = (1−ε)/ε instead of u/ε, a
+    relative difference ≤ ε. u ≤ 1 by Cauchy–Schwarz; rounding above 1 also lands on the cap.
+    S = 0 gives y = ∞, r = 0; Q = 0 (then S = 0) gives r = 0; a non-finite sample gives a
+    non-finite r. Near the cap fp32 cancellation in 1 − u limits r's precision (as in any fp32
+    form of the variance); the relative error is ~1e-7 where r ≪ 1/ε.
 
     Args:
         grad_sum: Σ_s g_s (any shape; promoted to fp32), or Σ_s g_s / ``sum_scale``.
@@ -55,16 +55,17 @@ def gsnr_from_moments(
     Returns:
         r in fp32, same shape as the inputs (``out`` when given).
     """
-    if out is None:
-        out = grad_sq_sum.to(torch.float32, copy=True)
-    elif out is not grad_sq_sum:
-        out.copy_(grad_sq_sum)
-    s = grad_sum.float()
     c = (sum_scale * sum_scale) / num_samples
+    floor = c * eps / (1.0 - eps)
+    tiny = torch.finfo(torch.float32).tiny
+    if out is None:
+        out = torch.empty(grad_sq_sum.shape, dtype=torch.float32, device=grad_sq_sum.device)
+    c_t = torch.full((), c, dtype=torch.float32, device=out.device)  # c / x: one rounding, one pass
+    s = grad_sum.float()
     # y = Q / S²; Q is floored at the smallest normal so that Q = S = 0 gives y = tiny/0 = ∞.
-    out.clamp_(min=torch.finfo(torch.float32).tiny).div_(s).div_(s)
+    torch.clamp(grad_sq_sum, min=tiny, out=out)
     # y − c = c·(1 − u)/u: the relative variance floor is a clamp of it; then r = c / (y − c).
-    return out.sub_(c).clamp_(min=c * eps / (1.0 - eps)).reciprocal_().mul_(c)
+    return torch.div(c_t, out.div_(s).div_(s).sub_(c).clamp_(min=floor), out=out)
 
 
 def normalize_and_clip(
@@ -80,6 +81,8 @@ def normalize_and_clip(
     tensors) — one value per parameter tensor of the layout. Where m = 0 no element of the tensor
     has signal and the result is γ everywhere (VRGD.md §2): r/1 = 0 clamps to γ.
     ``out`` may be ``gsnr`` itself (in place; what the optimizer does); default: a new tensor.
+    With ``layout``, each parameter tensor's elements are divided by its m in one op per piece
+    (one per run of small pieces), then all are clamped in one pass.
     """
     safe_mean = torch.where(layer_mean > 0, layer_mean, torch.ones_like(layer_mean))
     if layout is None:
@@ -110,8 +113,8 @@ def update_gsnr_momentum(
         if out is None:
             return momentum / (1.0 - beta**step)
         return torch.mul(momentum, 1.0 / (1.0 - beta**step), out=out)
+    correction = 1.0 - torch.pow(beta, step.to(momentum.device))
     if out is None:
-        out = momentum.clone()
-    else:
-        out.copy_(momentum)
-    return layout.scale_(out, 1.0 - torch.pow(beta, step.to(out.device)), divide=True)
+        return layout.scale_(momentum.clone(), correction, divide=True)
+    # p / (1 − β^t) written straight into ``out``, tensor by tensor (padding keeps out's values).
+    return layout.scale_(out, correction, divide=True, src=momentum)

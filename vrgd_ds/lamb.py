@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .optimizer import VROptimizer, _check_range, check_adam_like, init_adam_state, step_counts
+from .optimizer import VROptimizer, _check_range, check_adam_like, flat_workspace, init_adam_state, step_counts
 from .update_rules import lamb_update
 
 __all__ = ["VRLamb"]
@@ -109,11 +109,12 @@ class VRLamb(VROptimizer):
     def _init_state(self, p, state, group):
         init_adam_state(p, state)
 
-    def _base_update(self, p, grad, state, group, layout):
+    def _base_update(self, p, grad, state, group, layout, workspace=None):
         beta1, beta2 = group["betas"]
+        flat_grad = grad.reshape(-1)
         lamb_update(
             p.view(-1),
-            grad.reshape(-1),
+            flat_grad,
             {k: (v.view(-1) if torch.is_tensor(v) else v) for k, v in state.items()},
             step_counts(state),
             layout,
@@ -127,4 +128,5 @@ class VRLamb(VROptimizer):
             min_trust_ratio=group["min_trust_ratio"],
             max_trust_ratio=group["max_trust_ratio"],
             use_nvlamb=group["use_nvlamb"],
+            workspace=flat_workspace(workspace, grad, flat_grad),
         )

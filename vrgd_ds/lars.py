@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .optimizer import VROptimizer, _check_range
+from .optimizer import VROptimizer, _check_range, flat_workspace
 from .update_rules import lars_update
 
 __all__ = ["VRLars"]
@@ -78,11 +78,12 @@ class VRLars(VROptimizer):
     def _init_state(self, p, state, group):
         state["step"] = 0
 
-    def _base_update(self, p, grad, state, group, layout):
+    def _base_update(self, p, grad, state, group, layout, workspace=None):
         flat_state = {k: (v.view(-1) if hasattr(v, "view") else v) for k, v in state.items()}
+        flat_grad = grad.reshape(-1)
         lars_update(
             p.view(-1),
-            grad.reshape(-1),
+            flat_grad,
             flat_state,
             layout,
             lr=group["lr"],
@@ -92,6 +93,7 @@ class VRLars(VROptimizer):
             eps=group["eps"],
             nesterov=group["nesterov"],
             trust_ratio=group["trust_ratio"],
+            workspace=flat_workspace(workspace, grad, flat_grad),
         )
         if "momentum_buffer" in flat_state and "momentum_buffer" not in state:
             state["momentum_buffer"] = flat_state["momentum_buffer"].view_as(p)

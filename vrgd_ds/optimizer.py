@@ -79,6 +79,14 @@ def step_counts(state: dict) -> int | Tensor:
     return state["step"] if steps is None else steps.clamp(min=1.0)
 
 
+def flat_workspace(workspace: Tensor | None, grad: Tensor, flat_grad: Tensor) -> Tensor | None:
+    """``workspace`` as a flat tensor for update rules that take flat tensors: ``flat_grad`` itself
+    when the workspace is the gradient (so that the rule sees one tensor, not two views)."""
+    if workspace is None:
+        return None
+    return flat_grad if workspace is grad else workspace.view(-1)
+
+
 def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | None) -> None:
     """One more step for the state, and for each of its tensors that got a gradient (``absent``
     marks those that did not, one bool per tensor of ``layout``; None: all did)."""
@@ -397,9 +405,26 @@ class VROptimizer(Optimizer):
         raise NotImplementedError
 
     def _base_update(
-        self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout
+        self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout, workspace: Tensor | None = None
     ) -> None:  # pragma: no cover
+        """The base optimizer's update of ``p`` with gradient ``grad`` (g'); ``workspace``: a tensor
+        of ``p``'s shape the update rule may overwrite (``grad`` itself when it is this step's
+        scaled gradient; see vrgd_ds/update_rules.py)."""
         raise NotImplementedError
+
+    def _workspace(self, p: Tensor) -> Tensor | None:
+        """Scratch for the update of ``p`` when its gradient is the user's (``vr=False``): on the
+        CPU one tensor of ``p``'s size kept across steps, since allocating it every step, as
+        torch.optim does, costs more there than the arithmetic (a fresh large allocation is new
+        pages from the OS, faulted in on first touch — ZeRO-Offload's host step). None elsewhere:
+        accelerator allocators reuse memory already. Not state: never checkpointed."""
+        if p.device.type != "cpu":
+            return None
+        cache = self.__dict__.setdefault("_scratch", {})  # absent on optimizers unpickled from older releases
+        buf = cache.get(id(p))
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype:
+            buf = cache[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
+        return buf
 
     def _layer_gsnr(self, p: Tensor, layout: SegmentLayout, eps: float):
         """Phase 1: raw r of ``p`` (flat) and the per-tensor mean of r, completed across ranks.
@@ -502,7 +527,7 @@ class VROptimizer(Optimizer):
         if self.moment_source is None:
             for p, group, state, layout in self._tensors_with_grad():
                 advance_step_counts(state, layout, None)
-                self._base_update(p, p.grad, state, group, layout)
+                self._base_update(p, p.grad, state, group, layout, self._workspace(p))
             return loss
 
         source = self.moment_source
@@ -540,7 +565,7 @@ class VROptimizer(Optimizer):
             phase1 = self._layer_gsnr(p, layout, group["gsnr_eps"])
             if not self.vr:  # gradient_stats only: the moments were summed; the update is the base one
                 advance_step_counts(state, layout, None)
-                self._base_update(p, p.grad, state, group, layout)
+                self._base_update(p, p.grad, state, group, layout, self._workspace(p))
                 continue
             if phase1 is None:
                 self.skipped_steps += 1
@@ -552,9 +577,9 @@ class VROptimizer(Optimizer):
             advance_step_counts(state, layout, absent if some_absent else None)
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
             held = layout.hold(absent, p, state) if some_absent else None
-            self._base_update(
-                p, self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean), state, group, layout
-            )
+            scaled = self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean)
+            # g' lives in a buffer of this step's moments: the update rule may overwrite it.
+            self._base_update(p, scaled, state, group, layout, workspace=scaled)
             if held is not None:
                 held.restore()
         source.after_inner_step()

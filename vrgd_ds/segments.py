@@ -20,6 +20,22 @@ __all__ = ["SegmentLayout", "HeldElements"]
 PADDING = -1
 # State keys holding one value per parameter tensor (not per element) of a flat shard.
 PER_TENSOR_STATE = ("tensor_step",)
+#: Pieces shorter than this are handled together, one operation per run of consecutive small
+#: pieces (a flat shard of a transformer holds hundreds of biases and LayerNorm weights: one op
+#: each costs more than their elements). torch runs ops on fewer elements than its grain size
+#: (32768) on one thread anyway, so nothing is lost in parallelism.
+SMALL_PIECE = 32768
+
+
+class _Run:
+    """Consecutive small pieces [start, end) of a flat tensor, handled by one op each time;
+    ``keys`` per piece, ``lengths`` per piece (the per-element tensor index, ``element_keys``,
+    is made per device)."""
+
+    __slots__ = ("start", "end", "keys", "lengths")
+
+    def __init__(self, start: int, end: int, keys: list[int], lengths: list[int]):
+        self.start, self.end, self.keys, self.lengths = start, end, keys, lengths
 
 
 class SegmentLayout:
@@ -33,6 +49,9 @@ class SegmentLayout:
         names: optional name of every parameter tensor (for statistics).
         complete: ``complete(vector)`` sums a float vector over the ranks that share the
             tensors, in place (an all-reduce); ``None`` when every tensor is whole locally.
+
+    Per-tensor operations go piece by piece over large pieces and one op per run of small
+    ones (:data:`SMALL_PIECE`); padding is never touched by them.
     """
 
     def __init__(
@@ -54,11 +73,37 @@ class SegmentLayout:
         self.complete = complete
         self.is_whole = self.piece_keys == [0] and self.num_tensors == 1 and complete is None
         self._device = None
+        self._plan()
 
     @classmethod
     def whole(cls, numel: int, name: str | None = None) -> "SegmentLayout":
         """The layout of an ordinary parameter tensor: one piece, complete locally."""
         return cls([numel], [0], [numel], names=[name] if name is not None else None)
+
+    def _plan(self) -> None:
+        """Split the non-padding pieces into large ones (one op each) and runs of small ones."""
+        self._large: list[tuple[int, int, int]] = []
+        self._runs: list[_Run] = []
+        run: list[tuple[int, int, int]] = []
+
+        def close():
+            if len(run) == 1:
+                self._large.append(run[0])
+            elif run:
+                self._runs.append(_Run(run[0][1], run[-1][2], [k for k, _, _ in run], [b - a for _, a, b in run]))
+            run.clear()
+
+        for key, a, b in self._pieces():
+            if b == a:
+                continue
+            if b - a >= SMALL_PIECE:
+                close()
+                self._large.append((key, a, b))
+            else:
+                if run and run[-1][2] != a:  # padding in between
+                    close()
+                run.append((key, a, b))
+        close()
 
     def _index_tensors(self, device):
         if self._device != device:
@@ -66,6 +111,14 @@ class SegmentLayout:
             keys = torch.tensor(self.piece_keys, dtype=torch.long, device=device)
             self._valid = keys >= 0
             self._keys_t = keys.clamp(min=0)
+            self._large_keys_t = torch.tensor([k for k, _, _ in self._large], dtype=torch.long, device=device)
+            self._run_keys_t = [
+                torch.repeat_interleave(
+                    torch.tensor(r.keys, dtype=torch.long, device=device),
+                    torch.tensor(r.lengths, dtype=torch.long, device=device),
+                )
+                for r in self._runs
+            ]
             self._device = device
         return self._lengths_t, self._keys_t, self._valid
 
@@ -86,32 +139,60 @@ class SegmentLayout:
 
         Returns a (len(values), num_tensors) fp32 tensor of *partial* sums (this rank's
         pieces only); pass it (flattened, maybe with extra entries) to :meth:`complete`.
-        A loop over views: no full-size temporaries (a flat shard holds at most a few hundred
-        pieces).
+        A large piece is one ``sum``/``dot`` over a view (no full-size temporary); a run of small
+        pieces is one ``index_add_`` in float64 over a copy of the run (small) — in float64 so
+        that its sequential accumulation is as accurate as torch's pairwise fp32 sum.
         """
         device = values[0].device
         out = torch.zeros(len(values), self.num_tensors, dtype=torch.float32, device=device)
+        if not self.is_whole:
+            self._index_tensors(device)
         for row, v in zip(out, values):
             v = v.reshape(-1)
             if self.is_whole:
                 row[0] = torch.dot(v, v) if squares else v.sum()
                 continue
-            for key, a, b in self._pieces():
-                piece = v[a:b]
-                row[key] += torch.dot(piece, piece) if squares else piece.sum()
+            if self._large:
+                partial = [torch.dot(v[a:b], v[a:b]) if squares else v[a:b].sum() for _, a, b in self._large]
+                row.index_add_(0, self._large_keys_t, torch.stack(partial).to(row.dtype))
+            if self._runs:
+                acc = torch.zeros(self.num_tensors, dtype=torch.float64, device=device)
+                for run, keys in zip(self._runs, self._run_keys_t):
+                    part = v[run.start : run.end].double()
+                    acc.index_add_(0, keys, part.mul_(part) if squares else part)
+                row.add_(acc.to(row.dtype))
         return out
 
-    def scale_(self, x: Tensor, per_tensor: Tensor, divide: bool = False) -> Tensor:
-        """Multiply (or divide) each parameter tensor's elements of flat ``x`` by its value of
-        ``per_tensor``, in place; padding is left alone."""
+    def scale_(self, x: Tensor, per_tensor: Tensor, divide: bool = False, src: Tensor | None = None) -> Tensor:
+        """x = src · per_tensor (or src / per_tensor), each parameter tensor's elements by its own
+        value of ``per_tensor``; ``src`` defaults to ``x`` (in place). Padding is left alone (with
+        a separate ``src`` it keeps ``x``'s values). Returns flat ``x``."""
         x = x.view(-1)
+        src = x if src is None else src.view(-1)
+        op = torch.div if divide else torch.mul
+        per_tensor = per_tensor.to(x.device, x.dtype)  # what an op with a 0-d operand does to it anyway
         if self.is_whole:
-            return x.div_(per_tensor[0]) if divide else x.mul_(per_tensor[0])
-        for key, a, b in self._pieces():
-            if divide:
-                x[a:b].div_(per_tensor[key])
-            else:
-                x[a:b].mul_(per_tensor[key])
+            return op(src, per_tensor.reshape(()), out=x)
+        self._index_tensors(x.device)
+        for key, a, b in self._large:
+            op(src[a:b], per_tensor[key], out=x[a:b])
+        for run, keys in zip(self._runs, self._run_keys_t):
+            op(src[run.start : run.end], per_tensor.index_select(0, keys), out=x[run.start : run.end])
+        return x
+
+    def add_scaled_(self, x: Tensor, y: Tensor, per_tensor: Tensor, alpha: float = 1.0) -> Tensor:
+        """x += alpha · per_tensor · y, each parameter tensor's elements by its own value of
+        ``per_tensor``, in one pass (``addcmul_``; no temporary the size of a piece); padding is
+        left alone. Returns flat ``x``."""
+        x, y = x.view(-1), y.view(-1)
+        per_tensor = per_tensor.to(x.device, x.dtype)
+        if self.is_whole:
+            return x.addcmul_(y, per_tensor.reshape(()), value=alpha)
+        self._index_tensors(x.device)
+        for key, a, b in self._large:
+            x[a:b].addcmul_(y[a:b], per_tensor[key], value=alpha)
+        for run, keys in zip(self._runs, self._run_keys_t):
+            x[run.start : run.end].addcmul_(y[run.start : run.end], per_tensor.index_select(0, keys), value=alpha)
         return x
 
     def tensor_sums(self, values: Sequence[Tensor], squares: bool = False) -> Tensor:

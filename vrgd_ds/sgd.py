@@ -68,7 +68,7 @@ class VRSGD(VROptimizer):
     def _init_state(self, p, state, group):
         state["step"] = 0
 
-    def _base_update(self, p, grad, state, group, layout):
+    def _base_update(self, p, grad, state, group, layout, workspace=None):
         hp = dict(
             lr=group["lr"],
             momentum=group["momentum"],
@@ -76,4 +76,4 @@ class VRSGD(VROptimizer):
             weight_decay=group["weight_decay"],
             nesterov=group["nesterov"],
         )
-        sgd_update(p, grad, state, step_counts(state), layout, **hp)
+        sgd_update(p, grad, state, step_counts(state), layout, workspace=workspace, **hp)

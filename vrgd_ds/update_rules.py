@@ -6,6 +6,13 @@ and its state tensors in place. LAMB and LARS need per-parameter-tensor norms: t
 a flat ZeRO shard. The rules that depend on the step count t take it as an int, or as one t per
 parameter tensor of the layout (tensors of a flat shard that missed steps). SGD and Adam mirror
 torch.optim's single-tensor kernels operation for operation so that ``vr=False`` reproduces them.
+
+``workspace`` (every rule): a tensor of ``param``'s shape the rule may overwrite, for what
+torch.optim would allocate each step (√v, the LAMB direction u, g' + λθ): ``grad`` itself where
+the caller no longer needs it (the optimizer's GSNR-scaled gradient, a buffer of this step's
+moments), or a buffer kept across steps; ``None`` allocates as torch.optim does. On the host a
+fresh full-size allocation costs more than the arithmetic on it (page faults), and ZeRO-Offload
+runs these rules there.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ def sgd_update(
     dampening: float,
     weight_decay: float,
     nesterov: bool,
+    workspace: Tensor | None = None,
 ) -> None:
     r"""torch.optim.SGD: d = g' + λθ; b = μb + (1−τ)d (b = d at first); d = d + μb or b; θ −= lr·d.
 
@@ -38,7 +46,7 @@ def sgd_update(
     the shard's buffer exists (its elements of b are 0 until then, see :class:`HeldElements`).
     """
     if weight_decay != 0:
-        grad = grad.add(param, alpha=weight_decay)
+        grad = torch.add(grad, param, alpha=weight_decay, out=workspace)
     if momentum != 0:
         buf = state.get("momentum_buffer")
         if buf is None:
@@ -47,10 +55,10 @@ def sgd_update(
         elif torch.is_tensor(step) and dampening != 0 and bool((step <= 1).any()):
             first = (step <= 1).to(grad.dtype)
             coefficient = first + (1 - first) * (1 - dampening)  # 1 at a tensor's first step, else 1 − τ
-            buf.mul_(momentum).add_(layout.expand(coefficient.to(grad.device)).view_as(grad) * grad)
+            layout.add_scaled_(buf.mul_(momentum), grad, coefficient)
         else:
             buf.mul_(momentum).add_(grad, alpha=1 - dampening)
-        grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        grad = torch.add(grad, buf, alpha=momentum, out=workspace) if nesterov else buf
     param.add_(grad, alpha=-lr)
 
 
@@ -67,6 +75,7 @@ def adam_update(
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
+    workspace: Tensor | None = None,
 ) -> None:
     r"""torch.optim.Adam / AdamW (``decoupled_weight_decay``), the same operations in the same order.
 
@@ -79,21 +88,22 @@ def adam_update(
         if decoupled_weight_decay:
             param.mul_(1 - lr * weight_decay)
         else:
-            grad = grad.add(param, alpha=weight_decay)
+            grad = torch.add(grad, param, alpha=weight_decay, out=workspace)
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    # √v in the workspace: g' (+ λθ) is not read after the moments.
+    denom = torch.sqrt(exp_avg_sq, out=workspace)
     if torch.is_tensor(step):
         step = step.double().to(param.device)
-        denom = layout.scale_(exp_avg_sq.sqrt(), (1 - torch.pow(beta2, step)).sqrt_(), divide=True).add_(eps)
-        update = layout.scale_(torch.div(exp_avg.view(-1), denom, out=denom), lr / (1 - torch.pow(beta1, step)))
-        param.sub_(update.view_as(param))
+        layout.scale_(denom, (1 - torch.pow(beta2, step)).sqrt_(), divide=True).add_(eps)
+        # θ −= (lr/(1 − β1^t)) · m/denom, tensor by tensor, in one pass.
+        layout.add_scaled_(param, torch.div(exp_avg, denom, out=denom), lr / (1 - torch.pow(beta1, step)), alpha=-1.0)
         return
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / (bias_correction2**0.5)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-step_size)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    # torch.optim's (√v / √(1 − β2^t)) + ε, the same operations, in place.
+    param.addcdiv_(exp_avg, denom.div_(bias_correction2_sqrt).add_(eps), value=-step_size)
 
 
 def _trust_ratio(param_norm: Tensor, update_norm: Tensor, min_ratio, max_ratio) -> Tensor:
@@ -136,6 +146,7 @@ def lamb_update(
     min_trust_ratio: float | None,
     max_trust_ratio: float | None,
     use_nvlamb: bool = True,
+    workspace: Tensor | None = None,
 ) -> None:
     r"""LAMB (You et al. 2019), trust ratio per parameter tensor.
 
@@ -144,28 +155,40 @@ def lamb_update(
     The ratio is 1 (an AdamW-like step) with ``trust_ratio=False``, and with
     ``use_nvlamb=False`` where ``weight_decay == 0`` (apex FusedLAMB; :func:`lamb_adapts`).
     ``step`` is t, or a tensor of one t per parameter tensor of ``layout``.
+
+    With one t, the bias corrections are folded into two scalars (one pass fewer),
+    m̂/(√v̂ + ε) = (√(1−β2^t)/(1−β1^t)) · m/(√v + ε√(1−β2^t)); u lives in ``workspace`` (or a
+    new tensor). The step θ ← θ − lr·ratio·u is one ``addcmul_`` per tensor.
     """
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+    per_tensor_steps = bias_correction and torch.is_tensor(step)  # one t per tensor of a flat shard
+    if bias_correction and not per_tensor_steps:
+        root_bc2 = (1 - beta2**step) ** 0.5
+        eps_scaled, factor = eps * root_bc2, root_bc2 / (1 - beta1**step)
+    else:
+        eps_scaled, factor = eps, 1.0
+    exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    # One full-size temporary: √v̂ + ε, then m̂ / (√v̂ + ε) written over it.
-    update = exp_avg_sq.sqrt()
-    if bias_correction and torch.is_tensor(step):  # one t per parameter tensor of a flat shard
+    # ``update`` may be ``grad`` itself: g' is not read after the moments.
+    update = torch.sqrt(exp_avg_sq, out=workspace)
+    if not per_tensor_steps:
+        torch.div(exp_avg, update.add_(eps_scaled), out=update)
+        if factor != 1.0:
+            update.mul_(factor)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
+    else:
         step = step.to(update.device)
         layout.scale_(update, (1 - torch.pow(beta2, step)).sqrt_(), divide=True).add_(eps)
         layout.scale_(torch.div(exp_avg, update, out=update), 1 - torch.pow(beta1, step), divide=True)
-    elif bias_correction:
-        update.div_((1 - beta2**step) ** 0.5).add_(eps)
-        torch.div(exp_avg, update, out=update).div_(1 - beta1**step)
-    else:
-        torch.div(exp_avg, update.add_(eps), out=update)
-    if weight_decay != 0:
-        update.add_(param, alpha=weight_decay)
+        if weight_decay != 0:
+            update.add_(param, alpha=weight_decay)
     if lamb_adapts(weight_decay, trust_ratio, use_nvlamb):
         norms = layout.tensor_norms([param, update])
         ratio = _trust_ratio(norms[0], norms[1], min_trust_ratio, max_trust_ratio)
-        layout.scale_(update, ratio)
-    param.add_(update, alpha=-lr)
+        layout.add_scaled_(param, update, ratio, alpha=-lr)
+    else:
+        param.add_(update, alpha=-lr)
 
 
 def lars_update(
@@ -181,6 +204,7 @@ def lars_update(
     eps: float,
     nesterov: bool,
     trust_ratio: bool,
+    workspace: Tensor | None = None,
 ) -> None:
     r"""LARS (You et al. 2017), local LR per parameter tensor.
 
@@ -196,7 +220,12 @@ def lars_update(
             trust_coefficient * param_norm / (grad_norm + weight_decay * param_norm + eps),
             torch.ones_like(param_norm),
         )
-    d = grad.add(param, alpha=weight_decay) if weight_decay != 0 else grad.clone()
+    if weight_decay != 0:
+        d = torch.add(grad, param, alpha=weight_decay, out=workspace)
+    elif workspace is None:
+        d = grad.clone()
+    else:
+        d = workspace if workspace is grad else workspace.copy_(grad)
     if trust_ratio:
         layout.scale_(d, local_lr)
     if momentum != 0:
@@ -206,5 +235,5 @@ def lars_update(
             state["momentum_buffer"] = buf
         else:
             buf.mul_(momentum).add_(d)
-        d = d.add(buf, alpha=momentum) if nesterov else buf
+        d = torch.add(d, buf, alpha=momentum, out=workspace) if nesterov else buf
     param.add_(d, alpha=-lr)
