@@ -83,14 +83,21 @@ def pipeline_case(rank: int, world: int, case: dict):
     from deepspeed.pipe import PipelineModule
     from deepspeed.utils import safe_get_full_fp32_param
 
-    import vrgd_ds  # noqa: F401
+    import vrgd_ds
 
     dp = world // 2
     gas = MICRO_BATCHES // dp
     if case.get("tied"):
         module = tied_pipeline_module(mse, tie_bias=case["tied"] == "weight and bias")
     else:
-        module = PipelineModule(layers=pipeline_layers(), num_stages=2, loss_fn=mse, partition_method="uniform")
+        layers = pipeline_layers()
+        if "inf_step" in case:
+            # The last layer's weight gradient (stage 1) is non-finite at that step, the rest of
+            # the model's (stage 0) finite: every stage must skip the step, not stage 1 alone.
+            training = {"step": 0}
+            inf = float("inf")
+            layers[-1].weight.register_hook(lambda g: g * inf if training["step"] == case["inf_step"] else g)
+        module = PipelineModule(layers=layers, num_stages=2, loss_fn=mse, partition_method="uniform")
     cfg = {
         "train_batch_size": 4 * MICRO_BATCHES,
         "train_micro_batch_size_per_gpu": 4,
@@ -116,6 +123,8 @@ def pipeline_case(rank: int, world: int, case: dict):
     bf16 = case.get("precision") == "bf16"
     tied_diffs = []
     for step in range(STEPS):
+        if "inf_step" in case:
+            training["step"] = step
         dtype = torch.bfloat16 if bf16 else torch.float32
         mine = [tuple(t.to(dtype) for t in batches[step * MICRO_BATCHES + a * dp + dp_rank][:2]) for a in range(gas)]
         engine.train_batch(iter(mine))
@@ -135,7 +144,14 @@ def pipeline_case(rank: int, world: int, case: dict):
     if bf16:  # the fp32 master weights (BF16_Optimizer's flat partitions)
         params = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
     params = {n.replace("tied_modules.", ""): p.detach().float().clone() for n, p in params.items()}
-    return {"error": None, "wrapper": type(engine.optimizer).__name__, "params": params, "tied_diffs": tied_diffs}
+    return {
+        "error": None,
+        "wrapper": type(engine.optimizer).__name__,
+        "params": params,
+        "tied_diffs": tied_diffs,
+        # Steps skipped by the VR optimizer (stage 0) or by DeepSpeed's overflow check (ZeRO 1).
+        "skipped_steps": vrgd_ds.find_vr_optimizer(engine).skipped_steps + engine.skipped_steps,
+    }
 
 
 def train_reference(case: dict) -> dict:
@@ -155,6 +171,8 @@ def train_reference(case: dict) -> dict:
     opt = cls(model.parameters(), **params)
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
     for step in range(STEPS):
+        if step == case.get("inf_step"):  # a non-finite step: skipped
+            continue
         for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
             (mse(forward(x), y) / MICRO_BATCHES).backward()
         if case.get("clip"):

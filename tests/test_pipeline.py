@@ -56,9 +56,16 @@ TIED_REFUSED = [
 ]
 
 
+# A step whose gradients are non-finite on one stage only (the other's finite).
+NONFINITE_CASES = [
+    dict(name=f"VRLamb-z{stage}-nonfinite-one-stage", type="VRLamb", params=LAMB, stage=stage, inf_step=1)
+    for stage in (0, 1)
+]
+
+
 @pytest.fixture(scope="module")
 def pipeline_results():
-    cases = CASES + BF16_CASES + TIED_CASES + BF16_TIED_CASES + [case for case, _ in TIED_REFUSED]
+    cases = CASES + BF16_CASES + TIED_CASES + BF16_TIED_CASES + NONFINITE_CASES + [case for case, _ in TIED_REFUSED]
     return run_ranks(pipeline_cases, 4, cases, timeout=600, init="deepspeed")
 
 
@@ -115,3 +122,16 @@ def test_tied_weight_copies_identical_after_every_step(case, pipeline_results):
 def test_pipeline_ties_not_made_exact_refused(case, message, pipeline_results):
     for rank, res in enumerate(r[case["name"]] for r in pipeline_results):
         assert res["error"] is not None and message in res["error"], f"rank {rank}: {res}"
+
+
+@pytest.mark.parametrize("case", NONFINITE_CASES, ids=[c["name"] for c in NONFINITE_CASES])
+def test_step_non_finite_on_one_stage_skipped_by_every_stage(case, pipeline_results):
+    """Every stage skips it — the VR optimizer's check at stage 0 is agreed on over the
+    pipeline's model-parallel group (DeepSpeed's own at ZeRO-1) — so the stages stay one model:
+    the single-process run without that step."""
+    expected = train_reference(case)
+    for rank, res in enumerate(r[case["name"]] for r in pipeline_results):
+        assert res["error"] is None, f"rank {rank}: {res['error']}"
+        assert res["skipped_steps"] == 1, f"rank {rank}: skipped {res['skipped_steps']} steps"
+        for name, value in res["params"].items():
+            assert rel_err(value, expected[name]) <= 1e-5, f"rank {rank} {name}: {rel_err(value, expected[name]):.2e}"

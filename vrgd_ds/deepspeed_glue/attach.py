@@ -89,7 +89,7 @@ def attach(engine) -> None:
     elif stage in (1, 2):
         source = zero_source(opt, wrapper, strategy, names)
     else:
-        source = stage0_source(engine, opt, wrapper, names, tp.group if tp is not None else None)
+        source = stage0_source(engine, opt, wrapper, names)
     # engine.backward scales the loss by the loss scale only for ZeRO wrappers (BF16_Optimizer
     # never scales; see the fp16 stage-0 refusal) and always divides it by gradient_accumulation_steps.
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:

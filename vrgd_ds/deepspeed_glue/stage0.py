@@ -31,11 +31,12 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
     checks_finite_locally = True
 
-    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None, tp_group=None):
+    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None, model_group=None):
         super().__init__(optimizer, world_size, group, names)
-        # Under tensor parallelism the ranks of a tensor-parallel group hold different shards: the
-        # local non-finite check is agreed on over that group (every rank then skips, or none).
-        self.tp_group = tp_group
+        # Under tensor or pipeline parallelism the ranks of one model replica hold different
+        # tensors: the local non-finite check is agreed on over them (every rank skips, or none).
+        self.model_group = model_group
+        self.inner_params = [ip for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
         # Frozen tensors (requires_grad=False) never get a gradient: nothing to collect or hook.
         pairs = [(mp, ip) for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
         model_params, inner_params = [mp for mp, _ in pairs], [ip for _, ip in pairs]
@@ -62,11 +63,14 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return add_sample
 
     def all_finite(self) -> bool:
-        finite = bool(torch.isfinite(self.buffer).all())
-        if self.tp_group is None:
+        """Σg² and the reduced gradients finite on every rank of this model replica."""
+        finite = bool(torch.isfinite(self.buffer).all()) and all(
+            bool(torch.isfinite(p.grad).all()) for p in self.inner_params if p.grad is not None
+        )
+        if self.model_group is None:
             return finite
         flag = torch.tensor([0.0 if finite else 1.0], device=self.buffer.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.tp_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.model_group)
         return float(flag) == 0.0
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
@@ -105,15 +109,29 @@ def stage0_params(opt: VROptimizer, wrapper) -> tuple[list, list]:
     )
 
 
-def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, tp_group=None) -> DeepSpeedMomentSource:
+def model_parallel_group(engine):
+    """The ranks holding the other parts of this rank's model replica (tensor-parallel peers,
+    other pipeline stages): the mpu's model-parallel group (a pipeline grid's spans pipe × model,
+    pipe/topology.py:452), or None when this rank holds the whole model."""
+    mpu = getattr(engine, "mpu", None)
+    getter = getattr(mpu, "get_model_parallel_group", None)
+    if getter is None:
+        return None
+    group = getter()
+    return group if group is not None and dist.get_world_size(group=group) > 1 else None
+
+
+def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMomentSource:
     """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
-    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. ``tp_group``: the
-    tensor-parallel group, if any."""
+    engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. A non-finite
+    step is skipped on every rank of the model replica (:func:`model_parallel_group`)."""
     # The data-parallel group DeepSpeed reduces gradients over (never the world: with a pipeline
     # the world holds other stages' tensors); sequence parallelism is refused.
     dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
     model_params, inner_params = stage0_params(opt, wrapper)
-    source = Stage0MomentSource(opt, dp_world, dp_group, model_params, inner_params, names, tp_group=tp_group)
+    source = Stage0MomentSource(
+        opt, dp_world, dp_group, model_params, inner_params, names, model_group=model_parallel_group(engine)
+    )
     for mp, ip in zip(model_params, inner_params):
         if id(mp) in names:
             opt.set_param_name(ip, names[id(mp)])

@@ -18,9 +18,10 @@ and DeepSpeed reduces gradients over the data-parallel group only (utils/groups.
   Cost: one more all-reduce of the sharded tensors' per-tensor sums over the tensor-parallel group
   per phase (a few floats per tensor).
 
-At stage 0 every rank of a tensor-parallel group must agree on skipping a non-finite step: the
-source's local check is agreed on over the group (``Stage0MomentSource.all_finite``); at ZeRO 1/2
-the check rides in the completed sums, as without tensor parallelism.
+At stage 0 every rank of a model replica (tensor-parallel peers, pipeline stages) must agree on
+skipping a non-finite step: the source's local check is agreed on over the mpu's model-parallel
+group (``Stage0MomentSource.all_finite``); at ZeRO 1/2 the check rides in the completed sums, as
+without tensor parallelism, and DeepSpeed's own overflow check spans that group too.
 
 Exact and tested (tests/test_tensor_parallel.py, TP2 × DP2 on 4 CPU ranks, against the whole
 model in float64): ZeRO 0, 1, 2, 3 in fp32; VRLamb, VRLars, VRSGD, VRAdamW; vr=False LAMB/LARS;
