@@ -7,8 +7,8 @@ tensor-parallel group (the grid's slice group — never its model-parallel group
 stages too), and a weight tied across the stages (an embedding reused by the last stage, sharded
 over the tensor-parallel ranks as Megatron's vocabulary-parallel embedding) has each
 micro-batch's sample summed over its tie group first; the stages' copies stay bit-identical.
-Teacher-forced as tests/test_tensor_parallel.py. bf16 (BF16_Optimizer, the Megatron-DeepSpeed
-path): the update of VR against the fp32 reference may exceed the base optimizer's (vr=False on
+Teacher-forced as tests/test_tensor_parallel.py. bf16 (BF16_Optimizer at stage 0, the
+Megatron-DeepSpeed path; DeepSpeedZeroOptimizer at ZeRO-1 with bf16 accumulation): the update of VR against the fp32 reference may exceed the base optimizer's (vr=False on
 the same path, same 16-bit arithmetic) by 1.5× + 1e-2 at most.
 """
 
@@ -49,10 +49,24 @@ CASES = [
     ),
     dict(name="VRAdamW-z1-tied", type="VRAdamW", params=OPTIMIZERS["VRAdamW"][1], stage=1, tied=True),
 ]
-BF16_CASES = [
-    dict(name=f"VRLamb-bf16-tied-{kind}", type="VRLamb", params=dict(LAMB, vr=vr), stage=0, tied=True, precision="bf16")
-    for kind, vr in (("vr", True), ("base", False))
-]
+# bf16 at stage 0 (BF16_Optimizer) and at ZeRO-1 with bf16 accumulation (DeepSpeedZeroOptimizer):
+# VR and the base optimizer on the same path.
+BF16_PAIRS = {
+    f"z{stage}": [
+        dict(
+            name=f"VRLamb-z{stage}-bf16-tied-{kind}",
+            type="VRLamb",
+            params=dict(LAMB, vr=vr),
+            stage=stage,
+            tied=True,
+            precision="bf16",
+        )
+        for kind, vr in (("vr", True), ("base", False))
+    ]
+    for stage in (0, 1)
+}
+BF16_CASES = [case for pair in BF16_PAIRS.values() for case in pair]
+WRAPPERS = {0: "BF16_Optimizer", 1: "DeepSpeedZeroOptimizer"}
 
 
 @pytest.fixture(scope="module")
@@ -142,11 +156,12 @@ def test_tensor_parallel_pipeline_update_matches_whole_model_reference(case, run
     print(f"{case['name']}: max relative update error {max(errors.values()):.2e}")
 
 
-def test_tensor_parallel_bf16_pipeline_through_bf16_optimizer(runs):
-    vr_case, base_case = BF16_CASES
-    vr, base = (_update_errors(c, _results(runs, c)) for c in BF16_CASES)
+@pytest.mark.parametrize("pair", list(BF16_PAIRS), ids=list(BF16_PAIRS))
+def test_tensor_parallel_bf16_pipeline(pair, runs):
+    vr_case, base_case = BF16_PAIRS[pair]
+    vr, base = (_update_errors(c, _results(runs, c)) for c in BF16_PAIRS[pair])
     for rank, res in enumerate(r[vr_case["name"]] for r in runs):
-        assert res["wrapper"] == "BF16_Optimizer", f"rank {rank}: {res['wrapper']}"
+        assert res["wrapper"] == WRAPPERS[vr_case["stage"]], f"rank {rank}: {res['wrapper']}"
     for key, err in vr.items():
         assert err <= 1.5 * base[key] + 1e-2, f"{key}: VR {err:.2e} vs the base optimizer's {base[key]:.2e}"
-    print(f"bf16: VR max {max(vr.values()):.2e}, base max {max(base.values()):.2e}")
+    print(f"bf16 {pair}: VR max {max(vr.values()):.2e}, base max {max(base.values()):.2e}")
