@@ -8,8 +8,9 @@ stages too), and a weight tied across the stages (an embedding reused by the las
 over the tensor-parallel ranks as Megatron's vocabulary-parallel embedding) has each
 micro-batch's sample summed over its tie group first; the stages' copies stay bit-identical.
 Teacher-forced as tests/test_tensor_parallel.py. bf16 (BF16_Optimizer at stage 0, the
-Megatron-DeepSpeed path; DeepSpeedZeroOptimizer at ZeRO-1 with bf16 accumulation): the update of VR against the fp32 reference may exceed the base optimizer's (vr=False on
-the same path, same 16-bit arithmetic) by 1.5× + 1e-2 at most.
+Megatron-DeepSpeed path; DeepSpeedZeroOptimizer at ZeRO-1 with bf16 accumulation): the update
+of VR against the fp32 reference may exceed the base optimizer's (vr=False on the same path,
+same 16-bit arithmetic) by 1.5× + 1e-2 at most.
 """
 
 from __future__ import annotations
