@@ -14,8 +14,7 @@
 #      (GPU_CHECK_ZERO3=0 skips it), then BF16_Optimizer (bf16 + ZeRO-1 + fp32 accumulation;
 #      GPU_CHECK_BF16_OPTIMIZER=0 skips it), then, with >= 2 GPUs only, tensor parallelism: the
 #      encoder's linear layers split over 2 GPUs (--tensor-parallel 2 --world-size 2: TP2 x DP1),
-#      ZeRO-2, in GPU_CHECK_TP_PRECISIONS (fp32: vrgd_ds refuses bf16 with tensor parallelism so
-#      far); GPU_CHECK_TENSOR_PARALLEL=0 skips it.
+#      ZeRO-2 (GPU_CHECK_TENSOR_PARALLEL=0 skips it).
 #   3. GPU tests: tests/test_cuda.py -- each VR optimizer on the GPU vs the CPU (plain PyTorch), and
 #      the DeepSpeed update matrix (every ZeRO stage 0-2 x fp32/bf16/fp16 x clipping x optimizer,
 #      and the special cases) against the float64 reference through the CUDA accelerator: with
@@ -36,7 +35,7 @@
 #   GPU_CHECK_ZERO3           1 | 0: the ZeRO-3 benchmark too [1]
 #   GPU_CHECK_BF16_OPTIMIZER  1 | 0: the BF16_Optimizer benchmark too [1]
 #   GPU_CHECK_TENSOR_PARALLEL 1 | 0: the tensor-parallel benchmark too, where there are >= 2 GPUs [1]
-#   GPU_CHECK_TP_PRECISIONS   its --precisions [fp32]
+#   GPU_CHECK_TP_PRECISIONS   its --precisions, e.g. fp32 [the size's: bf16 at large]
 #   GPU_CHECK_GPU_TESTS_TIMEOUT   seconds [900]
 #   GPU_CHECK_CPU_SUITE       1 | 0 [1]
 #   GPU_CHECK_CPU_SUITE_TIMEOUT   seconds [1800]
@@ -159,7 +158,8 @@ if [ "${GPU_CHECK_TENSOR_PARALLEL:-1}" != 1 ]; then
 elif [ "$DEVICE" != cuda ] || [ "$GPUS" -lt 2 ]; then
     record bench_large_tp2 "skipped (needs NCCL and >= 2 GPUs; $GPUS here)"
 else  # TP2 x DP1: one tensor-parallel pair of GPUs
-    bench bench_large_tp2 2 --tensor-parallel 2 --world-size 2 --precisions "${GPU_CHECK_TP_PRECISIONS:-fp32}"
+    bench bench_large_tp2 2 --tensor-parallel 2 --world-size 2 \
+        ${GPU_CHECK_TP_PRECISIONS:+--precisions "$GPU_CHECK_TP_PRECISIONS"}
 fi
 
 # ---- 3. GPU tests -----------------------------------------------------------------------------
