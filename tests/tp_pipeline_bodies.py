@@ -132,6 +132,40 @@ def reference_forward(w: dict, x):
     return o @ w["out.weight"].T + w["out.bias"]
 
 
+def sharded_samples(whole: dict, x, y, dtype, scale: float) -> dict:
+    """The run's per-micro-batch gradient samples in 16 bits, in one process: each
+    tensor-parallel rank's shards in ``dtype``, the row-parallel partial outputs summed in
+    ``dtype`` (the forward all-reduce), the tied weight's two uses as separate copies whose
+    shares are summed in float64 (TiedWeightSamples sums fp32 copies of the shares). Returns
+    {whole-tensor name: gradient of scale × loss, float64}."""
+    shards = {
+        (n, t): (w.chunk(TP, dim=SHARDED_DIMS[n])[t] if n in SHARDED_DIMS else w).to(dtype).requires_grad_()
+        for n, w in whole.items()
+        for t in range(TP if n in SHARDED_DIMS else 1)
+    }
+    tied = "head.weight" not in whole
+    # The last stage's copy of io (tied) or the head.
+    head = {
+        t: (shards["io.weight", t].detach().clone().requires_grad_() if tied else shards["head.weight", t])
+        for t in range(TP)
+    }
+    x, y = x.to(dtype), y.to(dtype)
+    h1 = [torch.tanh(x @ shards["io.weight", t].T) for t in range(TP)]
+    h2 = torch.tanh(sum(h1[t] @ shards["fc2.weight", t].T for t in range(TP)) + shards["fc2.bias", 0])
+    h3 = [torch.tanh(h2 @ shards["fc3.weight", t].T + shards["fc3.bias", t]) for t in range(TP)]
+    o = sum(h3[t] @ head[t] for t in range(TP))
+    loss = mse(o @ shards["out.weight", 0].T + shards["out.bias", 0], y) * scale
+    leaves = list(shards.values()) + ([head[t] for t in range(TP)] if tied else [])
+    grads = dict(zip(map(id, leaves), torch.autograd.grad(loss, leaves)))
+    out = {}
+    for n in whole:
+        parts = [grads[id(shards[n, t])].double() for t in range(TP if n in SHARDED_DIMS else 1)]
+        if tied and n == "io.weight":
+            parts = [g + grads[id(head[t])].double() for t, g in enumerate(parts)]
+        out[n] = torch.cat(parts, dim=SHARDED_DIMS[n]) if n in SHARDED_DIMS else parts[0]
+    return out
+
+
 def mse(out, y):
     return ((out - y) ** 2).mean()
 
@@ -198,6 +232,7 @@ def tp_pipeline_case(rank: int, world: int, case: dict) -> dict:
         "zero_optimization": {"stage": case["stage"]},
         "gradient_clipping": case.get("clip", 0.0),
         "steps_per_print": 10**9,
+        **case.get("extra", {}),
     }
     bf16 = case.get("precision") == "bf16"
     if bf16:
