@@ -213,3 +213,36 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def max_rel_err(params_a, params_b) -> float:
     return max(rel_err(a.detach(), b.detach()) for a, b in zip(params_a, params_b))
+
+
+def teacher_forced_updates(ref: ReferenceVR, names: list[str], befores: list[dict], samples_of, clip: float = 0.0):
+    """The reference's update of every step, started from a run's weights at that step.
+
+    ``ref`` holds float64 parameters in the order of ``names``; ``befores[s]``: {name: the run's
+    weights before step s}; ``samples_of(s, before)``: {name: that step's k gradient samples, in
+    the units whose sum is G}. DeepSpeed's ``gradient_clipping`` (max_norm / (‖G‖ + 1e-6) when
+    < 1) is applied to G, not to the samples. Returns, per step, {name: Δθ}. The reference's own
+    optimizer state evolves from its own G."""
+    updates = []
+    for step, before in enumerate(befores):
+        with torch.no_grad():
+            for name, p in zip(names, ref.params):
+                p.copy_(before[name])
+        samples = samples_of(step, before)
+        samples = [[s.double() for s in samples[name]] for name in names]
+        G = [sum(s) for s in samples]
+        if clip:
+            coef = clip / (torch.sqrt(sum((g * g).sum() for g in G)).item() + 1e-6)
+            if coef < 1:
+                G = [g * coef for g in G]
+        ref.step(samples, G)
+        updates.append({name: p.detach() - before[name].double() for name, p in zip(names, ref.params)})
+    return updates
+
+
+def update_error(before: torch.Tensor, after: torch.Tensor, ref_update: torch.Tensor) -> float:
+    """Relative L2 error of a run's update (after − before) against the reference's, beyond the
+    fp32 rounding of θ_after it is read from (4·2⁻²⁴·‖θ‖, which matters only for tiny updates)."""
+    floor = 4 * 2.0**-24 * after.norm().item()
+    diff = (after.double() - before.double() - ref_update).norm().item()
+    return max(diff - floor, 0.0) / max(ref_update.norm().item(), 1e-30)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from .multiproc import run_ranks
-from .reference import ReferenceVR
+from .reference import ReferenceVR, teacher_forced_updates, update_error
 from .test_tensor_parallel import OPTIMIZERS
 from .test_update_matrix import UPDATE_RTOL_BF16
 from .tp_pipeline_bodies import (
@@ -103,54 +103,36 @@ def _whole(results: list[dict], step: int, key: str) -> dict:
     }
 
 
-def _reference_updates(case: dict, results: list[dict]) -> list[dict]:
+def _update_errors(case: dict, results: list[dict]) -> dict:
+    """{(step, tensor): relative error of the run's update against the reference's}."""
     kind, _, defaults = OPTIMIZERS[case["type"]]
     hp = {k: v for k, v in case["params"].items() if k != "moment_reduction"}
     if "vr" in hp:
         defaults = dict(defaults, vr=hp.pop("vr"))
-    start = _whole(results, 0, "before")
-    names = sorted(start)
-    params = [torch.nn.Parameter(start[n].double()) for n in names]
-    ref = ReferenceVR(params, kind, **defaults, **hp)
+    befores = [_whole(results, step, "before") for step in range(STEPS)]
+    names = sorted(befores[0])
+    ref = ReferenceVR([torch.nn.Parameter(befores[0][n].double()) for n in names], kind, **defaults, **hp)
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
-    updates = []
-    for step in range(STEPS):
-        before = _whole(results, step, "before")
-        with torch.no_grad():
-            for n, p in zip(names, params):
-                p.copy_(before[n])
-        samples = [[] for _ in params]
+
+    def samples_of(step, before):
+        out = {n: [] for n in names}
         for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
             if case.get("precision") == "bf16":
                 grads = sharded_samples(before, x, y, torch.bfloat16, 1 / MICRO_BATCHES)
-                grads = [grads[n] for n in names]
             else:
-                w = dict(zip(names, params))
+                w = {n: before[n].double().requires_grad_() for n in names}
                 loss = mse(reference_forward(w, x.double()), y.double()) / MICRO_BATCHES
-                grads = torch.autograd.grad(loss, params)
-            for i, g in enumerate(grads):
-                samples[i].append(g.double())
-        G = [sum(s) for s in samples]
-        if case.get("clip"):  # DeepSpeed's gradient_clipping: max_norm / (‖G‖ + 1e-6) when < 1
-            coef = case["clip"] / (torch.sqrt(sum((g * g).sum() for g in G)).item() + 1e-6)
-            if coef < 1:
-                G = [g * coef for g in G]
-        ref.step(samples, G)
-        updates.append({n: p.detach() - before[n] for n, p in zip(names, params)})
-    return updates
+                grads = dict(zip(names, torch.autograd.grad(loss, [w[n] for n in names])))
+            for n in names:
+                out[n].append(grads[n])
+        return out
 
-
-def _update_errors(case: dict, results: list[dict]) -> dict:
-    """{(step, tensor): relative L2 error of the run's update beyond the fp32 rounding of θ}."""
-    expected = _reference_updates(case, results)
-    out = {}
-    for step in range(STEPS):
-        before, after = _whole(results, step, "before"), _whole(results, step, "after")
-        for name, ref_update in expected[step].items():
-            floor = 4 * 2.0**-24 * after[name].norm().item()
-            diff = (after[name] - before[name] - ref_update).norm().item()
-            out[step, name] = max(diff - floor, 0.0) / max(ref_update.norm().item(), 1e-30)
-    return out
+    expected = teacher_forced_updates(ref, names, befores, samples_of, clip=case.get("clip", 0.0))
+    return {
+        (step, name): update_error(before[name], _whole(results, step, "after")[name], ref_update)
+        for step, before in enumerate(befores)
+        for name, ref_update in expected[step].items()
+    }
 
 
 def _results(runs, case) -> list[dict]:
