@@ -73,6 +73,45 @@ def mse(out, y):
     return ((out - y) ** 2).mean()
 
 
+def _stage_params(engine) -> dict:
+    """{name: this stage's fp32 (master) weights}. PipelineModule names a stage's parameters by
+    their global layer index ("4.weight"); the tied weight is "io.weight" here on both stages."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {n: p for n, p in engine.module.named_parameters()}
+    if engine.bfloat16_enabled():  # the fp32 master weights (BF16_Optimizer's flat partitions)
+        params = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
+    return {n.replace("tied_modules.", ""): p.detach().float().clone() for n, p in params.items()}
+
+
+def bf16_samples(case: dict, weights: dict, x, y, scale: float) -> dict:
+    """One micro-batch's gradient samples as a bf16 pipeline computes them, in one process: the
+    model in bf16 at ``weights``; a tied weight's two uses as separate copies whose shares are
+    summed in float64 (as TiedWeightSamples sums fp32 copies). {name: float64 gradient of
+    scale × loss}."""
+    if case.get("tied"):
+        layers = {k: m.to(torch.bfloat16) for k, m in tied_layers().items()}
+        model = nn.ModuleDict(layers)
+    else:
+        model = nn.Sequential(*pipeline_layers()).to(torch.bfloat16)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    x, y = x.to(torch.bfloat16), y.to(torch.bfloat16)
+    if case.get("tied"):
+        out_copy = layers["io"].weight.detach().clone().requires_grad_()  # the last stage's copy
+        h = torch.tanh(layers["io"](x))
+        h = torch.tanh(layers["4"](torch.tanh(layers["2"](h))))
+        loss = mse(layers["7"](h @ out_copy), y) * scale
+        grads = torch.autograd.grad(loss, list(params.values()) + [out_copy])
+        out = {n: g.double() for n, g in zip(params, grads)}
+        out["io.weight"] = out["io.weight"] + grads[-1].double()
+        return out
+    loss = mse(model(x), y) * scale
+    return {n: g.double() for n, g in zip(params, torch.autograd.grad(loss, list(params.values())))}
+
+
 def pipeline_case(rank: int, world: int, case: dict):
     """Train through deepspeed.PipelineEngine; returns {param name: fp32 tensor} of this stage
     (a tied weight as "io.weight"), or the error initialize raised. Tied cases also return
@@ -119,6 +158,7 @@ def pipeline_case(rank: int, world: int, case: dict):
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
     dp_rank = engine.grid.get_data_parallel_rank()
+    steps = []  # bf16: this stage's fp32 master weights before and after every step
     batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
     bf16 = case.get("precision") == "bf16"
     tied_diffs = []
@@ -127,7 +167,10 @@ def pipeline_case(rank: int, world: int, case: dict):
             training["step"] = step
         dtype = torch.bfloat16 if bf16 else torch.float32
         mine = [tuple(t.to(dtype) for t in batches[step * MICRO_BATCHES + a * dp + dp_rank][:2]) for a in range(gas)]
+        before = _stage_params(engine) if bf16 else None
         engine.train_batch(iter(mine))
+        if bf16:
+            steps.append({"before": before, "after": _stage_params(engine)})
         if case.get("tied"):
             comm = engine.module.tied_comms["io"]
             weight = comm["module"].weight
@@ -138,16 +181,11 @@ def pipeline_case(rank: int, world: int, case: dict):
                 dist.all_gather(gathered, t.contiguous(), group=comm["group"])
                 diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
             tied_diffs.append(diff)
-    # PipelineModule names a stage's parameters by their global layer index ("4.weight"); the
-    # tied weight is "tied_modules.io.weight" on both stages.
-    params = {n: p for n, p in engine.module.named_parameters()}
-    if bf16:  # the fp32 master weights (BF16_Optimizer's flat partitions)
-        params = {n: safe_get_full_fp32_param(p) for n, p in params.items()}
-    params = {n.replace("tied_modules.", ""): p.detach().float().clone() for n, p in params.items()}
     return {
         "error": None,
         "wrapper": type(engine.optimizer).__name__,
-        "params": params,
+        "params": _stage_params(engine),
+        "steps": steps,
         "tied_diffs": tied_diffs,
         # Steps skipped by the VR optimizer (stage 0) or by DeepSpeed's overflow check (ZeRO 1).
         "skipped_steps": vrgd_ds.find_vr_optimizer(engine).skipped_steps + engine.skipped_steps,

@@ -9,10 +9,13 @@ All cases run in one 4-rank process group (start-up is shared), each reported un
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .multiproc import run_ranks
-from .pipeline_bodies import pipeline_cases, train_reference
-from .reference import rel_err
+from .models import micro_batches
+from .pipeline_bodies import MICRO_BATCHES, STEPS, bf16_samples, pipeline_cases, train_reference
+from .reference import ReferenceVR, rel_err, teacher_forced_updates, update_error
+from .test_update_matrix import UPDATE_RTOL_BF16
 
 LAMB = {"lr": 1e-2, "weight_decay": 0.01}
 SGD = {"lr": 0.1, "momentum": 0.9}
@@ -82,31 +85,52 @@ def test_pipeline_two_stages_two_dp_ranks_equal_single_process(case, pipeline_re
     assert seen == set(expected), "every parameter is held by some stage"
 
 
-@pytest.mark.parametrize("cases", [BF16_CASES, BF16_TIED_CASES], ids=["untied", "tied"])
-def test_bf16_pipeline_through_bf16_optimizer(cases, pipeline_results):
-    """BF16_Optimizer's fp32 master weights after 3 steps, against the fp32 single-process run,
-    relative to the distance the weights travelled: bf16 arithmetic alone leaves ~5 % there
-    (vr=False shows the same), so VR may add little beyond what the base optimizer shows on the
-    same path: at most 1e-2 of the distance beyond 1.5x the base's (measured: untied 3.6e-2 vs the
-    base's 3.3e-2; tied 1.5e-2 vs 6.9e-3, on a layer that is not tied; without the tie-group sum
-    of the tied weight's samples 0.59 on it). The update-by-update check of BF16_Optimizer is in
-    tests/test_update_matrix.py."""
+def _union(results: list[dict], step: int, key: str) -> dict:
+    """Every stage's tensors at one step; copies (data-parallel replicas, a tied weight's copy on
+    each stage) checked identical."""
+    out = {}
+    for res in results:
+        for name, t in res["steps"][step][key].items():
+            if name in out:
+                assert torch.equal(out[name], t), f"{key} {name}: copies differ"
+            out[name] = t
+    return out
+
+
+@pytest.mark.parametrize("case", BF16_CASES + BF16_TIED_CASES, ids=[c["name"] for c in BF16_CASES + BF16_TIED_CASES])
+def test_bf16_pipeline_through_bf16_optimizer(case, pipeline_results):
+    """A bf16 pipeline at stage 0 runs BF16_Optimizer (with bf16 gradient accumulation, DeepSpeed's
+    default there). Update by update against the float64 reference, teacher-forced, whose samples
+    come from the model in bf16 (pipeline_bodies.bf16_samples), within the project's bf16 update
+    tolerance (tests/test_update_matrix.py). Measured: see the print; what remains is DeepSpeed's
+    G, accumulated over the micro-batches and all-reduced in bf16, which r ∝ G² amplifies."""
+    results = [r[case["name"]] for r in pipeline_results]
+    for rank, res in enumerate(results):
+        assert res["error"] is None, f"rank {rank}: {res['error']}"
+        assert res["wrapper"] == "BF16_Optimizer"
+    befores = [_union(results, step, "before") for step in range(STEPS)]
+    names = sorted(befores[0])
+    kind = {"VRSGD": "sgd", "VRLamb": "lamb"}[case["type"]]
+    hp = dict(case["params"])
+    ref = ReferenceVR([torch.nn.Parameter(befores[0][n].double()) for n in names], kind, **hp)
+    batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
+
+    def samples_of(step, before):
+        out = {n: [] for n in names}
+        for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:
+            grads = bf16_samples(case, before, x, y, 1 / MICRO_BATCHES)
+            for n in names:
+                out[n].append(grads[n])
+        return out
+
+    expected = teacher_forced_updates(ref, names, befores, samples_of, clip=case.get("clip", 0.0))
     errors = {}
-    for case in cases:
-        expected = train_reference(dict(case, precision="fp32"))
-        start = train_reference(dict(case, precision="fp32", params=dict(case["params"], lr=0.0)))
-        for rank, res in enumerate(r[case["name"]] for r in pipeline_results):
-            assert res["error"] is None, f"rank {rank}: {res['error']}"
-            assert res["wrapper"] == "BF16_Optimizer"
-            for name, value in res["params"].items():
-                travelled = (expected[name] - start[name]).norm()
-                errors[case["name"], name] = ((value - expected[name]).norm() / travelled).item()
-    vr_case, base_case = (c["name"] for c in cases)
-    for (case_name, name), err in errors.items():
-        if case_name == vr_case:
-            base = errors[base_case, name]
-            assert err <= 1.5 * base + 1e-2, f"{name}: VR {err:.2e} vs the base optimizer's {base:.2e}"
-            assert err <= 0.1, f"{name}: {err:.2e} of the distance travelled"
+    for step, before in enumerate(befores):
+        after = _union(results, step, "after")
+        for name in names:
+            errors[step, name] = update_error(before[name], after[name], expected[step][name])
+            assert errors[step, name] <= UPDATE_RTOL_BF16, f"step {step} {name}: {errors[step, name]:.2e}"
+    print(f"{case['name']}: max relative update error {max(errors.values()):.2e}")
 
 
 @pytest.mark.parametrize("case", TIED_CASES + BF16_TIED_CASES, ids=[c["name"] for c in TIED_CASES + BF16_TIED_CASES])
