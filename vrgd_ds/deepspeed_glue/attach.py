@@ -67,7 +67,9 @@ def attach(engine) -> None:
         attach_zero3(engine, opt, names, strategy)
         return
     if strategy == "auto":
-        strategy = "per_step" if gas > 1 else "per_micro_step"
+        # per_step buys one reduction per step with a full-size buffer: nothing to buy with one
+        # data-parallel rank (e.g. tensor × pipeline parallelism filling the world).
+        strategy = "per_step" if gas > 1 and dp_world > 1 else "per_micro_step"
 
     bf16_optimizer = is_bf16_optimizer(wrapper)
     zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
