@@ -364,7 +364,7 @@ class CollectiveCounter:
         # vrgd_ds frame does not make DeepSpeed's own all-gather a VR collective.
         frame = sys._getframe(2)
         while frame is not None:
-            if frame.f_code in _TP_CODES or frame.f_globals.get("__name__") == "vrgd_ds.megatron_mpu":
+            if frame.f_globals.get("__name__") == "vrgd_ds.megatron_mpu":
                 return TP_ORIGIN  # the model's tensor-parallel all-reduces, not VR's
             package = package_of_module(frame.f_globals.get("__name__"))
             if package == "vrgd_ds":
@@ -490,26 +490,10 @@ def _bf16_matmul_in_fp32_mode():
 TP_ORIGIN = "model (tensor parallel)"  # the collective counter's origin of the model's own all-reduces
 
 
-class _CopyToTensorParallelRegion(torch.autograd.Function):
-    """Megatron's ``copy_to_tensor_model_parallel_region``: identity forward, all-reduce of the
-    gradient backward (the input of column-parallel layers is whole on every rank, its gradient
-    partial)."""
+def _copy_to_tensor_parallel_region(x, group):
+    from vrgd_ds.megatron_mpu import copy_to_tensor_parallel_region
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        import torch.distributed as dist
-
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-_TP_CODES = {_CopyToTensorParallelRegion.backward.__code__}
+    return copy_to_tensor_parallel_region(x, group)
 
 
 def _mark_sharded(p: torch.Tensor, dim: int) -> None:
@@ -533,7 +517,7 @@ class ColumnParallelLinear(torch.nn.Module):
 
     def forward(self, x):
         if self.copy_input:
-            x = _CopyToTensorParallelRegion.apply(x, self.group)
+            x = _copy_to_tensor_parallel_region(x, self.group)
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
@@ -561,8 +545,8 @@ def _copy_hidden_states_hook(group):
 
     def hook(module, args, kwargs):
         if args:
-            return (_CopyToTensorParallelRegion.apply(args[0], group), *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": _CopyToTensorParallelRegion.apply(kwargs["hidden_states"], group)}
+            return (_copy_to_tensor_parallel_region(args[0], group), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": _copy_to_tensor_parallel_region(kwargs["hidden_states"], group)}
 
     return hook
 
