@@ -150,8 +150,8 @@ def hook_facts(rank: int, world: int):
     source.ensure_reduced()
     err = 0.0
     rank_in = torch.distributed.get_rank()
-    for i, (_flat, part) in enumerate(zip(wrapper.fp32_partitioned_groups_flat, source.partitions)):
-        pos = 0
+    for i, flat in enumerate(wrapper.fp32_partitioned_groups_flat):
+        part, pos = source.sq[id(flat)], 0
         for p in wrapper.fp16_groups[i]:
             total = full[id(p)].clone()
             torch.distributed.all_reduce(total)

@@ -20,6 +20,7 @@ from .noise import (
 from .optimizer import VROptimizer
 from .segments import SegmentLayout
 from .sgd import VRSGD
+from .shapes import decay_groups, full_dim, full_numel, full_shape
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,10 @@ __all__ = [
     "noise_from_sums",
     "unbiased_from_paper_r",
     "unbiased_gsnr",
+    "decay_groups",
+    "full_dim",
+    "full_numel",
+    "full_shape",
 ]
 
 from . import deepspeed_glue as _deepspeed_glue  # noqa: E402

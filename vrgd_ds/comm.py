@@ -165,37 +165,53 @@ def reduce_squares_to_owners(
     pairwise: bool,
     tag: int,
     pending: list,
+    sums: Tensor | None = None,
 ) -> list:
     """Add Σ over the ranks of ``group`` of g² (``g``: one tensor's flat fp32 gradient on this rank)
     into the partitions that own its elements: ``owners`` holds (owner, a, b, offset) — elements
     [a, b) of the tensor belong to group member ``owner``, at ``offset`` in its partition; this rank
-    adds into ``partition``. Every rank calls it for the same tensors in the same order, with a
-    ``tag`` of its own per tensor.
+    adds into ``partition``. With ``sums`` (a partition-sized tensor) Σ over the ranks of g itself
+    is added there too, in the same transfer (each piece travels as [g² | g]). Every rank calls it
+    for the same tensors in the same order, with a ``tag`` of its own per tensor.
 
     ``pairwise`` (gloo, or a group of one): the owner adds its own squares and receives every other
     rank's; the others send theirs without waiting (backward goes on) — the sends still in flight
     are returned, with their buffers kept alive, in ``pending`` (wait on them before the partition
     is read). Else one ``dist.reduce`` per owner. Returns the new ``pending``.
     """
+
+    def payload(piece: Tensor) -> Tensor:
+        if sums is None:
+            return piece * piece
+        return torch.cat([piece * piece, piece])
+
+    def add_into(dst_offset: int, n: int, values: Tensor) -> None:
+        partition[dst_offset : dst_offset + n].add_(values[:n])
+        if sums is not None:
+            sums[dst_offset : dst_offset + n].add_(values[n:])
+
     if not pairwise:
-        sq = g * g
         for owner, a, b, dst_offset in owners:
-            piece = sq[a:b].contiguous()
+            piece = payload(g[a:b])
             dist.reduce(piece, dst=global_ranks[owner], op=dist.ReduceOp.SUM, group=group)
             if owner == rank:
-                partition[dst_offset : dst_offset + (b - a)].add_(piece)
+                add_into(dst_offset, b - a, piece)
         return pending
     for owner, a, b, dst_offset in owners:
         piece = g[a:b]
         if owner == rank:
-            target = partition[dst_offset : dst_offset + (b - a)]
-            target.addcmul_(piece, piece)
+            n = b - a
+            partition[dst_offset : dst_offset + n].addcmul_(piece, piece)
+            if sums is not None:
+                sums[dst_offset : dst_offset + n].add_(piece)
+            incoming = None
             for src in range(len(global_ranks)):
                 if src != rank:
-                    incoming = torch.empty_like(target)
+                    if incoming is None:
+                        incoming = torch.empty(n if sums is None else 2 * n, dtype=g.dtype, device=partition.device)
                     dist.irecv(incoming, src=global_ranks[src], group=group, tag=tag).wait()
-                    target.add_(incoming)
+                    add_into(dst_offset, n, incoming)
         else:
-            sq = piece * piece
-            pending.append((dist.isend(sq, dst=global_ranks[owner], group=group, tag=tag), sq))
+            sent = payload(piece)
+            pending.append((dist.isend(sent, dst=global_ranks[owner], group=group, tag=tag), sent))
     return [(w, t) for w, t in pending if not w.is_completed()]

@@ -27,6 +27,7 @@ from .gsnr import normalize_and_clip, update_gsnr_momentum
 from .moments import MomentSource
 from .noise import NoiseScaleEMA, build_noise_stats, unbiased_from_paper_r
 from .segments import SegmentLayout
+from .shapes import full_dim
 
 __all__ = ["VROptimizer"]
 
@@ -210,8 +211,9 @@ class VROptimizer(Optimizer):
                 plist.append(item)
             group.pop("param_names", None)
             if exclude_1d:
-                multi = [p for p in plist if p.dim() > 1]
-                single = [p for p in plist if p.dim() <= 1]
+                # The whole shape: under zero.Init every tensor is a (0,) placeholder (shapes.py).
+                multi = [p for p in plist if full_dim(p) > 1]
+                single = [p for p in plist if full_dim(p) <= 1]
                 if multi:
                     groups.append({**group, "params": multi})
                 if single:

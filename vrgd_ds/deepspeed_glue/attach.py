@@ -15,11 +15,12 @@ import logging
 
 from ..collect import k_too_small_message
 from ..optimizer import VROptimizer
+from ..shapes import full_dim
 from .bf16 import BF16OptimizerLayout, bf16_optimizer_source, is_bf16_optimizer
 from .config import MOMENT_REDUCTIONS, moment_reduction_of
 from .layouts import stage0_tensor_parallel_layouts, zero_layouts
 from .refusals import refuse_unsupported
-from .source import tied_weight_groups, wrap_method
+from .source import gradient_is_rounded, tied_weight_groups, wrap_method
 from .stage0 import stage0_params, stage0_source
 from .tensor_parallel import tensor_parallel_of
 from .zero3 import attach_zero3
@@ -35,7 +36,7 @@ def _warn_flat_weight_decay(opt: VROptimizer) -> None:
     LayerNorm weights then get weight decay, unlike the Trainer's own optimizer."""
     if opt.weight_decay_exclude_1d or not opt.built_from_flat_list:
         return
-    if any(g.get("weight_decay", 0) > 0 and any(p.dim() <= 1 for p in g["params"]) for g in opt.param_groups):
+    if any(g.get("weight_decay", 0) > 0 and any(full_dim(p) <= 1 for p in g["params"]) for g in opt.param_groups):
         logger.warning(
             "vrgd_ds: %s got one flat parameter list with weight_decay > 0, so 1-D tensors (biases, LayerNorm "
             "weights) get weight decay too. To exclude them as the HF Trainer and NVIDIA's BERT recipe do, set "
@@ -86,12 +87,14 @@ def attach(engine) -> None:
             k_too_small_message(gas * dp_world)
             + f" (DeepSpeed config: gradient_accumulation_steps={gas}, data-parallel world size={dp_world})."
         )
+    # S = Σg in fp32 by our own hooks where DeepSpeed's G is rounded to 16 bits (source.py).
+    track_first = gradient_is_rounded(engine)
     if bf16_optimizer:
-        source = bf16_optimizer_source(opt, wrapper, zero_view, strategy, names)
+        source = bf16_optimizer_source(opt, wrapper, zero_view, strategy, names, track_first)
     elif stage in (1, 2):
-        source = zero_source(opt, wrapper, strategy, names)
+        source = zero_source(opt, wrapper, strategy, names, track_first)
     else:
-        source = stage0_source(engine, opt, wrapper, names)
+        source = stage0_source(engine, opt, wrapper, names, track_first)
     # engine.backward scales the loss by the loss scale only for ZeRO wrappers (BF16_Optimizer
     # never scales; see the fp16 stage-0 refusal) and always divides it by gradient_accumulation_steps.
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:

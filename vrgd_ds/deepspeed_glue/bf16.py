@@ -51,10 +51,14 @@ class BF16OptimizerLayout:
             self.round_robin_bit16_offsets.append(offsets)
 
 
-def bf16_optimizer_source(opt: VROptimizer, wrapper, zero_view: BF16OptimizerLayout, strategy: str, names: dict):
+def bf16_optimizer_source(
+    opt: VROptimizer, wrapper, zero_view: BF16OptimizerLayout, strategy: str, names: dict, track_first: bool = True
+):
     """BF16_Optimizer clips inside step() and then calls the inner step once for all groups: r is
-    formed before step(), from the reduced, unclipped partition views."""
-    source = ZeroMomentSource(opt, zero_view, strategy, names)
+    formed before step(), from the reduced, unclipped partition views. Its samples are bf16, and
+    its gradient all-reduce rounds G to bf16 unless ``communication_data_type`` is fp32: Σg is
+    tracked in fp32 (``track_first``) as for every 16-bit model."""
+    source = ZeroMomentSource(opt, zero_view, strategy, names, track_first)
 
     def before_step(*a, **k):
         for part, grad in zip(wrapper.fp32_groups_flat_partition, wrapper.fp32_groups_gradient_flat_partition):

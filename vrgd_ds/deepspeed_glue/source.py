@@ -13,10 +13,14 @@ and for a weight tied across pipeline stages the sum of the stages' shares
 
 1. :meth:`~DeepSpeedMomentSource.prepare` on the inner tensors just before DeepSpeed unscales
    and clips their gradients (a wrapped ``unscale_and_clip_grads``, ``clip_fp32_gradients`` or
-   ``step``): raw r = gsnr_from_moments(w·G, Σg², k) overwrites Σg² in place (VRGD.md eq. 7;
-   DeepSpeed averages over the w data-parallel ranks, so Σ_samples g = w·G in the samples'
-   units: same loss scale, same 1/gas), and the statistics' [Σ S², Σ Q] per tensor are taken
-   first (S = w·G);
+   ``step``): raw r = gsnr_from_moments(S, Σg², k) overwrites Σg² in place (VRGD.md eq. 7), and
+   the statistics' [Σ S², Σ Q] per tensor are taken first. The first moment S = Σ_samples g is
+   w·G, DeepSpeed's reduced gradient (it averages over the w data-parallel ranks; same loss
+   scale, same 1/gas as the samples) when G is exact fp32; when it is not — a 16-bit model
+   (ZeRO 1/2 accumulate in the model dtype) or 16-bit gradient communication (BF16_Optimizer's
+   all-reduce rounds to bf16) — S is the source's own fp32 Σg (``first``), accumulated by the
+   same hooks and reduced by the same collective as Σg² (see :attr:`tracks_first`): G's
+   relative error ~2⁻⁸ would cancel in 1 − μ²/q wherever r ≳ 30 and land r on the 1/eps cap;
 2. :meth:`~DeepSpeedMomentSource.clear` after the wrapper's whole step (every param group, or a
    step skipped on fp16 overflow): the step's noise statistics are finished once, every
    accumulator is zeroed and the sample counts forgotten.
@@ -41,7 +45,13 @@ from ..optimizer import VROptimizer
 from ..samples import MicroBatchSamples
 from ..segments import SegmentLayout
 
-__all__ = ["DeepSpeedMomentSource", "TiedWeightSamples", "tied_weight_groups", "wrap_method"]
+__all__ = [
+    "DeepSpeedMomentSource",
+    "TiedWeightSamples",
+    "gradient_is_rounded",
+    "tied_weight_groups",
+    "wrap_method",
+]
 
 
 def tied_weight_groups(module) -> dict[int, object]:
@@ -130,14 +140,26 @@ class DeepSpeedMomentSource:
 
     ``sq[id(inner)]`` is a flat fp32 view, the same size as the inner tensor (a ZeRO partition
     or, at stage 0, a parameter's master copy); :meth:`prepare` turns it into raw r in place.
+    With ``track_first`` (16-bit gradients) ``first[id(inner)]`` is Σg beside it, the first
+    moment r and the noise statistics use instead of w·G (module docstring, step 1).
     """
 
     checks_finite_locally = False
     # ZeRO calls the inner step() once per param group: statistics are finished in clear().
     ends_step_in_step = False
 
-    def __init__(self, optimizer: VROptimizer, world_size: int, group, names: dict[int, str] | None = None):
+    def __init__(
+        self,
+        optimizer: VROptimizer,
+        world_size: int,
+        group,
+        names: dict[int, str] | None = None,
+        track_first: bool = False,
+    ):
         self.optimizer = optimizer
+        #: Σg is accumulated in fp32 beside Σg² (``first``) because DeepSpeed's G is not exact
+        #: fp32 (:func:`gradient_is_rounded`); else S = w·G.
+        self.tracks_first = bool(track_first)
         # c of sample = c · (gradient of one micro-batch's loss): loss scale / gas, set by attach.
         self.loss_scale_fn = lambda: 1.0
         self.gas = 1
@@ -157,6 +179,7 @@ class DeepSpeedMomentSource:
         self._reduced = False
         self.handles = []
         self.sq: dict[int, Tensor] = {}
+        self.first: dict[int, Tensor] = {}
 
     # -- hooks -------------------------------------------------------------------------------
     def _count(self, p: Tensor) -> None:
@@ -201,30 +224,37 @@ class DeepSpeedMomentSource:
             self.prepare([p])
         return self._moment_sums[id(p)]
 
+    def first_moment(self, p: Tensor) -> tuple[Tensor, float]:
+        """(S', c) with S = Σ_samples g = c·S' on ``p``'s elements, flat: the source's own fp32 Σg
+        (c = 1) when it tracks it, else DeepSpeed's reduced gradient G (c = w: DeepSpeed averages
+        over the data-parallel ranks; same loss scale and 1/gas as the samples)."""
+        first = self.first.get(id(p))
+        if first is not None:
+            return first, 1.0
+        return p.grad.reshape(-1), float(self.world_size)
+
     def prepare(self, inner_params) -> None:
-        """Raw r from the reduced, not yet unscaled or clipped gradient; in place of Σg²."""
+        """Raw r from the step's moments, before DeepSpeed unscales or clips G; in place of Σg²."""
         self.ensure_reduced()
         k = self.num_samples()
         for p in inner_params:
             if p.grad is None or id(p) in self._prepared or id(p) not in self.sq:
                 continue
             sq = self.sq[id(p)]
+            grad_sum, sum_scale = self.first_moment(p)
             if self.optimizer.gradient_stats:
                 layout = self.optimizer.layout_of(p)
-                grad = p.grad.reshape(-1)
-                # S = world size · G (DeepSpeed averages over ranks), same units as the samples.
                 self._moment_sums[id(p)] = torch.cat(
                     [
-                        layout.local_sums([grad.float()], squares=True).view(-1) * float(self.world_size) ** 2,
+                        layout.local_sums([grad_sum.float()], squares=True).view(-1) * sum_scale**2,
                         layout.local_sums([sq]).view(-1),
                     ]
                 )
             if not self.optimizer.vr:
                 self._prepared.add(id(p))
                 continue
-            # DeepSpeed averages over ranks: Σ_samples g = world_size · G (same loss scale, same
-            # 1/gas as the samples, so r needs no unscaling).
-            gsnr_from_moments(p.grad.reshape(-1), sq, k, self._eps_of(p), sum_scale=self.world_size, out=sq)
+            # Same loss scale and 1/gas in S and Σg²: r needs no unscaling.
+            gsnr_from_moments(grad_sum, sq, k, self._eps_of(p), sum_scale=sum_scale, out=sq)
             self._prepared.add(id(p))
 
     def raw_gsnr(self, p: Tensor, eps: float) -> Tensor:
@@ -286,6 +316,18 @@ class DeepSpeedMomentSource:
     def extra_buffer_bytes(self) -> dict[str, int]:  # pragma: no cover - overridden
         """{description: bytes} of the buffers this source allocated on this rank."""
         raise NotImplementedError
+
+
+def gradient_is_rounded(engine) -> bool:
+    """Whether DeepSpeed's reduced gradient G misses fp32 exactness: a 16-bit model (ZeRO 1/2
+    accumulate micro-batches in the model dtype, stage_1_and_2.py ~1239; stage 0 and ZeRO-3 hold
+    16-bit gradients) or 16-bit gradient communication (``communication_data_type``;
+    BF16_Optimizer's all-reduce casts to bf16 even on one rank, engine.py ~3800). Then the
+    sources accumulate Σg in fp32 themselves (``track_first``)."""
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        return True
+    comm = getattr(engine, "communication_data_type", None)
+    return comm is not None and comm != torch.float32
 
 
 def wrap_method(obj, name: str, before=None, after=None) -> None:

@@ -7,9 +7,10 @@ clipping (runtime/engine.py:3502 ``clip_fp32_gradients``); with bf16 the fp32 ma
 called from its ``step`` at :228). fp16 at stage 0 is refused (:mod:`.refusals`).
 
 Installed: a tensor hook per trainable parameter adds g² of each micro-batch into one flat fp32
-buffer [Σg² of every parameter | sample count of every parameter], all-reduced once per step over
-the data-parallel group (never the world: with a pipeline the world holds other stages'
-tensors). r is formed just before the wrapped method above unscales/clips, in place of Σg².
+buffer [Σg² of every parameter | Σg of every parameter, with 16-bit gradients | sample count of
+every parameter], all-reduced once per step over the data-parallel group (never the world: with
+a pipeline the world holds other stages' tensors). r is formed just before the wrapped method
+above unscales/clips, in place of Σg².
 """
 
 from __future__ import annotations
@@ -31,8 +32,18 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
     checks_finite_locally = True
 
-    def __init__(self, optimizer, world_size, group, model_params, inner_params, names=None, model_group=None):
-        super().__init__(optimizer, world_size, group, names)
+    def __init__(
+        self,
+        optimizer,
+        world_size,
+        group,
+        model_params,
+        inner_params,
+        names=None,
+        model_group=None,
+        track_first: bool = False,
+    ):
+        super().__init__(optimizer, world_size, group, names, track_first)
         # Under tensor or pipeline parallelism the ranks of one model replica hold different
         # tensors: the local non-finite check is agreed on over them (every rank skips, or none).
         self.model_group = model_group
@@ -41,23 +52,31 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         pairs = [(mp, ip) for mp, ip in zip(model_params, inner_params) if mp.requires_grad]
         model_params, inner_params = [mp for mp, _ in pairs], [ip for _, ip in pairs]
         numel = sum(p.numel() for p in model_params)
-        # [Σg² of every parameter | gradient-sample count of every parameter], one all-reduce.
-        self.buffer = torch.zeros(numel + len(model_params), dtype=torch.float32, device=model_params[0].device)
-        self.counts = self.buffer[numel:]
+        moments = 2 * numel if self.tracks_first else numel
+        # [Σg² of every parameter | Σg of every parameter | gradient-sample count of every
+        # parameter], one all-reduce.
+        self.buffer = torch.zeros(moments + len(model_params), dtype=torch.float32, device=model_params[0].device)
+        self.counts = self.buffer[moments:]
         self.model_params = list(model_params)
         self.count_index: dict[int, int] = {}
         offset = 0
         for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
             view = self.buffer[offset : offset + mp.numel()]
+            first = self.buffer[numel + offset : numel + offset + mp.numel()] if self.tracks_first else None
             offset += mp.numel()
             self.sq[id(ip)] = view
+            if first is not None:
+                self.first[id(ip)] = first
             self.count_index[id(ip)] = index
-            self.handles.append(mp.register_hook(self.samples.hook(mp, self.tied.wrap(mp, self._make_sink(mp, view)))))
+            sink = self._make_sink(mp, view, first)
+            self.handles.append(mp.register_hook(self.samples.hook(mp, self.tied.wrap(mp, sink))))
 
-    def _make_sink(self, p, view):
+    def _make_sink(self, p, view, first):
         def add_sample(grad):
             g = grad.detach().reshape(-1).float()
             view.addcmul_(g, g)
+            if first is not None:
+                first.add_(g)
             self._count(p)
 
         return add_sample
@@ -90,7 +109,8 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return [self.buffer]
 
     def extra_buffer_bytes(self):
-        return {"grad_sq_sum (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
+        what = "grad_sq_sum + grad_sum" if self.tracks_first else "grad_sq_sum"
+        return {f"{what} (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
 
 
 def stage0_params(opt: VROptimizer, wrapper) -> tuple[list, list]:
@@ -121,7 +141,7 @@ def model_parallel_group(engine):
     return group if group is not None and dist.get_world_size(group=group) > 1 else None
 
 
-def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMomentSource:
+def stage0_source(engine, opt: VROptimizer, wrapper, names: dict, track_first: bool = False) -> DeepSpeedMomentSource:
     """Stage 0: whole tensors; fp32 hands the inner optimizer the model's tensors after the
     engine's all-reduce, bf16 the fp32 master copies of FP16_UnfusedOptimizer. A non-finite
     step is skipped on every rank of the model replica (:func:`model_parallel_group`)."""
@@ -130,7 +150,14 @@ def stage0_source(engine, opt: VROptimizer, wrapper, names: dict) -> DeepSpeedMo
     dp_group, dp_world = engine.seq_data_parallel_group, engine.seq_dp_world_size
     model_params, inner_params = stage0_params(opt, wrapper)
     source = Stage0MomentSource(
-        opt, dp_world, dp_group, model_params, inner_params, names, model_group=model_parallel_group(engine)
+        opt,
+        dp_world,
+        dp_group,
+        model_params,
+        inner_params,
+        names,
+        model_group=model_parallel_group(engine),
+        track_first=track_first,
     )
     for mp, ip in zip(model_params, inner_params):
         if id(mp) in names:

@@ -43,9 +43,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     checks_finite_locally = False
 
-    def __init__(self, optimizer, zero_opt, strategy: str, names=None):
+    def __init__(self, optimizer, zero_opt, strategy: str, names=None, track_first: bool = False):
         group0 = zero_opt.real_dp_process_group[0]
-        super().__init__(optimizer, dist.get_world_size(group=group0), group0, names)
+        super().__init__(optimizer, dist.get_world_size(group=group0), group0, names, track_first)
         self.zero_opt = zero_opt
         self.strategy = strategy
         self.rank = dist.get_rank(group=group0)
@@ -57,16 +57,21 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         # per_micro_step sinks issue collectives: tied weights' samples reach them in ensure_reduced.
         self.tied.eager = strategy == "per_step"
         self._pending: list = []
+        # Moments per element: Σg², and Σg with 16-bit gradients. Every buffer is laid out
+        # (moments, partition) per rank — [Σg² | Σg] of one partition side by side — so one
+        # reduce-scatter (or one transfer per owner) carries both.
+        self.moments = 2 if self.tracks_first else 1
         self.full: list[Tensor | None] = []
-        self.views: list[list[tuple[Tensor, Tensor]]] = []
+        self.views: list[list[tuple[Tensor, list[tuple[int, int, Tensor, Tensor | None]]]]] = []
         self.partitions: list[Tensor] = []
         # ZeRO-Offload (offload_optimizer): the fp32 partition, its gradient and the inner step
-        # live on the host while backward's gradients stay on the accelerator. Σg² is accumulated
-        # and reduced where the gradients are, then copied once per step into a host buffer of
-        # the partition's size, where r is formed next to the gradient (stage_1_and_2.py:3077).
+        # live on the host while backward's gradients stay on the accelerator. The moments are
+        # accumulated and reduced where the gradients are, then copied once per step into a host
+        # buffer of the partition's size, where r is formed next to the gradient (stage_1_and_2.py:3077).
         self.offload = bool(getattr(zero_opt, "cpu_offload", False))
         self.host: list[Tensor | None] = []
         self.group_tensors: dict[int, list[Tensor]] = {}
+        m = self.moments
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
@@ -74,20 +79,26 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             assert part_size * self.world_size == padded, "unexpected ZeRO partitioning"
             inner = zero_opt.single_partition_of_fp32_groups[i]
             device = zero_opt.bit16_groups_flat[i].device  # where the hooks' gradients are
-            partition = torch.zeros(part_size, dtype=torch.float32, device=device)
+            partition = torch.zeros(m, part_size, dtype=torch.float32, device=device)
             self.partitions.append(partition)
             host = None
             if self.offload:
                 pin = inner.device.type == "cpu" and device.type != "cpu"
-                host = torch.zeros(part_size, dtype=torch.float32, device=inner.device, pin_memory=pin)
+                host = torch.zeros(m, part_size, dtype=torch.float32, device=inner.device, pin_memory=pin)
             self.host.append(host)
-            self.sq[id(inner)] = host if host is not None else partition
-            full = torch.zeros(padded, dtype=torch.float32, device=device) if strategy == "per_step" else None
+            moments = host if host is not None else partition
+            self.sq[id(inner)] = moments[0]
+            if self.tracks_first:
+                self.first[id(inner)] = moments[1]
+            full = torch.zeros(self.world_size, m, part_size, dtype=torch.float32, device=device)
+            full = full if strategy == "per_step" else None
             self.full.append(full)
             self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
             offsets = zero_opt.round_robin_bit16_offsets[i]
             if full is not None:
-                self.views.append([(p, full[offset : offset + p.numel()]) for p, offset in zip(tensors, offsets)])
+                self.views.append(
+                    [(p, self._views_of(full, offset, p.numel(), part_size)) for p, offset in zip(tensors, offsets)]
+                )
             for p, offset in zip(tensors, offsets):
                 self.handles.append(
                     p.register_hook(
@@ -95,22 +106,40 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     )
                 )
 
+    def _views_of(self, full: Tensor, offset: int, numel: int, part_size: int):
+        """(a, b, Σg² view, Σg view or None) of elements [a, b) of the tensor at ``offset`` in the
+        (w, moments, P) accumulator: one entry per partition the tensor intersects (one whole
+        flat view when only Σg² is kept, where the tensor is contiguous in ``full``)."""
+        if self.moments == 1:
+            return [(0, numel, full.view(-1)[offset : offset + numel], None)]
+        return [
+            (a, b, full[owner, 0, at : at + b - a], full[owner, 1, at : at + b - a])
+            for owner, a, b, at in owners_of(offset, numel, part_size)
+        ]
+
     def _make_sink(self, i, p, offset, part_size, group):
         numel = p.numel()
         if self.strategy == "per_step":
-            view = self.full[i][offset : offset + numel]
+            views = self._views_of(self.full[i], offset, numel, part_size)
 
             def add_sample(grad):
                 g = grad.detach().reshape(-1).float()
-                if self._hook_counts.get(id(p), 0) == 0:
-                    torch.mul(g, g, out=view)  # the step's first sample: no zeroing pass needed
-                else:
-                    view.addcmul_(g, g)
+                first_sample = self._hook_counts.get(id(p), 0) == 0
+                for a, b, sq, s in views:
+                    piece = g[a:b]
+                    if first_sample:  # the step's first sample: no zeroing pass needed
+                        torch.mul(piece, piece, out=sq)
+                        if s is not None:
+                            s.copy_(piece)
+                    else:
+                        sq.addcmul_(piece, piece)
+                        if s is not None:
+                            s.add_(piece)
                 self._count(p)
 
             return add_sample
 
-        # per_micro_step: reduce g² of this parameter to the rank(s) owning its elements.
+        # per_micro_step: reduce g² (and g) of this parameter to the rank(s) owning its elements.
         owners = owners_of(offset, numel, part_size)
         partition = self.partitions[i]
         global_ranks = [dist.get_global_rank(group, r) if group is not None else r for r in range(self.world_size)]
@@ -121,13 +150,14 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self._pending = reduce_squares_to_owners(
                 g,
                 owners,
-                partition,
+                partition[0],
                 self.rank,
                 global_ranks,
                 group,
                 pairwise=self.pairwise_exchange or self.world_size == 1,
                 tag=tag,
                 pending=self._pending,
+                sums=partition[1] if self.tracks_first else None,
             )
             self._count(p)
 
@@ -144,10 +174,14 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             for i, (full, partition) in enumerate(zip(self.full, self.partitions)):
                 # The hooks overwrite a tensor's slice at its first sample of the step; the slices
                 # of tensors with no gradient this step still hold an earlier step's g².
-                for p, view in self.views[i]:
+                for p, views in self.views[i]:
                     if self._hook_counts.get(id(p), 0) == 0:
-                        view.zero_()
+                        for _, _, sq, s in views:
+                            sq.zero_()
+                            if s is not None:
+                                s.zero_()
                 group = self.zero_opt.real_dp_process_group[i]
+                full, partition = full.view(-1), partition.view(-1)
                 if self.world_size == 1:
                     partition.copy_(full)
                 elif self.pairwise_exchange:
@@ -156,7 +190,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                     dist.reduce_scatter_tensor(partition, full, op=dist.ReduceOp.SUM, group=group)
         for partition, host in zip(self.partitions, self.host):
             if host is not None:
-                host.copy_(partition)  # 4·N/w bytes to the host, once per step
+                host.copy_(partition)  # 4·N/w bytes per moment to the host, once per step
         self._reduced = True
 
     def clear(self) -> None:
@@ -177,17 +211,20 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         return torch.tensor([float(self._hook_counts.get(id(t), 0)) for t in tensors], device=inner.device)
 
     def extra_buffer_bytes(self):
-        out = {"grad_sq_sum partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
+        what = "grad_sq_sum + grad_sum" if self.tracks_first else "grad_sq_sum"
+        out = {f"{what} partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
         if self.offload:
-            out["grad_sq_sum host copy (fp32, offload_optimizer)"] = sum(h.numel() for h in self.host) * 4
+            out[f"{what} host copy (fp32, offload_optimizer)"] = sum(h.numel() for h in self.host) * 4
         if self.strategy == "per_step":
-            out["grad_sq_sum local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
+            out[f"{what} local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
         return out
 
 
-def zero_source(opt: VROptimizer, wrapper, strategy: str, names: dict) -> DeepSpeedMomentSource:
+def zero_source(
+    opt: VROptimizer, wrapper, strategy: str, names: dict, track_first: bool = False
+) -> DeepSpeedMomentSource:
     """ZeRO 1/2: r from the reduced partition just before DeepSpeed unscales and clips it."""
-    source = ZeroMomentSource(opt, wrapper, strategy, names)
+    source = ZeroMomentSource(opt, wrapper, strategy, names, track_first)
     fp32_partitions = wrapper.single_partition_of_fp32_groups
 
     def before_unscale(grad_groups_flat, total_norm, *a, **k):

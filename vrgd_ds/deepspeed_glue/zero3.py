@@ -60,7 +60,7 @@ from ..segments import SegmentLayout
 from .layouts import zero3_layouts
 from .tensor_parallel import tensor_parallel_of
 from .refusals import unsupported_parallelism
-from .source import DeepSpeedMomentSource, wrap_method
+from .source import DeepSpeedMomentSource, gradient_is_rounded, wrap_method
 
 __all__ = ["check_supported", "attach_zero3", "Zero3MomentSource"]
 
@@ -98,9 +98,9 @@ class Zero3MomentSource(DeepSpeedMomentSource):
 
     checks_finite_locally = False
 
-    def __init__(self, optimizer, wrapper, strategy: str, names=None, subgroups=None):
+    def __init__(self, optimizer, wrapper, strategy: str, names=None, subgroups=None, track_first: bool = False):
         group = wrapper.dp_process_group
-        super().__init__(optimizer, dist.get_world_size(group=group), group, names)
+        super().__init__(optimizer, dist.get_world_size(group=group), group, names, track_first)
         self.wrapper = wrapper
         self.strategy = strategy
         self.rank = dist.get_rank(group=group)
@@ -117,14 +117,20 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         self._global = [dist.get_global_rank(group, q) for q in range(self.world_size)]
         subgroups = subgroups if subgroups is not None else zero3_layouts(wrapper, names or {})
         self.partitions: list[Tensor] = []
+        # Moments per element: Σg², and Σg with 16-bit gradients. A partition is (moments, n);
+        # a bucket slot holds a parameter's rows of both, [Σg² | Σg], so one reduce-scatter
+        # carries them.
+        self.moments = m = 2 if self.tracks_first else 1
         self.group_tensors: dict[int, list[Tensor]] = {}
         self._eps_group: dict[int, int] = {}
         self._where: dict[int, tuple[int, int, int, int]] = {}  # id(p) -> (sub-group, offset, J, ps)
         total_slices = 0
         for i, (flat, tensors, offsets, _) in enumerate(subgroups):
-            partition = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+            partition = torch.zeros(m, flat.numel(), dtype=torch.float32, device=flat.device)
             self.partitions.append(partition)
-            self.sq[id(flat)] = partition
+            self.sq[id(flat)] = partition[0]
+            if self.tracks_first:
+                self.first[id(flat)] = partition[1]
             self.group_tensors[id(flat)] = tensors
             self._eps_group[id(flat)] = wrapper.sub_group_to_group_id[i]
             for p, offset in zip(tensors, offsets):
@@ -138,9 +144,10 @@ class Zero3MomentSource(DeepSpeedMomentSource):
 
         device = torch.device(get_accelerator().current_device_name())
         if strategy == "per_step":
-            capacity = total_slices
+            capacity = m * total_slices
         else:
-            capacity = min(total_slices, max(1, -(-int(wrapper.reduce_bucket_size) // self.world_size)))
+            # Twice the slots with Σg: as many reductions as with Σg² alone.
+            capacity = m * min(total_slices, max(1, -(-int(wrapper.reduce_bucket_size) // self.world_size)))
         self.capacity = capacity
         self.bucket = torch.zeros(self.world_size, capacity, dtype=torch.float32, device=device)
         self._used = 0
@@ -155,41 +162,51 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         i, offset, numel, ps = self._where[id(p)]
         full_rows, rest = divmod(numel, ps)
 
+        m = self.moments
+        width = m * ps  # a slot: (w, [Σg² of ps | Σg of ps])
+
         def add_into(rows: Tensor, g: Tensor) -> None:
-            # rows: (w, ps); row q gets the squares of the elements rank q owns, padding stays 0.
+            # rows: (w, m·ps); row q gets the squares (and values) of the elements rank q owns,
+            # padding stays 0.
             if full_rows:
                 head = g[: full_rows * ps].view(full_rows, ps)
-                rows[:full_rows].addcmul_(head, head)
+                rows[:full_rows, :ps].addcmul_(head, head)
+                if m == 2:
+                    rows[:full_rows, ps:].add_(head)
             if rest:
                 tail = g[full_rows * ps :]
                 rows[full_rows, :rest].addcmul_(tail, tail)
+                if m == 2:
+                    rows[full_rows, ps : ps + rest].add_(tail)
 
         def add_sample(grad):
             g = grad.detach().reshape(-1).to(device=self.bucket.device, dtype=torch.float32)
-            if ps > self.capacity:  # larger than a whole bucket: reduced on its own, at once
+            if width > self.capacity:  # larger than a whole bucket: reduced on its own, at once
                 self._flush()
-                rows = torch.zeros(self.world_size, ps, dtype=torch.float32, device=g.device)
+                rows = torch.zeros(self.world_size, width, dtype=torch.float32, device=g.device)
                 add_into(rows, g)
-                self._add_to_partition(i, offset, self._reduce_scatter(rows))
+                self._add_to_partition(i, offset, ps, self._reduce_scatter(rows))
                 self._count(p)
                 return
             slot = self._slots.get(id(p))
             if slot is None:
-                if self._used + ps > self.capacity:
+                if self._used + width > self.capacity:
                     self._flush()
                 slot = self._used
-                self._used += ps
+                self._used += width
                 self._slots[id(p)] = slot
                 self._entries.append((p, slot))
-                self.bucket[:, slot : slot + ps].zero_()
-            add_into(self.bucket[:, slot : slot + ps], g)
+                self.bucket[:, slot : slot + width].zero_()
+            add_into(self.bucket[:, slot : slot + width], g)
             self._count(p)
 
         return add_sample
 
-    def _add_to_partition(self, i: int, offset: int, values: Tensor) -> None:
-        target = self.partitions[i][offset : offset + values.numel()]
-        target.add_(values.to(target.device, non_blocking=False))
+    def _add_to_partition(self, i: int, offset: int, ps: int, values: Tensor) -> None:
+        """Add a parameter's reduced slot (``values``: [Σg² | Σg] of its ps elements) into the
+        sub-group's partitions at ``offset``."""
+        target = self.partitions[i][:, offset : offset + ps]
+        target.add_(values.view(self.moments, ps).to(target.device, non_blocking=False))
 
     def _flush(self) -> None:
         """Reduce-scatter the bucket's rows and add each rank's share into its partitions."""
@@ -200,7 +217,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         mine = self._reduce_scatter(self.bucket[:, :n])
         for p, slot in self._entries:
             i, offset, _, ps = self._where[id(p)]
-            self._add_to_partition(i, offset, mine[slot : slot + ps])
+            self._add_to_partition(i, offset, ps, mine[slot : slot + self.moments * ps])
         self._used = 0
         self._slots.clear()
         self._entries.clear()
@@ -247,9 +264,10 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         return self._used == 0 and not self._slots and not self._entries and super().is_clear()
 
     def extra_buffer_bytes(self):
+        what = "grad_sq_sum + grad_sum" if self.tracks_first else "grad_sq_sum"
         return {
-            "grad_sq_sum partition (fp32, per sub-group)": sum(p.numel() for p in self.partitions) * 4,
-            f"grad_sq_sum bucket (fp32, {self.strategy})": self.bucket.numel() * 4,
+            f"{what} partition (fp32, per sub-group)": sum(p.numel() for p in self.partitions) * 4,
+            f"{what} bucket (fp32, {self.strategy})": self.bucket.numel() * 4,
         }
 
 
@@ -309,7 +327,8 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
             k_too_small_message(gas * dp_world)
             + f" (DeepSpeed config: gradient_accumulation_steps={gas}, data-parallel world size={dp_world})."
         )
-    source = Zero3MomentSource(opt, wrapper, strategy, names, subgroups)
+    # S = Σg in fp32 by our own hooks where DeepSpeed's G is rounded to 16 bits (source.py).
+    source = Zero3MomentSource(opt, wrapper, strategy, names, subgroups, gradient_is_rounded(engine))
     flats = wrapper.fp32_partitioned_groups_flat
 
     def before_unscale(sub_group_id, *a, **k):
