@@ -99,7 +99,9 @@ def attach(engine) -> None:
     # never scales; see the fp16 stage-0 refusal) and always divides it by gradient_accumulation_steps.
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:
         source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
-    source.gas = gas
+    # engine.backward divides the loss by the current gradient_accumulation_steps, which
+    # engine.set_train_batch_size may change between steps.
+    source.gas_fn = engine.gradient_accumulation_steps
     source.tied.groups = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages
     opt.set_moment_source(source)
     wrap_method(wrapper, "step", after=source.clear)

@@ -160,10 +160,13 @@ class DeepSpeedMomentSource:
         #: Σg is accumulated in fp32 beside Σg² (``first``) because DeepSpeed's G is not exact
         #: fp32 (:func:`gradient_is_rounded`); else S = w·G.
         self.tracks_first = bool(track_first)
-        # c of sample = c · (gradient of one micro-batch's loss): loss scale / gas, set by attach.
+        # c of sample = c · (gradient of one micro-batch's loss): loss scale / gas, both read when
+        # a step's first sample arrives (DeepSpeed may change the loss scale in step(), and
+        # engine.set_train_batch_size the accumulation steps between steps); set by attach.
         self.loss_scale_fn = lambda: 1.0
-        self.gas = 1
+        self.gas_fn = lambda: 1
         self._sample_loss_scale = 1.0
+        self._sample_gas = 1
         self._moment_sums: dict[int, Tensor] = {}
         self.world_size = world_size
         self.group = group
@@ -183,8 +186,9 @@ class DeepSpeedMomentSource:
 
     # -- hooks -------------------------------------------------------------------------------
     def _count(self, p: Tensor) -> None:
-        if self.local_samples == 0:  # the scale the samples carry (DeepSpeed may change it in step())
+        if self.local_samples == 0:  # the scale the samples of this step carry
             self._sample_loss_scale = float(self.loss_scale_fn())
+            self._sample_gas = int(self.gas_fn())
         c = self._hook_counts.get(id(p), 0) + 1
         self._hook_counts[id(p)] = c
         if c > self.local_samples:
@@ -216,7 +220,7 @@ class DeepSpeedMomentSource:
         return self.optimizer.defaults["gsnr_eps"]
 
     def sample_scale(self) -> float:
-        return self._sample_loss_scale / self.gas
+        return self._sample_loss_scale / self._sample_gas
 
     def moment_sums(self, p: Tensor, layout: SegmentLayout) -> Tensor:
         """[Σ_j S_j², Σ_j Q_j] of this rank's elements of ``p``, formed in :meth:`prepare`."""

@@ -337,6 +337,8 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
     wrap_method(wrapper, "unscale_and_clip_grads", before=before_unscale)
     # engine.backward scales the loss by the wrapper's loss scale and divides it by gas.
     source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
-    source.gas = gas
+    # engine.backward divides the loss by the current gradient_accumulation_steps, which
+    # engine.set_train_batch_size may change between steps.
+    source.gas_fn = engine.gradient_accumulation_steps
     opt.set_moment_source(source)
     wrap_method(wrapper, "step", after=source.clear)
