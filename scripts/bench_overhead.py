@@ -74,7 +74,9 @@ Protocol
     payload·2(w−1)/w for all-reduce, payload·(w−1)/w for reduce-scatter, all-gather, reduce,
     broadcast (w = group size); a point-to-point send (``isend``/``send``) counts its payload.
     VR's extra bytes = the VR variant's minus LAMB's; the limit is
-    one extra fp32 reduce-scatter of all N parameters per step: 4·N·(w−1)/w. ``TCP sent`` is
+    one extra fp32 reduce-scatter of all N parameters per step and per moment VR reduces:
+    4·N·(w−1)/w for Σg², twice that in bf16/fp16, where Σg is reduced beside it (DeepSpeed's own
+    16-bit G is too rounded for r; vrgd_ds/deepspeed_glue/source.py). ``TCP sent`` is
     what gloo really sent in that step (acknowledged bytes of the rank's TCP sockets, from
     ``ss -tinp``; mean of the ranks): gloo implements some collectives differently from the
     ring model (reduce-scatter as an all-reduce of a full copy, for one).
@@ -887,6 +889,8 @@ def build_and_measure(variant: Variant, precision: str, gas: int, cfg: BenchConf
         "num_params_whole": sum(whole_numel(p, cfg.tensor_parallel) for p in engine.module.parameters()),
         "num_tensors": len(list(engine.module.parameters())),
         "actual_strategy": moment_source(engine).strategy if variant.strategy else None,
+        # Moments VR reduces per element: Σg², and Σg where DeepSpeed's gradient is 16-bit.
+        "moments": (2 if moment_source(engine).tracks_first else 1) if variant.strategy else 0,
         "wrapper": type(engine.optimizer).__name__,  # DeepSpeed's optimizer wrapper (e.g. BF16_Optimizer)
         **{key: [] for key in TIMES + tuple("cpu_" + t for t in TIMES)},
         "transient_bytes": [],
@@ -1049,7 +1053,8 @@ def summarize(blocks: list[dict], dp: int = 2, stage: int = 2) -> dict:
         for variant in variants():
             e = block["variants"][variant.name]
             n = e["num_params"]
-            limit = 4 * n * (dp - 1) / dp
+            # One fp32 reduce-scatter of N per moment VR keeps (Σg², and Σg in 16 bits).
+            limit = 4 * n * (dp - 1) / dp * max(e.get("moments", 1), 1)
             ring = sum(c["ring"] for c in e["collectives"])
             row = {
                 "precision": block["precision"],
@@ -1175,7 +1180,8 @@ def markdown(summary: dict, cfg: BenchConfig, meta: dict) -> str:
         out.append("")
     out.append(
         "### Bytes sent per rank per step (ring model; limit = one fp32 reduce-scatter of N over the "
-        "data-parallel group, 4N(dp-1)/dp)"
+        "data-parallel group per moment VR reduces, 4N(dp-1)/dp for Σg², twice that in bf16 where Σg is "
+        "reduced beside it)"
     )
     out.append("")
     out.append(

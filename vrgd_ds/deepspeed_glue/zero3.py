@@ -17,7 +17,9 @@ What this module installs (:func:`attach_zero3`, after DeepSpeed built its stage
   for each parameter in the bucket, the ps elements rank q owns — so that one reduce-scatter of
   the bucket leaves each rank exactly the Σg² of its own slices, padding included (as zeros).
   They are added into one partition-sized fp32 buffer per sub-group. A parameter met again
-  before the bucket is reduced adds into its slot.
+  before the bucket is reduced adds into its slot. With 16-bit gradients the slot holds the
+  rows of Σg beside those of Σg² ([Σg² | Σg], twice the bucket) and the partition is (2, n):
+  DeepSpeed's 16-bit G is too rounded to be r's first moment (:mod:`.source`).
   ``moment_reduction="per_micro_step"`` (the default at stage 3): the bucket holds at most
   ``reduce_bucket_size`` elements (DeepSpeed's own bucket size) and is reduced whenever it is
   full and before the step — memory 4·N/w for the partitions plus one bucket;
