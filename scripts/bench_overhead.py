@@ -1370,6 +1370,14 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds (CI smoke run); = --size quick")
     parser.add_argument(
+        "--host-proxy",
+        action="store_true",
+        help="instead: VR's host work (ops dispatched, host reads, CPU time) per micro-batch and per step, "
+        "BERT-large's tensor list at width 32, bf16, gas 16, one rank, every wrapper kind (scripts/host_proxy.py); "
+        "with --quick 2 and 4 layers, ZeRO-2 only",
+    )
+    parser.add_argument("--layers", default=None, help="--host-proxy: comma list of layer counts (default: 24,48)")
+    parser.add_argument(
         "--size",
         choices=sorted(SIZES),
         default="full",
@@ -1438,6 +1446,8 @@ def main(argv=None) -> int:
     if args.stats_cost:
         os.environ[STATS_COST_ENV] = "1"  # read by variants(), here and in the spawned ranks
 
+    if args.host_proxy:
+        return host_proxy_main(args, argv)
     cfg = config_from_args(parser, args)
     if BASELINE not in {v.name for v in VARIANTS}:
         raise RuntimeError("the baseline variant is missing")
@@ -1487,6 +1497,35 @@ def main(argv=None) -> int:
         benchlib.write_json(
             args.json, {"config": dataclasses.asdict(cfg), "meta": meta, "per_rank": per_rank, "summary": summary}
         )
+    return 0
+
+
+def host_proxy_main(args, argv) -> int:
+    """``--host-proxy``: scripts/host_proxy.py's measurement, its table and JSON."""
+    import host_proxy
+
+    if args.layers:
+        layers = tuple(int(n) for n in args.layers.split(","))
+    else:
+        layers = (2, 4) if args.quick else (24, 48)
+    wrappers = ("zero2",) if args.quick else tuple(host_proxy.WRAPPERS)
+    rounds = args.rounds or (1 if args.quick else 3)
+    version = benchlib.code_version()
+    start = time.time()
+    rows = host_proxy.run(layers, wrappers, rounds, say=lambda text: print(text, flush=True))
+    meta = benchlib.run_meta(
+        "host proxy (see scripts/host_proxy.py), one CPU rank",
+        time.time() - start,
+        argv,
+        ("torch", "Python", "deepspeed", "transformers"),
+        code=version,
+    )
+    text = host_proxy.markdown(rows)
+    print(text)
+    if args.report:
+        benchlib.write_text(args.report, text)
+    if args.json:
+        benchlib.write_json(args.json, {"meta": meta, "rows": rows})
     return 0
 
 

@@ -372,11 +372,13 @@ def build_noise_stats(
             raise ValueError(f"numels has {weights.numel()} entries for {len(names)} tensors.")
         stats["gsnr_unbiased_mean"] = float((means * weights).sum() / weights.sum())
     per_tensor = {}
+    # One conversion per vector, not one scalar read per tensor.
     g, tr, bs = (est[key].tolist() for key in ("grad_norm_sq", "noise_trace", "b_simple"))
+    mean_values = means.tolist() if means is not None else None
     for t, name in enumerate(names):
         entry = {"grad_norm_sq": g[t], "noise_trace": tr[t], "b_simple": bs[t]}
-        if means is not None:
-            entry["gsnr_unbiased_mean"] = float(means[t])
+        if mean_values is not None:
+            entry["gsnr_unbiased_mean"] = mean_values[t]
         if gsnr_unbiased_quantiles is not None and name in gsnr_unbiased_quantiles:
             values = list(gsnr_unbiased_quantiles[name])
             if len(values) != len(QUANTILES):

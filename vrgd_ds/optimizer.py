@@ -172,7 +172,8 @@ class VROptimizer(Optimizer):
         self.micro_batch_size = micro_batch_size
         self.gsnr_estimator = gsnr_estimator
         self._noise_ema = NoiseScaleEMA(noise_ema_decay)
-        self._noise_parts: list[tuple[list[str], Tensor, Tensor, Tensor | None, Tensor]] = []
+        # Per flat tensor: (names, ΣS², ΣQ, mean r̃ or None, numels, had a sample), on the device.
+        self._noise_parts: list[tuple[list[str], Tensor, Tensor, Tensor | None, Tensor, Tensor]] = []
         self._noise_k = 0
         self._noise_scale = 1.0
         self._last_noise: dict = {}
@@ -344,12 +345,17 @@ class VROptimizer(Optimizer):
         if not parts or self._noise_k < 2:
             return
         names = [n for part in parts for n in part[0]]
-        s2 = torch.cat([part[1].double().cpu() for part in parts])
-        q = torch.cat([part[2].double().cpu() for part in parts])
-        numels = torch.cat([part[4].double().cpu() for part in parts])
-        unbiased = None
-        if all(part[3] is not None for part in parts):
-            unbiased = torch.cat([part[3].double().cpu() for part in parts])
+        # Every per-tensor vector of every part to the host in one transfer (one device sync),
+        # then the tensors that got no gradient sample this step left out.
+        with_unbiased = all(part[3] is not None for part in parts)
+        columns = (1, 2, 4, 5, 3) if with_unbiased else (1, 2, 4, 5)
+        device = parts[0][1].device
+        host = torch.cat([part[c].to(device, torch.float64).view(-1) for c in columns for part in parts]).cpu()
+        s2, q, numels, present, *rest = host.split(len(names))
+        keep = present.nonzero().view(-1)
+        names = [names[t] for t in keep.tolist()]
+        s2, q, numels = s2[keep], q[keep], numels[keep]
+        unbiased = rest[0][keep] if with_unbiased else None
         self._last_noise = build_noise_stats(
             names,
             s2,
@@ -459,9 +465,10 @@ class VROptimizer(Optimizer):
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
         absent = vec[n : 2 * n] == 0 if counts is not None else None
         if moments is not None:
+            # Kept on the device, tensors without a gradient sample marked: finish_noise_stats
+            # reads every part back in one transfer and leaves those out.
             m = vec[-2 * n :]
             present = ~absent if absent is not None else torch.ones(n, dtype=torch.bool, device=vec.device)
-            keep = present.nonzero().view(-1).tolist()
             unbiased = None
             if self.vr:
                 unbiased = (
@@ -469,15 +476,8 @@ class VROptimizer(Optimizer):
                     if self.gsnr_estimator == "unbiased"
                     else unbiased_from_paper_r(layer_mean, self._noise_k)
                 )
-                unbiased = unbiased[keep]
             self._noise_parts.append(
-                (
-                    [layout.names[t] for t in keep],
-                    m[:n][keep],
-                    m[n:][keep],
-                    unbiased,
-                    layout.tensor_numels.to(vec.device)[keep],
-                )
+                (list(layout.names), m[:n], m[n:], unbiased, layout.tensor_numels.to(vec.device), present)
             )
         return raw, layer_mean, absent
 

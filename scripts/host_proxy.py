@@ -1,0 +1,272 @@
+"""VR's host work per micro-batch and per step, measured without a GPU (``bench_overhead.py --host-proxy``).
+
+On a GPU, BERT-large's step is host-bound at small per-GPU batches: every operator vrgd_ds
+dispatches is a kernel launch (~10 µs of host time) and every scalar it reads back is a device
+sync. This proxy counts exactly that on the CPU, where it can run in CI: a BERT with
+BERT-large's tensor list (24 layers, 394 tensors; 48 layers for the scaling check) at hidden
+width 32, so that compute is negligible; bf16, gradient accumulation 16, one rank; each DeepSpeed
+wrapper kind (stage 0 = FP16_UnfusedOptimizer, ZeRO-1, ZeRO-2, ZeRO-3, BF16_Optimizer); VR-LAMB
+(``moment_reduction`` as ``"auto"`` picks it: per_micro_step at one rank) against the same run
+with ``vr: false``.
+
+Measured per variant, on one optimizer step after a warm-up step:
+
+* ``ops_per_micro_batch``: operators dispatched during ``engine.backward`` of a micro-batch that
+  is not the accumulation boundary, in total and credited to vrgd_ds — the innermost Python frame
+  outside torch belongs to the vrgd_ds package (a ``TorchDispatchMode`` sees every aten call,
+  also those made from autograd hooks). Views (slicing, reshaping: no kernel on a device) are
+  counted apart (``views_per_*``);
+* ``ops_per_step``: the same during ``engine.step()`` at the boundary; ``syncs_per_step``: those
+  of vrgd_ds's that read a value back to the host (``aten._local_scalar_dense``: ``float()``,
+  ``bool()``, ``.item()``, ``.tolist()`` of a scalar; ``aten.nonzero``; device-to-host copies);
+* ``host_ms_per_micro_batch``: CPU time of ``engine.backward`` of a non-boundary micro-batch, VR
+  minus ``vr: false``, paired round by round (the two engines alternate) and summarized by the
+  median — without the dispatch mode, which would slow both.
+
+Targets (the project's issue on host work): ≤ 2 ops per gradient bucket per micro-batch at
+ZeRO-2 (≤ 2 foreach ops per bucket elsewhere); VR's step ops the same at 24 and 48 layers; ≤ 1
+device-sync op per step from VR; ≤ 0.5 ms of host CPU per micro-batch.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+WRAPPERS = {  # label: (ZeRO stage, extra DeepSpeed config)
+    "stage0": (0, {}),
+    "zero1": (1, {}),
+    "zero2": (2, {}),
+    "zero3": (3, {}),
+    "bf16_optimizer": (1, {"data_types": {"grad_accum_dtype": "fp32"}}),
+}
+GAS = 16
+MICRO_BATCH = 2
+SEQ = 16
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item")
+
+
+def _package_dir(module) -> str:
+    return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten calls by owner: the package of the innermost Python frame outside torch and
+    this file ("vrgd_ds", "deepspeed" or "other"), and vrgd_ds's host reads separately."""
+
+    def __init__(self):
+        super().__init__()
+        import deepspeed
+
+        import vrgd_ds
+
+        self.roots = (("vrgd_ds", _package_dir(vrgd_ds)), ("deepspeed", _package_dir(deepspeed)))
+        self.skip = (_package_dir(torch), os.path.abspath(__file__))
+        self.counts = {"vrgd_ds": 0, "deepspeed": 0, "other": 0}
+        self.views = dict.fromkeys(self.counts, 0)
+        self.vr_syncs = 0
+        self.vr_ops: dict[str, int] = {}
+
+    def _owner(self) -> str:
+        frame = sys._getframe(2)
+        while frame is not None:
+            path = frame.f_code.co_filename
+            if not path.startswith(self.skip):
+                for name, root in self.roots:
+                    if path.startswith(root):
+                        return name
+                return "other"
+            frame = frame.f_back
+        return "other"
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        owner = self._owner()
+        if func.is_view:  # a view: metadata only, no kernel on a device
+            self.views[owner] += 1
+            return func(*args, **(kwargs or {}))
+        self.counts[owner] += 1
+        if owner == "vrgd_ds":
+            name = func.__name__.split(".")[0]
+            self.vr_ops[name] = self.vr_ops.get(name, 0) + 1
+            to_host = (
+                name in ("_to_copy", "copy_")
+                and any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+                and str((kwargs or {}).get("device", "")) == "cpu"
+            )
+            if name in SYNC_OPS or to_host:
+                self.vr_syncs += 1
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> dict:
+        out = {
+            **self.counts,
+            "vr_views": self.views["vrgd_ds"],
+            "vr_syncs": self.vr_syncs,
+            "vr_ops": dict(sorted(self.vr_ops.items())),
+        }
+        self.counts = dict.fromkeys(self.counts, 0)
+        self.views = dict.fromkeys(self.counts, 0)
+        self.vr_syncs = 0
+        self.vr_ops = {}
+        return out
+
+
+@contextmanager
+def counting(counter: OpCounter | None):
+    if counter is None:
+        yield
+        return
+    with counter:
+        yield
+
+
+def bert(layers: int):
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=SEQ,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForMaskedLM(cfg)
+
+
+def engine_for(layers: int, wrapper: str, vr: bool):
+    import deepspeed
+
+    import vrgd_ds  # noqa: F401  (registers the optimizer types)
+
+    stage, extra = WRAPPERS[wrapper]
+    config = {
+        "train_batch_size": MICRO_BATCH * GAS,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": GAS,
+        "optimizer": {"type": "VRLamb", "params": {"lr": 1e-3, "weight_decay": 0.01, "vr": vr}},
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": True},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        **extra,
+    }
+    model = bert(layers)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    return engine
+
+
+def batches(count: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        {
+            "input_ids": torch.randint(0, 128, (MICRO_BATCH, SEQ), generator=g),
+            "labels": torch.randint(0, 128, (MICRO_BATCH, SEQ), generator=g),
+        }
+        for _ in range(count)
+    ]
+
+
+def one_step(engine, data, counter: OpCounter | None) -> dict:
+    """One optimizer step; per non-boundary micro-batch its CPU time (and op counts), then the step's."""
+    out = {"backward_cpu_s": [], "micro": [], "step": None}
+    for i, batch in enumerate(data):
+        loss = engine(**batch).loss
+        t0 = time.process_time()
+        with counting(counter):
+            engine.backward(loss)
+        t1 = time.process_time()
+        boundary = i == len(data) - 1
+        if counter is not None:
+            counts = counter.take()
+            if 0 < i < len(data) - 1:
+                out["micro"].append(counts)
+        if not boundary and i > 0:
+            out["backward_cpu_s"].append(t1 - t0)
+        with counting(counter if boundary else None):
+            engine.step()
+        if boundary and counter is not None:
+            out["step"] = counter.take()
+    return out
+
+
+def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> dict:
+    """Rank body: both engines (VR, vr=false) of one (layers, wrapper), counted, then timed."""
+    data = batches(GAS)
+    engines = {"vr": engine_for(layers, wrapper, True), "base": engine_for(layers, wrapper, False)}
+    tensors = sum(1 for p in engines["vr"].module.parameters() if p.requires_grad)
+    result = {"layers": layers, "wrapper": wrapper, "tensors": tensors}
+    for name, engine in engines.items():
+        one_step(engine, data, None)  # warm-up: state created, buffers allocated
+        counted = one_step(engine, data, OpCounter())
+        micro = counted["micro"]
+        result[name] = {
+            "ops_per_micro_batch": statistics.median(m["vrgd_ds"] for m in micro),
+            "all_ops_per_micro_batch": statistics.median(
+                sum(m[k] for k in ("vrgd_ds", "deepspeed", "other")) for m in micro
+            ),
+            "views_per_micro_batch": statistics.median(m["vr_views"] for m in micro),
+            "ops_per_step": counted["step"]["vrgd_ds"],
+            "views_per_step": counted["step"]["vr_views"],
+            "syncs_per_step": counted["step"]["vr_syncs"],
+            "step_ops_by_name": counted["step"]["vr_ops"],
+            "micro_ops_by_name": micro[0]["vr_ops"],
+        }
+        if name == "vr":
+            source = engine.basic_optimizer.moment_source
+            result["strategy"] = getattr(source, "strategy", None)
+    paired = []
+    for _ in range(rounds):
+        times = {name: one_step(engine, data, None)["backward_cpu_s"] for name, engine in engines.items()}
+        paired += [v - b for v, b in zip(times["vr"], times["base"])]
+    result["host_ms_added_per_micro_batch"] = 1e3 * statistics.median(paired)
+    q = statistics.quantiles(paired, n=4) if len(paired) >= 4 else [min(paired), 0, max(paired)]
+    result["host_ms_added_iqr"] = [1e3 * q[0], 1e3 * q[-1]]
+    return result
+
+
+def run(layer_counts=(24, 48), wrappers=tuple(WRAPPERS), rounds: int = 3, say=print) -> list[dict]:
+    from vrgd_ds.multiproc import run_ranks
+
+    rows = []
+    for layers in layer_counts:
+        for wrapper in wrappers:
+            t0 = time.time()
+            (row,) = run_ranks(measure, 1, layers, wrapper, rounds, init="deepspeed", timeout=1800)
+            say(
+                f"[{time.time() - t0:6.0f} s] {layers} layers {wrapper}: VR ops/micro-batch "
+                f"{row['vr']['ops_per_micro_batch']} (base {row['base']['ops_per_micro_batch']}), step ops "
+                f"{row['vr']['ops_per_step']} (base {row['base']['ops_per_step']}), syncs "
+                f"{row['vr']['syncs_per_step']}, +{row['host_ms_added_per_micro_batch']:.2f} ms/micro-batch"
+            )
+            rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| layers | tensors | wrapper | strategy | vrgd_ds ops / micro-batch (vr: false) | all ops / micro-batch "
+        "(vr: false) | vrgd_ds ops / step (vr: false) | vrgd_ds host reads / step | host ms added / "
+        "micro-batch (IQR) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        v, b = r["vr"], r["base"]
+        lo, hi = r["host_ms_added_iqr"]
+        lines.append(
+            f"| {r['layers']} | {r['tensors']} | {r['wrapper']} | {r.get('strategy')} "
+            f"| {v['ops_per_micro_batch']:.0f} ({b['ops_per_micro_batch']:.0f}) "
+            f"| {v['all_ops_per_micro_batch']:.0f} ({b['all_ops_per_micro_batch']:.0f}) "
+            f"| {v['ops_per_step']} ({b['ops_per_step']}) | {v['syncs_per_step']} "
+            f"| {r['host_ms_added_per_micro_batch']:.2f} ({lo:.2f}…{hi:.2f}) |"
+        )
+    return "\n".join(lines)
