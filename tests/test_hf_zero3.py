@@ -44,6 +44,8 @@ CASES = [
     {"name": "z3-plain", "stage": 3, "zero_init": False, "optimizer_params": WELL_CONDITIONED},
     {"name": "z3-mutant", "stage": 3, "mutant_shape_from_dim": True, "optimizer_params": WELL_CONDITIONED},
 ]
+# Measured (ZeRO-3 + zero.Init against ZeRO-2): updates ≤ 7.0e-6 (a key weight), losses 1.0e-7,
+# |G|² and tr Σ 7.3e-7; the mutant's matrices 5.7-38.
 UPDATE_RTOL = 1e-5
 LOSS_RTOL = 1e-6
 NOISE_RTOL = 1e-4
