@@ -1021,6 +1021,7 @@ def merge_ranks(per_rank: list[dict]) -> list[dict]:
             m["num_params_whole"] = entry.get("num_params_whole", entry["num_params"])
             m["num_tensors"] = entry["num_tensors"]
             m["actual_strategy"] = entry.get("actual_strategy")
+            m["moments"] = entry.get("moments", 1)
             m["wrapper"] = entry.get("wrapper")
             m["profile"] = entry.get("profile")
             coll: dict[tuple, list] = {}
