@@ -295,7 +295,8 @@ def main() -> None:
     if args.cmd == "prepare":
         prepare(args.out)
     elif args.cmd == "run":
-        sys.exit(run(args.name, args.megatron.resolve(), args.data.resolve(), args.out.resolve(), args.iters, args.port))
+        megatron, data, out = args.megatron.resolve(), args.data.resolve(), args.out.resolve()
+        sys.exit(run(args.name, megatron, data, out, args.iters, args.port))
     elif args.cmd == "train":
         rest = args.megatron_args[1:] if args.megatron_args[:1] == ["--"] else args.megatron_args
         train(args.megatron, args.metrics, rest)
