@@ -187,7 +187,8 @@ def _jsonable(obj):
 
 def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
     """pretrain_gpt.py's __main__ with a wrapper around megatron.training.train_step that writes,
-    on rank 0, the iteration's loss and the optimizer's statistics as one JSON line."""
+    on rank 0, the iteration's loss and the optimizer's statistics as one JSON line (and one around
+    get_megatron_optimizer that records its parameter groups)."""
     sys.path.insert(0, str(megatron_dir))
     # DeepSpeed checks args.local_rank against $LOCAL_RANK (the deepspeed launcher passes it).
     sys.argv = [str(megatron_dir / "pretrain_gpt.py"), *argv, "--local_rank", os.environ.get("LOCAL_RANK", "0")]
@@ -201,8 +202,22 @@ def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
 
     import vrgd_ds
 
-    step_fn = training.train_step
-    state = {"iteration": 0}
+    step_fn, build_optimizer = training.train_step, training.get_megatron_optimizer
+    state = {"iteration": 0, "groups": None}
+
+    def recorded_get_megatron_optimizer(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        # Megatron's decay / no-decay split, sized by the full shapes (ZeRO-3: ds_numel).
+        state["groups"] = [
+            {
+                "name": group.get("name"),
+                "wd_mult": group.get("wd_mult"),
+                "tensors": len(group["params"]),
+                "numel": sum(getattr(p, "ds_numel", p.numel()) for p in group["params"]),
+            }
+            for group in optimizer.param_groups
+        ]
+        return optimizer
 
     def logged_train_step(forward_step_func, data_iterator, model, *rest):
         start = time.time()
@@ -219,6 +234,8 @@ def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
             "step_s": elapsed,
             "skipped": int(out[1]),
             "wrapper": type(engine.optimizer).__name__,
+            "optimizer": type(opt).__name__ if opt is not None else None,
+            "groups": state["groups"],
             "noise": _jsonable(opt.noise_stats()) if opt is not None else None,
             "gsnr_summary": _jsonable(opt.gsnr_summary()) if opt is not None else None,
             "gsnr": _jsonable(opt.gsnr_stats()) if opt is not None else None,
@@ -228,6 +245,7 @@ def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
         return out
 
     training.train_step = logged_train_step
+    training.get_megatron_optimizer = recorded_get_megatron_optimizer
     training.pretrain(
         pretrain_gpt.train_valid_test_datasets_provider,
         pretrain_gpt.model_provider,
@@ -282,7 +300,7 @@ def main() -> None:
     p.add_argument("--megatron", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=20)
     p.add_argument("--port", type=int, default=29517)
     p = sub.add_parser("train")
     p.add_argument("--megatron", type=Path, required=True)

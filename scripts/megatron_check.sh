@@ -7,21 +7,23 @@
 #
 # MEGATRON_DEEPSPEED_DIR  a checkout of github.com/microsoft/Megatron-DeepSpeed (checked at f4157bea);
 #                         it is copied to OUT/megatron and patched there, never modified
-# OUT                     output folder [outputs/megatron_check]: OUT/<NAME>/metrics.jsonl,
+# OUT                     output folder [<repo>/outputs/megatron_check]: OUT/<NAME>/metrics.jsonl,
 #                         ds_config.json, log.txt, run.json; OUT/summary.md
-# ITERS                   iterations per run [10]
+# ITERS                   iterations per run [20]
 # MASTER_PORT             torchrun rendezvous port [29517]
 # NAME ...                configurations to run [all]: `python scripts/megatron_check.py names`
 #
-# Needs pybind11, six and nltk besides vrgd_ds (pip install -e '.[megatron]'): Megatron compiles its
-# dataset helpers with pybind11 on rank 0 and imports six; its preprocess_data.py imports nltk. Ranks run under torchrun with
-# OMP_NUM_THREADS=1, DeepSpeed's CPU shm op kept out (vrgd_ds.cpu_comm.avoid_shm_allreduce) and a
-# private TORCH_EXTENSIONS_DIR. Takes about 10 minutes on 2 cores for all configurations.
+# Needs pybind11, six and nltk besides vrgd_ds (pip install -e '.[megatron]'): Megatron compiles
+# its dataset helpers with pybind11 on rank 0, imports six, and its tools/preprocess_data.py
+# imports nltk. Ranks run under torchrun with OMP_NUM_THREADS=1, LOCAL_SIZE = ranks, DeepSpeed's
+# CPU shm op kept out (vrgd_ds.cpu_comm.avoid_shm_allreduce) and a private TORCH_EXTENSIONS_DIR.
+# All 12 configurations: about 3 minutes on 2 idle cores.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 : "${MEGATRON_DEEPSPEED_DIR:?set MEGATRON_DEEPSPEED_DIR to a Megatron-DeepSpeed checkout}"
-OUT="$(mkdir -p "${OUT:-outputs/megatron_check}" && cd "${OUT:-outputs/megatron_check}" && pwd)"
-ITERS=${ITERS:-10}
+OUT="${OUT:-$REPO/outputs/megatron_check}"
+OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
+ITERS=${ITERS:-20}
 MASTER_PORT=${MASTER_PORT:-29517}
 PY=${PYTHON:-python}
 export TORCH_EXTENSIONS_DIR="$OUT/torch_extensions" DS_ACCELERATOR=cpu
