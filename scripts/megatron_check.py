@@ -88,7 +88,7 @@ def prepare(out: Path, lines_per_doc: int = 40) -> None:
 
 
 # ---- one configuration --------------------------------------------------------------------------
-def ds_config(cfg: Config) -> dict:
+def ds_config(cfg: Config, monitor_dir: Path | None = None) -> dict:
     conf = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
@@ -98,6 +98,8 @@ def ds_config(cfg: Config) -> dict:
         "steps_per_print": 10**6,
         "wall_clock_breakdown": False,
     }
+    if monitor_dir is not None:  # vrgd_ds.monitor.log_noise_stats writes there
+        conf["csv_monitor"] = {"enabled": True, "output_path": str(monitor_dir), "job_name": "monitor"}
     if cfg.dtype == "bf16":
         conf["bf16"] = {"enabled": True}
         if cfg.grad_accum_fp32:
@@ -144,7 +146,7 @@ def run(name: str, megatron: Path, data: Path, out: Path, iters: int, port: int)
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     ds_path = run_dir / "ds_config.json"
-    ds_path.write_text(json.dumps(ds_config(cfg), indent=1))
+    ds_path.write_text(json.dumps(ds_config(cfg, run_dir), indent=1))
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
     env = dict(os.environ)
@@ -201,6 +203,7 @@ def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
     from megatron.core.enums import ModelType
 
     import vrgd_ds
+    import vrgd_ds.monitor  # not imported by `import vrgd_ds`
 
     step_fn, build_optimizer = training.train_step, training.get_megatron_optimizer
     state = {"iteration": 0, "groups": None}
@@ -224,6 +227,8 @@ def train(megatron_dir: Path, metrics: Path, argv: list[str]) -> None:
         out = step_fn(forward_step_func, data_iterator, model, *rest)
         elapsed = time.time() - start
         state["iteration"] += 1
+        # to DeepSpeed's monitor (the config's csv_monitor; written on rank 0)
+        vrgd_ds.monitor.log_noise_stats(model[0])
         if dist.get_rank() != 0:
             return out
         engine = model[0]

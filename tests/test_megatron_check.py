@@ -108,6 +108,9 @@ def test_run_trains_with_vr_lamb(out, name):
     assert noise["grad_norm_sq"] > 0 and noise["noise_trace"] > 0
     if cfg.vr:
         assert recs[0]["gsnr_summary"]["step"] == 1.0 and recs[-1]["gsnr_summary"]["step"] == ITERS
+    # vrgd_ds.monitor.log_noise_stats(engine) after each step -> the config's csv_monitor
+    rows = (out / name / "monitor" / "Train_Samples_noise_b_simple.csv").read_text().split()[1:]
+    assert [float(row.split(",")[1]) for row in rows] == pytest.approx([r["noise"]["b_simple"] for r in recs])
 
 
 @pytest.mark.parametrize(
