@@ -26,6 +26,8 @@ OUT="$(mkdir -p "$OUT" && cd "$OUT" && pwd)"
 ITERS=${ITERS:-20}
 MASTER_PORT=${MASTER_PORT:-29517}
 PY=${PYTHON:-python}
+# Megatron's dataset Makefile runs `python3 -m pybind11`: let python3 be this Python.
+PATH="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')"):$PATH"
 export TORCH_EXTENSIONS_DIR="$OUT/torch_extensions" DS_ACCELERATOR=cpu
 
 "$PY" -c "import pybind11, six, nltk" 2>/dev/null || {
