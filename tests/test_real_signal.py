@@ -87,6 +87,10 @@ CASES = [
 ]
 # engine.set_train_batch_size between steps (gradient accumulation 4 → 2 → 6: k = 8, 4, 12): the
 # update and the noise statistics follow the new k and 1/gas.
+# DeepSpeed decides a step's end from its micro-step counter since initialize, which
+# set_train_batch_size does not re-align: 4 → 2 → 6 keeps it aligned (every step ends where it
+# should); vrgd_ds.critical_batch.set_train_batch_size re-aligns it for any change
+# (tests/test_critical_batch.py).
 GAS_CHANGE = [4, 2, 6]
 CASES += [_case(f"VRLamb-z{stage}-gas_change", stage, gas_schedule=GAS_CHANGE) for stage in (0, 1, 2, 3)] + [
     _case("VRLamb-z2-bf16-gas_change", 2, "bf16", gas_schedule=GAS_CHANGE),

@@ -104,6 +104,19 @@ def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | Non
     steps += (~absent).to(steps)
 
 
+def _grads_finite(param_groups) -> bool:
+    """No NaN/inf in any ``.grad``: one foreach pass (a tensor's max-norm is non-finite exactly
+    when it holds a NaN or inf) and one host read, whatever the number of tensors."""
+    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    by_device: dict = {}
+    for grad in grads:
+        by_device.setdefault((grad.device, grad.dtype), []).append(grad)
+    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 class VROptimizer(Optimizer):
     """Base class: GSNR scaling (VRGD.md §1–2) in front of a base update rule.
 
@@ -546,19 +559,7 @@ class VROptimizer(Optimizer):
         # Checked before any tensor is touched; the result is the same on every rank because
         # the moments were just summed across ranks and DDP's .grad is identical everywhere.
         # (Sources over flat ZeRO shards agree on it inside the layer-mean all-reduce instead.)
-        if (
-            self.vr
-            and source.checks_finite_locally
-            and not (
-                source.all_finite()
-                and all(
-                    bool(torch.isfinite(p.grad).all())
-                    for g in self.param_groups
-                    for p in g["params"]
-                    if p.grad is not None
-                )
-            )
-        ):
+        if self.vr and source.checks_finite_locally and not (source.all_finite() and _grads_finite(self.param_groups)):
             self.skipped_steps += 1
             source.after_inner_step()
             return loss

@@ -59,6 +59,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         self.counts = self.buffer[moments:]
         self.model_params = list(model_params)
         self.count_index: dict[int, int] = {}
+        self._host_counts: list[float] | None = None  # this step's counts, read once when reduced
         offset = 0
         for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
             view = self.buffer[offset : offset + mp.numel()]
@@ -73,7 +74,9 @@ class Stage0MomentSource(DeepSpeedMomentSource):
 
     def _make_sink(self, p, view, first):
         def add_sample(grad):
-            g = grad.detach().reshape(-1).float()
+            # fp32 accumulators, 16-bit samples: the in-place ops compute in fp32 (bit-identical
+            # to casting first), without a cast's allocation and pass.
+            g = grad.detach().reshape(-1)
             view.addcmul_(g, g)
             if first is not None:
                 first.add_(g)
@@ -82,19 +85,28 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return add_sample
 
     def all_finite(self) -> bool:
-        """Σg² and the reduced gradients finite on every rank of this model replica."""
-        finite = bool(torch.isfinite(self.buffer).all()) and all(
-            bool(torch.isfinite(p.grad).all()) for p in self.inner_params if p.grad is not None
-        )
+        """Σg² and the reduced gradients finite on every rank of this model replica (one foreach
+        pass and one host read; the agreement over the model replica, if any, one all-reduce)."""
+        grads = [p.grad for p in self.inner_params if p.grad is not None]
+        flag = torch.isfinite(self.buffer).all()
+        if grads:
+            norms = torch.stack(torch._foreach_norm(grads, float("inf")))
+            flag = flag & norms.isfinite().all().to(flag.device)
+        finite = bool(flag)
         if self.model_group is None:
             return finite
         flag = torch.tensor([0.0 if finite else 1.0], device=self.buffer.device)
         dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.model_group)
         return float(flag) == 0.0
 
-    def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
-        """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced)."""
-        return self.counts[self.count_index[id(inner)]].view(1).clone()
+    def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor | None:
+        """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced), or
+        None when it had some: the counts are read back once per step (:meth:`ensure_reduced`),
+        so the optimizer needs no host read per tensor to know."""
+        index = self.count_index[id(inner)]
+        if self._host_counts is not None and self._host_counts[index] > 0:
+            return None
+        return self.counts[index].view(1).clone()
 
     def ensure_reduced(self):
         if not self._reduced:
@@ -103,7 +115,12 @@ class Stage0MomentSource(DeepSpeedMomentSource):
                 self.counts[i] = float(self._hook_counts.get(id(p), 0))
             if self.world_size > 1:
                 dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
+            self._host_counts = self.counts.tolist()  # one host read per step
             self._reduced = True
+
+    def clear(self) -> None:
+        self._host_counts = None
+        super().clear()
 
     def _buffers_to_zero(self):
         return [self.buffer]

@@ -123,12 +123,17 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             views = self._views_of(self.full[i], offset, numel, part_size)
 
             def add_sample(grad):
-                g = grad.detach().reshape(-1).float()
+                # fp32 accumulators, 16-bit samples: the in-place ops compute in fp32 (bit-identical
+                # to casting first), without a cast's allocation and pass.
+                g = grad.detach().reshape(-1)
                 first_sample = self._hook_counts.get(id(p), 0) == 0
                 for a, b, sq, s in views:
                     piece = g[a:b]
                     if first_sample:  # the step's first sample: no zeroing pass needed
-                        torch.mul(piece, piece, out=sq)
+                        if piece.dtype == torch.float32:
+                            torch.mul(piece, piece, out=sq)
+                        else:  # a 16-bit product would be rounded to 16 bits: square in fp32
+                            sq.copy_(piece).mul_(piece)
                         if s is not None:
                             s.copy_(piece)
                     else:
@@ -146,7 +151,9 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         tag = len(self.handles)  # this hook's index: the same on every rank
 
         def add_sample(grad):
-            g = grad.detach().reshape(-1).float()
+            g = grad.detach().reshape(-1)
+            if self.world_size > 1:  # squares sent to other ranks are formed in fp32
+                g = g.float()
             self._pending = reduce_squares_to_owners(
                 g,
                 owners,

@@ -182,7 +182,8 @@ class Zero3MomentSource(DeepSpeedMomentSource):
                     rows[full_rows, ps : ps + rest].add_(tail)
 
         def add_sample(grad):
-            g = grad.detach().reshape(-1).to(device=self.bucket.device, dtype=torch.float32)
+            # 16-bit samples into fp32 rows: the in-place ops compute in fp32 (no cast pass).
+            g = grad.detach().reshape(-1).to(device=self.bucket.device)
             if width > self.capacity:  # larger than a whole bucket: reduced on its own, at once
                 self._flush()
                 rows = torch.zeros(self.world_size, width, dtype=torch.float32, device=g.device)
