@@ -75,8 +75,9 @@ def attach(engine) -> None:
     bf16_optimizer = is_bf16_optimizer(wrapper)
     zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
     tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2
+    ties = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages, in key order
     if bf16_optimizer or stage in (1, 2):
-        zero_layouts(opt, zero_view, names, tp)
+        zero_layouts(opt, zero_view, names, tp, ties)
     elif tp is not None:
         stage0_tensor_parallel_layouts(opt, *stage0_params(opt, wrapper), names, tp)
     install_universal(engine)  # universal checkpoints keep the VR state, or are refused
@@ -100,6 +101,6 @@ def attach(engine) -> None:
     if isinstance(wrapper, ZeROOptimizer) and not bf16_optimizer:
         source.loss_scale_fn = lambda: getattr(wrapper, "loss_scale", 1.0)
     source.gas = gas
-    source.tied.groups = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages
+    source.tied.groups = ties
     opt.set_moment_source(source)
     wrap_method(wrapper, "step", after=source.clear)

@@ -57,7 +57,8 @@ __all__ = [
 def tied_weight_groups(module) -> dict[int, object]:
     """``{id(weight): tie group}`` of the weights a PipelineModule ties across stages
     (``TiedLayerSpec`` keys whose layers sit on more than one stage; pipe/module.py
-    ``_index_tied_modules``); empty for any other module."""
+    ``_index_tied_modules``), in the keys' sorted order (``tied_comms``'), the same on every
+    stage; empty for any other module."""
     groups = {}
     for comm in (getattr(module, "tied_comms", None) or {}).values():
         if len(comm.get("ranks", ())) > 1:
