@@ -80,6 +80,34 @@ def tied_pipeline_module(loss_fn, tie_bias: bool = False, width: int = 9):
     return module
 
 
+def two_keys_pipeline_module(loss_fn):
+    """Two weights tied across the 2 stages under two TiedLayerSpec keys: "io" (as in
+    :func:`tied_pipeline_module`) and "mid" (11 → 11, no bias), each used on the first stage and
+    again, transposed, on the last; the last stage's only other layer is "7"."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    layers = tied_layers()
+    spec = [
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=False),
+        nn.Tanh(),
+        TiedLayerSpec("mid", nn.Linear, 11, 11, bias=False),
+        nn.Tanh(),
+        TiedLayerSpec("mid", nn.Linear, 11, 11, bias=False, forward_fn=lambda m, h: h @ m.weight),
+        nn.Tanh(),
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=False, forward_fn=tied_output),
+        layers["7"],
+    ]
+    return PipelineModule(layers=spec, num_stages=2, loss_fn=loss_fn, partition_method="uniform")
+
+
+def two_keys_param_groups(module, swapped: bool) -> list[dict]:
+    """The stage's parameters in two groups: "io" in the first, "mid" and the rest in the second —
+    or (``swapped``) on the last stage "mid" in the first and "io" with the rest in the second."""
+    io, mid = module.tied_modules["io"].weight, module.tied_modules["mid"].weight
+    first = mid if swapped and module.stage_id == 1 else io
+    return [{"params": [first]}, {"params": [p for p in module.parameters() if p is not first]}]
+
+
 def mse(out, y):
     return ((out - y) ** 2).mean()
 
@@ -138,7 +166,11 @@ def pipeline_case(rank: int, world: int, case: dict):
 
     dp = world // 2
     gas = MICRO_BATCHES // dp
-    if case.get("tied"):
+    model_parameters = None
+    if case.get("tied") in ("two keys", "two keys swapped"):
+        module = two_keys_pipeline_module(mse)
+        model_parameters = two_keys_param_groups(module, swapped=case["tied"] == "two keys swapped")
+    elif case.get("tied"):
         module = tied_pipeline_module(mse, tie_bias=case["tied"] == "weight and bias", width=case.get("width", 9))
     else:
         layers = pipeline_layers()
@@ -166,7 +198,9 @@ def pipeline_case(rank: int, world: int, case: dict):
         allow_cpu_fp16()
         cfg["fp16"] = {"enabled": True}
     try:
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()], config=cfg)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=model_parameters or list(module.parameters()), config=cfg
+        )
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
     dp_rank = engine.grid.get_data_parallel_rank()
@@ -185,14 +219,14 @@ def pipeline_case(rank: int, world: int, case: dict):
         if bf16:
             steps.append({"before": before, "after": _stage_params(engine)})
         if case.get("tied"):
-            comm = engine.module.tied_comms["io"]
-            weight = comm["module"].weight
-            copies = [weight.detach().float()] + ([safe_get_full_fp32_param(weight).detach()] if bf16 else [])
             diff = 0.0
-            for t in copies:
-                gathered = [torch.empty_like(t) for _ in comm["ranks"]]
-                dist.all_gather(gathered, t.contiguous(), group=comm["group"])
-                diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
+            for comm in engine.module.tied_comms.values():  # every tie key, in the same order on each stage
+                weight = comm["module"].weight
+                copies = [weight.detach().float()] + ([safe_get_full_fp32_param(weight).detach()] if bf16 else [])
+                for t in copies:
+                    gathered = [torch.empty_like(t) for _ in comm["ranks"]]
+                    dist.all_gather(gathered, t.contiguous(), group=comm["group"])
+                    diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
             tied_diffs.append(diff)
     opt = vrgd_ds.find_vr_optimizer(engine)
     layouts = [opt.layout_of(p) for group in opt.param_groups for p in group["params"]]

@@ -74,6 +74,12 @@ SPLIT_CASES = [
         ("VRLamb-z0", "VRLamb", LAMB, 0),
     )
 ]
+# Two weights tied under two TiedLayerSpec keys, in two param groups ("io" | "mid" and the rest):
+# each tie group agrees on its sums in the same order on both stages.
+# (Copies checked only: the single-process reference has one tied weight.)
+TWO_KEYS_CASES = [
+    dict(name="VRLamb-z1-tied-two-keys", type="VRLamb", params=LAMB, stage=1, tied="two keys", steps=SPLIT_STEPS)
+]
 # BF16_Optimizer (a bf16 pipeline at stage 0) lays the stages' tensors out as ZeRO-1 does.
 BF16_SPLIT_CASES = [
     dict(
@@ -92,6 +98,12 @@ TIED_REFUSED = [
     (
         dict(name="VRLamb-z0-tied-weight-and-bias", type="VRLamb", params=LAMB, stage=0, tied="weight and bias"),
         "several tensors per TiedLayerSpec",
+    ),
+    # The last stage puts "mid" in the first param group, the first stage "io": the tie groups'
+    # agreements would wait on each other.
+    (
+        dict(name="VRLamb-z1-tied-two-keys-swapped", type="VRLamb", params=LAMB, stage=1, tied="two keys swapped"),
+        "contradicting orders",
     ),
 ]
 
@@ -112,6 +124,7 @@ def pipeline_results():
         + BF16_TIED_CASES
         + SPLIT_CASES
         + BF16_SPLIT_CASES
+        + TWO_KEYS_CASES
         + NONFINITE_CASES
         + [case for case, _ in TIED_REFUSED]
     )
@@ -181,7 +194,7 @@ def test_bf16_pipeline_through_bf16_optimizer(case, pipeline_results):
     print(f"{case['name']}: max relative update error {max(errors.values()):.2e}")
 
 
-TIED_COPY_CASES = TIED_CASES + BF16_TIED_CASES + SPLIT_CASES + BF16_SPLIT_CASES
+TIED_COPY_CASES = TIED_CASES + BF16_TIED_CASES + SPLIT_CASES + BF16_SPLIT_CASES + TWO_KEYS_CASES
 
 
 @pytest.mark.parametrize("case", TIED_COPY_CASES, ids=[c["name"] for c in TIED_COPY_CASES])

@@ -19,7 +19,7 @@ from ..shapes import full_dim
 from .bf16 import BF16OptimizerLayout, bf16_optimizer_source, is_bf16_optimizer
 from .config import MOMENT_REDUCTIONS, moment_reduction_of
 from .layouts import stage0_tensor_parallel_layouts, zero_layouts
-from .refusals import refuse_unsupported
+from .refusals import refuse_unsupported, tie_order_refusal
 from .source import gradient_is_rounded, tied_weight_groups, wrap_method
 from .stage0 import stage0_params, stage0_source
 from .tensor_parallel import tensor_parallel_of
@@ -77,6 +77,9 @@ def attach(engine) -> None:
     tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2
     ties = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages, in key order
     if bf16_optimizer or stage in (1, 2):
+        reason = tie_order_refusal(engine.module, zero_view.round_robin_bit16_groups)
+        if reason is not None:
+            raise ValueError(f"vrgd_ds does not support {reason}")
         zero_layouts(opt, zero_view, names, tp, ties)
     elif tp is not None:
         stage0_tensor_parallel_layouts(opt, *stage0_params(opt, wrapper), names, tp)
