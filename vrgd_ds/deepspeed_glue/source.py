@@ -78,7 +78,9 @@ class TiedWeightSamples:
     waiting* — a blocking collective inside a hook can deadlock 1F1B (the last stage's hook fires
     before it sends the input gradient the first stage waits for). The sink then gets the
     completed samples in micro-batch order, the same on every copy (so every stage applies the
-    same r and the copies stay identical):
+    same r and the copies stay identical — with the per-tensor sums of the copies agreed on over
+    the tie group by their layouts, :mod:`.layouts`, and a per_micro_step owner adding a tied
+    weight's Σg² in rank order, :func:`vrgd_ds.comm.reduce_squares_to_owners`):
 
     * ``eager`` (sinks that only add locally): those already complete whenever the tied weight's
       next share arrives — at most about one per pipeline stage stays in flight;
