@@ -23,12 +23,23 @@ def pipeline_layers(seed: int = 0) -> list[nn.Module]:
     return layers
 
 
-def tied_layers(seed: int = 0) -> dict[str, nn.Module]:
+def tied_layers(seed: int = 0, width: int = 9) -> dict[str, nn.Module]:
     """A model whose input layer "io" (7 → 11, no bias) is reused transposed as a later layer
     (11 → 7), the shape of an embedding tied to the output layer; keys are the pipeline's layer
-    indices ("io" is its TiedLayerSpec key). Forward: :func:`tied_forward`."""
+    indices ("io" is its TiedLayerSpec key). Forward: :func:`tied_forward`.
+
+    ``width``: the features between layers "2" and "4". At 9 the tied weight (first in each
+    stage's flat ZeRO-1 buffer) lies whole in data-parallel rank 0's partition on both stages; at 1
+    the stages' other tensors are small, so it straddles the two ranks' partitions — at another
+    element on each stage (45 + 32 elements on the first, 70 + 7 on the last), as a large
+    embedding does."""
     g = torch.Generator().manual_seed(seed)
-    layers = {"io": nn.Linear(7, 11, bias=False), "2": nn.Linear(11, 9), "4": nn.Linear(9, 11), "7": nn.Linear(7, 5)}
+    layers = {
+        "io": nn.Linear(7, 11, bias=False),
+        "2": nn.Linear(11, width),
+        "4": nn.Linear(width, 11),
+        "7": nn.Linear(7, 5),
+    }
     with torch.no_grad():
         for layer in layers.values():
             for p in layer.parameters():
@@ -46,12 +57,12 @@ def tied_forward(layers: dict[str, nn.Module], x):
     return layers["7"](tied_output(layers["io"], h))
 
 
-def tied_pipeline_module(loss_fn, tie_bias: bool = False):
+def tied_pipeline_module(loss_fn, tie_bias: bool = False, width: int = 9):
     """:func:`tied_layers` as 2 stages: "io" on both (TiedLayerSpec), initialized as the reference
     (``tie_bias``: "io" gets a bias, tied too — two tensors under one key, refused)."""
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
-    layers = tied_layers()
+    layers = tied_layers(width=width)
     attrs = ["weight", "bias"] if tie_bias else "weight"
     spec = [
         TiedLayerSpec("io", nn.Linear, 7, 11, bias=tie_bias, tied_weight_attr=attrs),
@@ -67,6 +78,34 @@ def tied_pipeline_module(loss_fn, tie_bias: bool = False):
     with torch.no_grad():
         module.tied_modules["io"].weight.copy_(layers["io"].weight)
     return module
+
+
+def two_keys_pipeline_module(loss_fn):
+    """Two weights tied across the 2 stages under two TiedLayerSpec keys: "io" (as in
+    :func:`tied_pipeline_module`) and "mid" (11 → 11, no bias), each used on the first stage and
+    again, transposed, on the last; the last stage's only other layer is "7"."""
+    from deepspeed.pipe import PipelineModule, TiedLayerSpec
+
+    layers = tied_layers()
+    spec = [
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=False),
+        nn.Tanh(),
+        TiedLayerSpec("mid", nn.Linear, 11, 11, bias=False),
+        nn.Tanh(),
+        TiedLayerSpec("mid", nn.Linear, 11, 11, bias=False, forward_fn=lambda m, h: h @ m.weight),
+        nn.Tanh(),
+        TiedLayerSpec("io", nn.Linear, 7, 11, bias=False, forward_fn=tied_output),
+        layers["7"],
+    ]
+    return PipelineModule(layers=spec, num_stages=2, loss_fn=loss_fn, partition_method="uniform")
+
+
+def two_keys_param_groups(module, swapped: bool) -> list[dict]:
+    """The stage's parameters in two groups: "io" in the first, "mid" and the rest in the second —
+    or (``swapped``) on the last stage "mid" in the first and "io" with the rest in the second."""
+    io, mid = module.tied_modules["io"].weight, module.tied_modules["mid"].weight
+    first = mid if swapped and module.stage_id == 1 else io
+    return [{"params": [first]}, {"params": [p for p in module.parameters() if p is not first]}]
 
 
 def mse(out, y):
@@ -90,7 +129,7 @@ def bf16_samples(case: dict, weights: dict, x, y, scale: float) -> dict:
     summed in float64 (as TiedWeightSamples sums fp32 copies). {name: float64 gradient of
     scale × loss}."""
     if case.get("tied"):
-        layers = {k: m.to(torch.bfloat16) for k, m in tied_layers().items()}
+        layers = {k: m.to(torch.bfloat16) for k, m in tied_layers(width=case.get("width", 9)).items()}
         model = nn.ModuleDict(layers)
     else:
         model = nn.Sequential(*pipeline_layers()).to(torch.bfloat16)
@@ -113,10 +152,11 @@ def bf16_samples(case: dict, weights: dict, x, y, scale: float) -> dict:
 
 
 def pipeline_case(rank: int, world: int, case: dict):
-    """Train through deepspeed.PipelineEngine; returns {param name: fp32 tensor} of this stage
-    (a tied weight as "io.weight"), or the error initialize raised. Tied cases also return
-    ``tied_diffs``: per step, the largest difference between the tied weight's copies on the
-    two stages (fp32 master weights too with bf16)."""
+    """Train through deepspeed.PipelineEngine for ``case["steps"]`` steps (default :data:`STEPS`);
+    returns {param name: fp32 tensor} of this stage (a tied weight as "io.weight"), or the error
+    initialize raised. Tied cases also return ``tied_diffs``: per step, the largest difference
+    between the tied weight's copies on the two stages (fp32 master weights too with bf16), and
+    ``tied_pieces``: the lengths of the tied weight's pieces in this rank's flat partitions."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
@@ -126,8 +166,12 @@ def pipeline_case(rank: int, world: int, case: dict):
 
     dp = world // 2
     gas = MICRO_BATCHES // dp
-    if case.get("tied"):
-        module = tied_pipeline_module(mse, tie_bias=case["tied"] == "weight and bias")
+    model_parameters = None
+    if case.get("tied") in ("two keys", "two keys swapped"):
+        module = two_keys_pipeline_module(mse)
+        model_parameters = two_keys_param_groups(module, swapped=case["tied"] == "two keys swapped")
+    elif case.get("tied"):
+        module = tied_pipeline_module(mse, tie_bias=case["tied"] == "weight and bias", width=case.get("width", 9))
     else:
         layers = pipeline_layers()
         if "inf_step" in case:
@@ -154,15 +198,18 @@ def pipeline_case(rank: int, world: int, case: dict):
         allow_cpu_fp16()
         cfg["fp16"] = {"enabled": True}
     try:
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=[p for p in module.parameters()], config=cfg)
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=model_parameters or list(module.parameters()), config=cfg
+        )
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
     dp_rank = engine.grid.get_data_parallel_rank()
     steps = []  # bf16: this stage's fp32 master weights before and after every step
-    batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
+    steps_run = case.get("steps", STEPS)
+    batches = micro_batches(MICRO_BATCHES * steps_run, skip_extra=False)
     bf16 = case.get("precision") == "bf16"
     tied_diffs = []
-    for step in range(STEPS):
+    for step in range(steps_run):
         if "inf_step" in case:
             training["step"] = step
         dtype = torch.bfloat16 if bf16 else torch.float32
@@ -172,21 +219,25 @@ def pipeline_case(rank: int, world: int, case: dict):
         if bf16:
             steps.append({"before": before, "after": _stage_params(engine)})
         if case.get("tied"):
-            comm = engine.module.tied_comms["io"]
-            weight = comm["module"].weight
-            copies = [weight.detach().float()] + ([safe_get_full_fp32_param(weight).detach()] if bf16 else [])
             diff = 0.0
-            for t in copies:
-                gathered = [torch.empty_like(t) for _ in comm["ranks"]]
-                dist.all_gather(gathered, t.contiguous(), group=comm["group"])
-                diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
+            for comm in engine.module.tied_comms.values():  # every tie key, in the same order on each stage
+                weight = comm["module"].weight
+                copies = [weight.detach().float()] + ([safe_get_full_fp32_param(weight).detach()] if bf16 else [])
+                for t in copies:
+                    gathered = [torch.empty_like(t) for _ in comm["ranks"]]
+                    dist.all_gather(gathered, t.contiguous(), group=comm["group"])
+                    diff = max(diff, max(float((g - gathered[0]).abs().max()) for g in gathered))
             tied_diffs.append(diff)
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    layouts = [opt.layout_of(p) for group in opt.param_groups for p in group["params"]]
+    tied_pieces = [b - a for lay in layouts for key, a, b in lay.pieces() if lay.names[key].endswith("io.weight")]
     return {
         "error": None,
         "wrapper": type(engine.optimizer).__name__,
         "params": _stage_params(engine),
         "steps": steps,
         "tied_diffs": tied_diffs,
+        "tied_pieces": tied_pieces,
         # Steps skipped by the VR optimizer (stage 0) or by DeepSpeed's overflow check (ZeRO 1).
         "skipped_steps": vrgd_ds.find_vr_optimizer(engine).skipped_steps + engine.skipped_steps,
     }
@@ -198,7 +249,7 @@ def train_reference(case: dict) -> dict:
     import vrgd_ds
 
     if case.get("tied"):
-        model = nn.ModuleDict(tied_layers())
+        model = nn.ModuleDict(tied_layers(width=case.get("width", 9)))
 
         def forward(x):
             return tied_forward(model, x)
@@ -207,8 +258,9 @@ def train_reference(case: dict) -> dict:
     cls = vrgd_ds.OPTIMIZERS[case["type"].lower()]
     params = {k: v for k, v in case["params"].items() if k != "moment_reduction"}  # a DeepSpeed-glue option
     opt = cls(model.parameters(), **params)
-    batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
-    for step in range(STEPS):
+    steps = case.get("steps", STEPS)
+    batches = micro_batches(MICRO_BATCHES * steps, skip_extra=False)
+    for step in range(steps):
         if step == case.get("inf_step"):  # a non-finite step: skipped
             continue
         for x, y, _ in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]:

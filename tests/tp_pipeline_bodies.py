@@ -1,6 +1,7 @@
 """Rank bodies for tensor parallelism inside a DeepSpeed pipeline (tests/test_tp_pipeline.py): 4
 CPU ranks = 2 pipeline stages × 2 tensor-parallel ranks (Megatron's layout inside DeepSpeed's
-``PipeModelDataParallelTopology``; its ``PipelineParallelGrid`` is the engine's mpu).
+``PipeModelDataParallelTopology``; its ``PipelineParallelGrid`` is the engine's mpu); 8 with 2
+data-parallel ranks (a case's ``dp``).
 
 The model, Megatron-style, with an embedding-like input weight "io" used again, transposed, by
 the last stage (``tied``: one weight tied across the stages by ``TiedLayerSpec``, as GPT's
@@ -170,7 +171,7 @@ def mse(out, y):
     return ((out - y) ** 2).mean()
 
 
-def tp_pipeline_module(tied: bool, tp: TensorParallelHandle):
+def tp_pipeline_module(tied: bool, tp: TensorParallelHandle, dp: int = 1):
     from deepspeed.pipe import PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -190,7 +191,7 @@ def tp_pipeline_module(tied: bool, tp: TensorParallelHandle):
         last,
         Replicated("out", weights),
     ]
-    topology = PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=1)
+    topology = PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=dp)
     module = PipelineModule(layers=layers, topology=topology, loss_fn=mse, partition_method="uniform")
     tp.group = module.mpu().get_slice_parallel_group()
     return module
@@ -221,13 +222,25 @@ def tp_pipeline_case(rank: int, world: int, case: dict) -> dict:
 
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    coord = PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=1).get_coord(rank)
+    dp = case.get("dp", 1)
+    coord = PipeModelDataParallelTopology(num_pp=PP, num_mp=TP, num_dp=dp).get_coord(rank)
     tp = TensorParallelHandle(coord.model)
-    module = tp_pipeline_module(case.get("tied", False), tp)
+    module = tp_pipeline_module(case.get("tied", False), tp, dp)
+    model_parameters = list(module.parameters())
+    if case.get("io_alone"):
+        # The tied weight alone in the first param group on the first stage, with the output layer
+        # on the last: the data-parallel ranks cut it at element 18 of 35 on the first stage, not
+        # at all on the last.
+        io = module.tied_modules["io"].weight
+        with_io = [io] + ([p for n, p in module.named_parameters() if n.startswith("7.")] if coord.pipe == 1 else [])
+        model_parameters = [
+            {"params": with_io},
+            {"params": [p for p in model_parameters if all(p is not q for q in with_io)]},
+        ]
     cfg = {
         "train_batch_size": 4 * MICRO_BATCHES,
         "train_micro_batch_size_per_gpu": 4,
-        "gradient_accumulation_steps": MICRO_BATCHES,
+        "gradient_accumulation_steps": MICRO_BATCHES // dp,
         "optimizer": {"type": case["type"], "params": dict(case["params"])},
         "zero_optimization": {"stage": case["stage"]},
         "gradient_clipping": case.get("clip", 0.0),
@@ -238,15 +251,19 @@ def tp_pipeline_case(rank: int, world: int, case: dict) -> dict:
     if bf16:
         cfg["bf16"] = {"enabled": True}  # a bf16 pipeline at stage 0: DeepSpeed's BF16_Optimizer
     try:
-        engine, *_ = deepspeed.initialize(model=module, model_parameters=list(module.parameters()), config=cfg)
+        engine, *_ = deepspeed.initialize(model=module, model_parameters=model_parameters, config=cfg)
     except Exception as exc:  # noqa: BLE001 - a refusal is the result checked
         return {"error": f"{type(exc).__name__}: {exc}"}
-    batches = micro_batches(MICRO_BATCHES * STEPS, skip_extra=False)
+    num_steps = case.get("steps", STEPS)
+    batches = micro_batches(MICRO_BATCHES * num_steps, skip_extra=False)
     dtype = torch.bfloat16 if bf16 else torch.float32
     steps, tied_diffs = [], []
-    for step in range(STEPS):
+    for step in range(num_steps):
         before = _labelled(engine)
-        mine = [tuple(t.to(dtype) for t in b[:2]) for b in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES]]
+        mine = [
+            tuple(t.to(dtype) for t in b[:2])
+            for b in batches[step * MICRO_BATCHES : (step + 1) * MICRO_BATCHES][coord.data :: dp]
+        ]
         engine.train_batch(iter(mine))
         after = _labelled(engine)
         steps.append({"before": before, "after": after, "noise": dict(vrgd_ds.find_vr_optimizer(engine).noise_stats())})
@@ -256,6 +273,8 @@ def tp_pipeline_case(rank: int, world: int, case: dict) -> dict:
             gathered = [torch.empty_like(t) for _ in comm["ranks"]]
             dist.all_gather(gathered, t.contiguous(), group=comm["group"])
             tied_diffs.append(max(float((g - gathered[0]).abs().max()) for g in gathered))
+    opt = vrgd_ds.find_vr_optimizer(engine)
+    layouts = [opt.layout_of(p) for group in opt.param_groups for p in group["params"]]
     return {
         "error": None,
         "stage": coord.pipe,
@@ -263,6 +282,8 @@ def tp_pipeline_case(rank: int, world: int, case: dict) -> dict:
         "wrapper": type(engine.optimizer).__name__,
         "steps": steps,
         "tied_diffs": tied_diffs,
+        # The lengths of the tied weight's pieces in this rank's flat tensors.
+        "tied_pieces": [b - a for lay in layouts for k, a, b in lay.pieces() if lay.names[k].endswith("io.weight")],
     }
 
 

@@ -10,7 +10,8 @@ a reduce's share).
 :func:`all_reduce_sum` is the ``complete`` callback of a
 :class:`~vrgd_ds.segments.SegmentLayout` whose tensors are spread over a group;
 :func:`all_reduce_sum_sharded` the one under tensor parallelism (sharded tensors' sums completed
-over the tensor-parallel group too).
+over the tensor-parallel group too); :func:`agree_over_ties` wraps either where the layout holds
+weights tied across pipeline stages (every copy's sums made bit-identical over its tie group).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = [
+    "agree_over_ties",
     "all_reduce_sum",
     "all_reduce_sum_sharded",
     "owners_of",
@@ -143,6 +145,47 @@ def all_reduce_sum_sharded(group, world: int, tp_group, tp_world: int, sharded: 
     return complete
 
 
+def agree_over_ties(complete, num_tensors: int, ties: list[tuple[object, list[int]]]):
+    """``complete(vec)`` for a SegmentLayout holding weights tied across pipeline stages: first
+    ``complete`` (the data- and tensor-parallel completion; None: nothing), then the columns of the
+    tied tensors (``ties``: (tie group, their indices in the layout), in one order on every member
+    — the tie keys') made bit-identical on every member of their tie group by one all-reduce MAX
+    per group (rows of ``num_tensors`` values, as :func:`all_reduce_sum_sharded`).
+
+    Why: every stage holds a copy of a tied weight inside its own flat partitions, cut at other
+    elements over its data-parallel ranks (the stages' other tensors differ), so each stage adds
+    its per-tensor sums (layer mean of r, LAMB/LARS norms) from other partial sums: mathematically
+    equal, a rounding apart (1 ulp of the sum, e.g. 1.9e-6 of Σr = 24.3 — the copies drifted by
+    1e-8 to 6e-8 within a few steps). The MAX of the members' values is one of them, the same bits
+    on every member; a sum or mean would round again. Every member also gets a flag of non-finite
+    sums anywhere in this ``vec`` on any member: then its tied columns become NaN on every member,
+    so every copy skips the step or none does (VROptimizer checks the completed sums), and no copy
+    waits for a collective another copy skipped. Cost: one all-reduce of (rows × tied columns + 1)
+    floats per tie group per completion, where a layout holds a tied tensor only. Blocking: it
+    runs in the optimizer step, after the pipeline's backward passes, never in a hook.
+    """
+    cache: dict = {}
+
+    def complete_tied(vec: Tensor) -> None:
+        if complete is not None:
+            complete(vec)
+        if vec.numel() % num_tensors:
+            raise ValueError(f"per-tensor sums of {vec.numel()} values for {num_tensors} tensors")
+        rows = vec.view(-1, num_tensors)
+        for group, columns in ties:
+            index = cache.get((vec.device, id(columns)))
+            if index is None:
+                index = cache[vec.device, id(columns)] = torch.tensor(columns, dtype=torch.long, device=vec.device)
+            nonfinite = (~torch.isfinite(vec)).any().to(vec.dtype).view(1)
+            part = torch.cat([rows.index_select(1, index).reshape(-1), nonfinite])
+            dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
+            agreed = part[:-1].view(rows.shape[0], len(columns))
+            agreed = torch.where(part[-1:] > 0, torch.full_like(agreed, float("nan")), agreed)
+            rows.index_copy_(1, index, agreed)
+
+    return complete_tied
+
+
 def owners_of(offset: int, numel: int, part_size: int) -> list[tuple[int, int, int, int]]:
     """Which ranks own the elements of a tensor at ``offset`` (``numel`` elements) in a flat group
     split into partitions of ``part_size`` (rank r owns [r·part_size, (r+1)·part_size)):
@@ -166,6 +209,7 @@ def reduce_squares_to_owners(
     tag: int,
     pending: list,
     sums: Tensor | None = None,
+    in_rank_order: bool = False,
 ) -> list:
     """Add Σ over the ranks of ``group`` of g² (``g``: one tensor's flat fp32 gradient on this rank)
     into the partitions that own its elements: ``owners`` holds (owner, a, b, offset) — elements
@@ -178,6 +222,15 @@ def reduce_squares_to_owners(
     rank's; the others send theirs without waiting (backward goes on) — the sends still in flight
     are returned, with their buffers kept alive, in ``pending`` (wait on them before the partition
     is read). Else one ``dist.reduce`` per owner. Returns the new ``pending``.
+
+    ``in_rank_order`` (pairwise): the owner sums the ranks' [g² | g], each rounded as sent, in rank
+    order and adds that sum to its partition — the same bits whichever rank owns an element. By
+    default it adds its own g² first, fused (``addcmul_``, no temporary), then each received one:
+    the rounding then depends on the owner. A weight tied across pipeline stages is owned by other
+    ranks on each stage (each stage cuts its own flat buffer), so its copies need the first (measured
+    with 2 data-parallel ranks: the copies drifted by 1.5e-8 after 6 steps otherwise). Costs one
+    more temporary of the piece and one more pass over it. (``dist.reduce`` of two ranks' values is
+    a + b on either owner; with more ranks its order is the backend's, as for DeepSpeed's gradients.)
     """
 
     def payload(piece: Tensor) -> Tensor:
@@ -199,7 +252,17 @@ def reduce_squares_to_owners(
         return pending
     for owner, a, b, dst_offset in owners:
         piece = g[a:b]
-        if owner == rank:
+        if owner == rank and in_rank_order:
+            total = None
+            for src in range(len(global_ranks)):
+                if src == rank:
+                    value = payload(piece)
+                else:
+                    value = torch.empty(piece.numel() * (1 if sums is None else 2), dtype=g.dtype, device=g.device)
+                    dist.irecv(value, src=global_ranks[src], group=group, tag=tag).wait()
+                total = value if total is None else total.add_(value)
+            add_into(dst_offset, b - a, total)
+        elif owner == rank:
             n = b - a
             partition[dst_offset : dst_offset + n].addcmul_(piece, piece)
             if sums is not None:

@@ -5,7 +5,9 @@ parameter tensor. Under ZeRO 1/2 the optimizer updates one flat fp32 partition p
 group, holding pieces of several parameter tensors (a tensor may straddle two ranks'
 partitions) and padding at the end of the last rank's partition. Per-tensor quantities
 (VRGD's layer mean of r, LAMB/LARS norms) are then segmented sums over the local pieces,
-completed by one all-reduce over the data-parallel group — never sums over a flat shard.
+completed by one all-reduce over the data-parallel group — never sums over a flat shard. (The
+copies of a weight tied across pipeline stages, cut at other elements on each stage, then agree
+on their sums over the tie group too: :func:`vrgd_ds.comm.agree_over_ties`.)
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class SegmentLayout:
         tensor_numels: J of every parameter tensor (its full size, all ranks together).
         names: optional name of every parameter tensor (for statistics).
         complete: ``complete(vector)`` sums a float vector over the ranks that share the
-            tensors, in place (an all-reduce); ``None`` when every tensor is whole locally.
+            tensors, in place (an all-reduce; then, for tensors tied across pipeline stages, the
+            same bits on every copy); ``None`` when every tensor is whole locally.
 
     Per-tensor operations go piece by piece over large pieces and one op per run of small
     ones (:data:`SMALL_PIECE`); padding is never touched by them.

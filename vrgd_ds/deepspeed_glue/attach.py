@@ -19,7 +19,7 @@ from ..shapes import full_dim
 from .bf16 import BF16OptimizerLayout, bf16_optimizer_source, is_bf16_optimizer
 from .config import MOMENT_REDUCTIONS, moment_reduction_of
 from .layouts import stage0_tensor_parallel_layouts, zero_layouts
-from .refusals import refuse_unsupported
+from .refusals import refuse_unsupported, tie_order_refusal
 from .source import gradient_is_rounded, tied_weight_groups, wrap_method
 from .stage0 import stage0_params, stage0_source
 from .tensor_parallel import tensor_parallel_of
@@ -75,8 +75,12 @@ def attach(engine) -> None:
     bf16_optimizer = is_bf16_optimizer(wrapper)
     zero_view = BF16OptimizerLayout(wrapper) if bf16_optimizer else wrapper
     tp = tensor_parallel_of(engine)  # refused above unless ZeRO 0-2
+    ties = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages, in key order
     if bf16_optimizer or stage in (1, 2):
-        zero_layouts(opt, zero_view, names, tp)
+        reason = tie_order_refusal(engine.module, zero_view.round_robin_bit16_groups)
+        if reason is not None:
+            raise ValueError(f"vrgd_ds does not support {reason}")
+        zero_layouts(opt, zero_view, names, tp, ties)
     elif tp is not None:
         stage0_tensor_parallel_layouts(opt, *stage0_params(opt, wrapper), names, tp)
     install_universal(engine)  # universal checkpoints keep the VR state, or are refused
@@ -102,6 +106,6 @@ def attach(engine) -> None:
     # engine.backward divides the loss by the current gradient_accumulation_steps, which
     # engine.set_train_batch_size may change between steps.
     source.gas_fn = engine.gradient_accumulation_steps
-    source.tied.groups = tied_weight_groups(engine.module)  # pipelines' TiedLayerSpec across stages
+    source.tied.groups = ties
     opt.set_moment_source(source)
     wrap_method(wrapper, "step", after=source.clear)

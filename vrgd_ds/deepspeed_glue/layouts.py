@@ -16,13 +16,21 @@ Under tensor parallelism (:mod:`.tensor_parallel`) a sharded tensor's J is its w
 sums are completed over the tensor-parallel group too (:func:`vrgd_ds.comm.all_reduce_sum_sharded`);
 at stage 0, where every tensor is otherwise whole locally, the sharded ones get a one-piece layout
 (:func:`stage0_tensor_parallel_layouts`).
+
+Weights tied across pipeline stages (``ties``, :func:`~.source.tied_weight_groups`): in a pipeline
+(ZeRO-1, or BF16_Optimizer) each stage flattens its own tensors, so a tied weight's copy is cut
+over the data-parallel partitions at other elements on each stage, and each stage's completed sums
+of it are other partial sums added up — a rounding apart. Its columns are then made bit-identical
+over the tie group after the usual completion (:func:`vrgd_ds.comm.agree_over_ties`), so every
+copy takes the same update. (Whole tensors — stage 0 — have the same sums on every copy already:
+the same values, the same operations.)
 """
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..comm import all_reduce_sum, all_reduce_sum_sharded
+from ..comm import agree_over_ties, all_reduce_sum, all_reduce_sum_sharded
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
 from .tensor_parallel import TensorParallel
@@ -30,9 +38,17 @@ from .tensor_parallel import TensorParallel
 __all__ = ["zero_layouts", "zero3_layouts", "stage0_tensor_parallel_layouts"]
 
 
-def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str], tp: TensorParallel | None = None) -> None:
+def zero_layouts(
+    opt: VROptimizer,
+    zero_opt,
+    names: dict[int, str],
+    tp: TensorParallel | None = None,
+    ties: dict[int, object] | None = None,
+) -> None:
     """Set the layout of every rank-local flat partition of a ZeRO 1/2 wrapper (or a view with
-    its attributes) on ``opt``; ``tp``: the tensor-parallel group, if any."""
+    its attributes) on ``opt``; ``tp``: the tensor-parallel group, if any; ``ties``: ``{id(weight):
+    tie group}`` of the weights tied across pipeline stages, in the tie keys' order (see the module
+    docstring)."""
     for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
         group = zero_opt.real_dp_process_group[i]
         world = dist.get_world_size(group=group)
@@ -60,6 +76,10 @@ def zero_layouts(opt: VROptimizer, zero_opt, names: dict[int, str], tp: TensorPa
             sharded = [tp.is_sharded(p) for p in tensors]
             complete = all_reduce_sum_sharded(group, world, tp.group, tp.world, sharded)
             numels = [tp.whole_numel(p) for p in tensors]
+        index = {id(p): k for k, p in enumerate(tensors)}
+        tied = [(tie_group, [index[wid]]) for wid, tie_group in (ties or {}).items() if wid in index]
+        if tied:
+            complete = agree_over_ties(complete, len(tensors), tied)
         layout = SegmentLayout(
             lengths,
             keys,

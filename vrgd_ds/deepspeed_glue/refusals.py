@@ -3,7 +3,9 @@ with a ValueError that says what to change.
 
 :func:`unsupported_parallelism` (every ZeRO stage): tensor parallelism with sequence parallelism or
 without Megatron's group getters (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
-MoE, MiCS/hpZ, weights tied across pipeline stages with fp16 or several tensors per tie.
+MoE, MiCS/hpZ, weights tied across pipeline stages with fp16 or several tensors per tie;
+:func:`tie_order_refusal` (flat partitions in a pipeline): several tie keys whose weights the
+stages' param groups hold in orders that contradict each other.
 :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built its wrapper; at ZeRO-3 the
 parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload to anything
 but the CPU, other wrappers). ZeRO-3's own checks are
@@ -12,10 +14,14 @@ but the CPU, other wrappers). ZeRO-3's own checks are
 
 from __future__ import annotations
 
+import graphlib
+
+import torch.distributed as dist
+
 from .bf16 import is_bf16_optimizer
 from .tensor_parallel import tensor_parallel_refusal
 
-__all__ = ["unsupported_parallelism", "refuse_unsupported"]
+__all__ = ["unsupported_parallelism", "refuse_unsupported", "tie_order_refusal"]
 
 
 def unsupported_parallelism(engine) -> str | None:
@@ -89,3 +95,45 @@ def refuse_unsupported(engine, wrapper, stage: int) -> None:
                 f"vrgd_ds supports ZeRO-Offload at stage {stage} to the CPU only, got offload_optimizer device "
                 f'{getattr(device, "value", device)!r}: use "device": "cpu".'
             )
+
+
+def tie_order_refusal(module, groups) -> str | None:
+    """Why the tie-group agreement of per-tensor sums (:func:`vrgd_ds.comm.agree_over_ties`) could
+    deadlock on this pipeline, or None. ``groups``: this stage's tensors per flat partition (param
+    group), in the order the optimizer steps them.
+
+    Each stage agrees on its tied tensors' sums over their tie groups in the optimizer step, param
+    group by param group, the tie keys of one group in sorted order: a blocking all-reduce per tie
+    key and phase. With several keys, a stage that reaches key B before key A while another stage
+    holding both reaches A first would wait forever. Every rank gathers every rank's order (one
+    ``all_gather_object`` at initialize, only for modules with several TiedLayerSpec keys) and all
+    refuse, with one verdict, when the orders admit no common one (a cycle). One key never does.
+    """
+    from deepspeed.pipe import TiedLayerSpec
+
+    specs = getattr(module, "_layer_specs", None) or []
+    if len({s.key for s in specs if isinstance(s, TiedLayerSpec)}) < 2:  # the same on every stage
+        return None
+    keys = {}
+    for key, comm in (getattr(module, "tied_comms", None) or {}).items():
+        if len(comm.get("ranks", ())) > 1:
+            for attr in comm["weight_attr"]:
+                keys[id(module._recursive_getattr(comm["module"], attr))] = key
+    order = [key for tensors in groups for key in sorted(keys[id(p)] for p in tensors if id(p) in keys)]
+    orders = [None] * dist.get_world_size()
+    dist.all_gather_object(orders, order)
+    sorter = graphlib.TopologicalSorter()
+    for seen in orders:
+        for first, then in zip(seen, seen[1:]):
+            sorter.add(then, first)
+    try:
+        sorter.prepare()
+    except graphlib.CycleError:
+        found = sorted({tuple(o) for o in orders if len(o) > 1})
+        return (
+            f"weights tied across pipeline stages under several TiedLayerSpec keys that the stages' param groups "
+            f"hold in contradicting orders (tie keys per rank, in param-group order: {found}): each copy's "
+            "per-tensor sums are agreed on over its tie group in that order, which would deadlock. Put the tied "
+            "weights in the same param groups on every stage (e.g. groups by name or shape)."
+        )
+    return None

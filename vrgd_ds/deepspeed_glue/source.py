@@ -57,7 +57,8 @@ __all__ = [
 def tied_weight_groups(module) -> dict[int, object]:
     """``{id(weight): tie group}`` of the weights a PipelineModule ties across stages
     (``TiedLayerSpec`` keys whose layers sit on more than one stage; pipe/module.py
-    ``_index_tied_modules``); empty for any other module."""
+    ``_index_tied_modules``), in the keys' sorted order (``tied_comms``'), the same on every
+    stage; empty for any other module."""
     groups = {}
     for comm in (getattr(module, "tied_comms", None) or {}).values():
         if len(comm.get("ranks", ())) > 1:
@@ -77,7 +78,9 @@ class TiedWeightSamples:
     waiting* — a blocking collective inside a hook can deadlock 1F1B (the last stage's hook fires
     before it sends the input gradient the first stage waits for). The sink then gets the
     completed samples in micro-batch order, the same on every copy (so every stage applies the
-    same r and the copies stay identical):
+    same r and the copies stay identical — with the per-tensor sums of the copies agreed on over
+    the tie group by their layouts, :mod:`.layouts`, and a per_micro_step owner adding a tied
+    weight's Σg² in rank order, :func:`vrgd_ds.comm.reduce_squares_to_owners`):
 
     * ``eager`` (sinks that only add locally): those already complete whenever the tied weight's
       next share arrives — at most about one per pipeline stage stays in flight;

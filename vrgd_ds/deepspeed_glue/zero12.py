@@ -165,6 +165,8 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 tag=tag,
                 pending=self._pending,
                 sums=partition[1] if self.tracks_first else None,
+                # A weight tied across pipeline stages: its copies' Σg² the same bits on every stage.
+                in_rank_order=id(p) in self.tied.groups,
             )
             self._count(p)
 
