@@ -231,9 +231,9 @@ class CriticalBatch:
         self.steps = 0  # update() calls: optimizer steps observed
         self.valid_steps = 0  # of which with a valid b_simple_ema
         self.last_change = 0  # the step of the last change (0: none yet)
-        self.b_simple = math.nan  # the last valid b_simple_ema seen
+        self.b_simple: float | None = None  # the last valid b_simple_ema seen
         self.history: list[dict] = [
-            {"step": 0, "batch": self.batch_size, "lr_factor": self.lr_factor, "b_simple": math.nan}
+            {"step": 0, "batch": self.batch_size, "lr_factor": self.lr_factor, "b_simple": None}
         ]
         # LR glue (:meth:`attach`, :class:`ScaledLRScheduler`): the group LRs the user's schedule
         # set, before the factor; None until the schedule first touches an optimizer.
@@ -346,7 +346,7 @@ class CriticalBatch:
         self.steps = int(state_dict["steps"])
         self.valid_steps = int(state_dict["valid_steps"])
         self.last_change = int(state_dict["last_change"])
-        self.b_simple = float(state_dict.get("b_simple", math.nan))
+        self.b_simple = None if state_dict.get("b_simple") is None else float(state_dict["b_simple"])
         self.history = [dict(h) for h in state_dict["history"]]
         base = state_dict.get("base_lrs")
         self.base_lrs = None if base is None else [float(v) for v in base]
