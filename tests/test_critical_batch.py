@@ -15,6 +15,7 @@ import torch
 from vrgd_ds import VRLamb
 from vrgd_ds.critical_batch import LR_RULES, CriticalBatch, ScaledLRScheduler, lr_rule_factor
 
+from .critical_batch_bodies import CHANGE_AT, SIGNAL_MICRO_BATCH, STEPS, run_critical_matrix
 from .multiproc import run_ranks
 
 
@@ -232,3 +233,81 @@ def test_step_reads_the_optimizers_noise_stats():
     assert s.steps == 3 and s.b_simple > 0 and len(set(ks)) > 1  # the batch changed
     with pytest.raises(ValueError, match="needs a vrgd_ds optimizer's noise_stats"):
         s.step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+# ---- under DeepSpeed (2 CPU ranks) ------------------------------------------------------------------
+WORLD = 2
+DS_CASES = [
+    {"name": "zero0", "stage": 0, "raw_set_train_batch_size": True},
+    {"name": "zero1", "stage": 1},
+    {"name": "zero2", "stage": 2},
+    {"name": "zero3", "stage": 3},
+    {"name": "zero2_bf16", "stage": 2, "precision": "bf16"},
+]
+RTOL = {"fp32": 1e-6, "bf16": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def ds_results(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("critical_ckpt")
+    return run_ranks(run_critical_matrix, WORLD, DS_CASES, str(root), timeout=900, init="deepspeed")
+
+
+def _close(a, b, rtol):
+    return all(torch.allclose(x, y, rtol=rtol, atol=rtol * 1e-3) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("case", DS_CASES, ids=[c["name"] for c in DS_CASES])
+def test_deepspeed_change_is_exact_and_resumable(ds_results, case):
+    """After ``CriticalBatch.step`` grows the batch (gas 2 -> 4): k follows the new accumulation,
+    and the update, the noise statistics and the LR equal those of an engine built at gas 4 that
+    loads the same checkpoint (it never calls set_train_batch_size), and of a resumed engine
+    built at gas 2 (load_checkpoint restores the batch). Both ranks agree."""
+    rtol = RTOL[case.get("precision", "fp32")]
+    rank0, rank1 = (r[case["name"]] for r in ds_results)
+    changed = rank0["changed"]
+    assert [s["gas"] for s in changed["steps"]] == [2] * CHANGE_AT + [4] * (STEPS - CHANGE_AT)
+    assert [s["noise"]["k"] for s in changed["steps"]] == [4] * CHANGE_AT + [8] * (STEPS - CHANGE_AT)
+    assert [s["changed"] for s in changed["steps"]] == [i + 1 == CHANGE_AT for i in range(STEPS)]
+    assert changed["batch"] == SIGNAL_MICRO_BATCH * 4 * WORLD == changed["history"][-1]["batch"]
+    after_change = changed["steps"][CHANGE_AT:]
+    for other in ("native", "resumed"):
+        steps = rank0[other]["steps"]
+        assert [s["gas"] for s in steps] == [4] * (STEPS - CHANGE_AT), other
+        for mine, theirs in zip(after_change, steps):
+            assert _close(mine["after"], theirs["after"], rtol), other
+            assert mine["lr"] == pytest.approx(theirs["lr"], rel=1e-12), other
+            for key in ("k", "grad_norm_sq", "noise_trace", "b_simple", "b_simple_ema"):
+                assert mine["noise"][key] == pytest.approx(theirs["noise"][key], rel=max(rtol, 1e-9)), (other, key)
+    assert rank0["resumed"]["gas_after_load"] == 4
+    assert rank0["resumed"]["history"] == changed["history"]
+    for r0, r1 in zip(changed["steps"], rank1["changed"]["steps"]):
+        assert r0["lr"] == r1["lr"] and r0["noise"]["k"] == r1["noise"]["k"]
+        assert _close(r0["after"], r1["after"], 0.0)
+
+
+@pytest.mark.parametrize("case", DS_CASES, ids=[c["name"] for c in DS_CASES])
+def test_deepspeed_lr_factor_survives_the_scheduler(ds_results, case):
+    """WarmupDecayLR rewrites the group LR every step; the LR in use is still DeepSpeed's own
+    (an engine without the schedule) x the McCandlish factor (1 + B_s/B_0) / (1 + B_s/B_1),
+    B_s the noise scale at the change."""
+    result = ds_results[0][case["name"]]
+    change = result["changed"]["history"][-1]
+    b0, b1 = SIGNAL_MICRO_BATCH * 2 * WORLD, SIGNAL_MICRO_BATCH * 4 * WORLD
+    factor = (1 + change["b_simple"] / b0) / (1 + change["b_simple"] / b1)
+    assert change["lr_factor"] == pytest.approx(factor, rel=1e-12) and factor > 1.0
+    for t, (mine, plain) in enumerate(zip(result["changed"]["steps"], result["plain"]["steps"])):
+        expected = [lr * (factor if t >= CHANGE_AT else 1.0) for lr in plain["lr"]]
+        assert mine["lr"] == pytest.approx(expected, rel=1e-12), t
+        assert mine["group_lr"] == pytest.approx(expected, rel=1e-12), t
+    assert any(s["lr"] != result["plain"]["steps"][0]["lr"] for s in result["plain"]["steps"])  # it moves
+
+
+def test_deepspeed_raw_set_train_batch_size_misaligns(ds_results):
+    """Why vrgd_ds.critical_batch.set_train_batch_size realigns DeepSpeed's micro-step counter:
+    after 3 steps at gas 2 (6 micro-steps), engine.set_train_batch_size alone (gas 4) takes the
+    next optimizer step after 2 micro-batches; realigned, 2 micro-batches are half a step."""
+    result = ds_results[0]["zero0"]
+    assert result["raw_global_steps"] == [1, 2, 3, 4]
+    assert result["realigned_global_steps"] == [1, 2, 3, 3]

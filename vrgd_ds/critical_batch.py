@@ -68,6 +68,7 @@ __all__ = [
     "load_checkpoint",
     "lr_rule_factor",
     "save_checkpoint",
+    "set_train_batch_size",
 ]
 
 #: The learning-rate rules a batch change can follow (see the module docstring).
@@ -382,7 +383,7 @@ class CriticalBatch:
                     f"{self.micro_batch_size} on {self.data_parallel_size}: build it with CriticalBatch.for_engine."
                 )
             if target.train_batch_size() != self.batch_size:
-                target.set_train_batch_size(self.batch_size)
+                set_train_batch_size(target, self.batch_size)
             scheduler = getattr(target, "lr_scheduler", None)
             if scheduler is not None and not isinstance(scheduler, ScaledLRScheduler):
                 target.lr_scheduler = ScaledLRScheduler(scheduler, self, optimizer)
@@ -411,12 +412,43 @@ class CriticalBatch:
                     f"{type(target).__name__}; pass noise_stats= or use a vrgd_ds optimizer."
                 )
             noise_stats = vr.noise_stats()
+        engine = target if hasattr(target, "set_train_batch_size") else None
+        if engine is not None and engine.micro_steps % engine.gradient_accumulation_steps():
+            raise RuntimeError(
+                f"CriticalBatch.step(engine) was called {engine.micro_steps % engine.gradient_accumulation_steps()} "
+                f"micro-batch(es) into an accumulation of {engine.gradient_accumulation_steps()}: call it once per "
+                "optimizer step, after the step's last engine.step()."
+            )
         if not self.update(noise_stats):
             return False
-        if hasattr(target, "set_train_batch_size"):
-            target.set_train_batch_size(self.batch_size)
+        if engine is not None:
+            set_train_batch_size(engine, self.batch_size)
         self._write_lrs(_optimizer_of(target).param_groups)
         return True
+
+
+def set_train_batch_size(engine, batch_size: int) -> None:
+    """``engine.set_train_batch_size(batch_size)`` at an accumulation boundary, with DeepSpeed's
+    micro-step counter realigned to the new accumulation count.
+
+    DeepSpeed (0.19.8, engine.py ``is_gradient_accumulation_boundary``) finds the boundary as
+    ``(micro_steps + 1) % gradient_accumulation_steps == 0`` on the micro-steps counted since the
+    engine was built. ``set_train_batch_size`` changes the divisor but not the counter, so after
+    6 micro-steps at gas 2, a change to gas 4 puts the next boundary after 2 micro-batches, not
+    4: the first step at the new batch is cut short and every later step straddles two of the
+    caller's steps (k, the update and the noise statistics all wrong). The counter is used for
+    nothing else (it is not checkpointed: a resumed engine starts at 0), so it is rounded up to
+    a multiple of the new accumulation count here.
+    """
+    gas_before = engine.gradient_accumulation_steps()
+    if engine.micro_steps % gas_before:
+        raise RuntimeError(
+            f"set_train_batch_size called {engine.micro_steps % gas_before} micro-batch(es) into an accumulation "
+            f"of {gas_before}: change the batch only between optimizer steps."
+        )
+    engine.set_train_batch_size(batch_size)
+    gas = engine.gradient_accumulation_steps()
+    engine.micro_steps = -(-engine.micro_steps // gas) * gas
 
 
 def _optimizer_of(target):
