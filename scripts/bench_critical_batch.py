@@ -18,7 +18,8 @@ same number of examples (--epochs); LR = lr × warm-up(examples) × the schedule
 warm-up over the first --warmup-share of the examples, then constant (McCandlish's model is for a
 fixed LR; no decay, so that "examples to reach a loss" measures the batch, not the schedule's end);
 each arm's lr is tuned on a 3-point grid (×1/3, 1, 3 around 1e-2·√(B/256), the bench_quality
-LAMB LR) with seed 0, lowest held-out loss at the end of the budget; seeds 1 and 2 at the best.
+LAMB LR; extended by up to 2 points where the best sits at an edge) with seed 0, by the lowest
+held-out loss reached within the budget; seeds 1 and 2 at the best.
 Held-out loss (cross-entropy on the 10k test images) every --eval-every examples.
 
 Reported: optimizer steps and examples to reach target held-out losses (the first evaluation at
@@ -68,11 +69,12 @@ class Settings:
     small: int = 128
     large: int | None = None  # None: B_simple at the end of the small-batch LAMB run, to a power of 2
     max_batch: int = 8192
-    epochs: float = 6.0
+    epochs: float = 4.0
     eval_every: int = 4096
     warmup_share: float = 0.03
     hidden: int = 128
     lr_mults: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    grid_extensions: int = 2  # points added beyond an edge of the grid where the best LR sits
     seeds: tuple[int, ...] = (0, 1, 2)
     interval: int = 50
     warmup_steps: int = 100
@@ -221,6 +223,12 @@ class RunCache:
         return self.runs[key]
 
 
+def best_loss(run: dict) -> float:
+    """The lowest held-out loss the run reached within the budget (inf for a diverged run)."""
+    losses = [v for v in run["evals"]["loss"] if math.isfinite(v)]
+    return math.inf if run["diverged"] or not losses else min(losses)
+
+
 def power_of_two(x: float, multiple: int) -> int:
     return max(multiple, 2 ** round(math.log2(max(x, 1.0))))
 
@@ -273,9 +281,18 @@ def run_all(s: Settings, data, cache: RunCache, log, large_override: int | None)
 
     def tune(opt: str, arm: str, batch: int):
         center = base_lr(batch if arm != "critical" else s.small)
-        runs = [cache.run(RunConfig(opt, arm, batch, center * m, s.seeds[0]), s, data, log) for m in s.lr_mults]
-        best = min(runs, key=lambda r: r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf)
-        tuned[(opt, arm)] = {"batch": batch, "lr": best["config"]["lr"], "grid": runs}
+        mults = list(s.lr_mults)
+        runs = {m: cache.run(RunConfig(opt, arm, batch, center * m, s.seeds[0]), s, data, log) for m in mults}
+        for _ in range(s.grid_extensions):  # the best at an edge of the grid: one more point beyond it
+            best = min(runs, key=lambda m: best_loss(runs[m]))
+            if best not in (min(runs), max(runs)) or len(runs) < 2:
+                break
+            step = max(runs) / sorted(runs)[-2] if best == max(runs) else min(runs) / sorted(runs)[1]
+            m = best * step
+            runs[m] = cache.run(RunConfig(opt, arm, batch, center * m, s.seeds[0]), s, data, log)
+        best = min(runs, key=lambda m: best_loss(runs[m]))
+        grid = [runs[m] for m in sorted(runs)]
+        tuned[(opt, arm)] = {"batch": batch, "lr": runs[best]["config"]["lr"], "grid": grid}
 
     for opt in OPTIMIZERS:
         tune(opt, "small", s.small)
@@ -311,7 +328,7 @@ def summarize(s: Settings, res: dict) -> dict:
             "arm": arm,
             "batch": tuned[(opt, arm)]["batch"],
             "lr": tuned[(opt, arm)]["lr"],
-            "lr_grid": {f"{r['config']['lr']:.4g}": r["final_loss"] for r in tuned[(opt, arm)]["grid"]},
+            "lr_grid": {f"{r['config']['lr']:.4g}": best_loss(r) for r in tuned[(opt, arm)]["grid"]},
             "final_loss": benchlib.summary([r["final_loss"] for r in runs]),
             "final_acc": benchlib.summary([r["final_acc"] for r in runs]),
             "loss_half_budget": benchlib.summary([loss_at(r, budget // 2) for r in runs]),
