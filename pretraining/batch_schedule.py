@@ -16,6 +16,17 @@ from pretraining import InputError
 from vrgd_ds.critical_batch import LR_RULES, CriticalBatch
 
 
+#: CriticalBatch's option names -> the flags that set them (named in error messages).
+FLAGS = {
+    "min_batch": "--critical-min-batch",
+    "max_batch": "--critical-max-batch",
+    "scale": "--critical-scale",
+    "interval": "--critical-interval",
+    "max_factor": "--critical-max-factor",
+    "warmup_steps": "--critical-warmup",
+}
+
+
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("batch schedule")
     g.add_argument(
@@ -59,4 +70,7 @@ def build(args, phase, world_size: int) -> CriticalBatch | None:
             lr_rule=args.critical_lr_rule,
         )
     except ValueError as err:
-        raise InputError(f"--batch-schedule critical, phase {phase.number}: {err}") from None
+        message = str(err).rstrip(".")
+        flags = [flag for option, flag in FLAGS.items() if option in message]
+        hint = f" ({', '.join(flags)})" if flags else ""
+        raise InputError(f"--batch-schedule critical, phase {phase.number}: {message}{hint}.") from None

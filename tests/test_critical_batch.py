@@ -311,3 +311,79 @@ def test_deepspeed_raw_set_train_batch_size_misaligns(ds_results):
     result = ds_results[0]["zero0"]
     assert result["raw_global_steps"] == [1, 2, 3, 4]
     assert result["realigned_global_steps"] == [1, 2, 3, 3]
+
+
+# ---- pretrain_bert.py --batch-schedule critical (2 ranks, end to end) ------------------------------
+CRITICAL_ARGS = (
+    "--batch-schedule",
+    "critical",
+    "--critical-interval",
+    "2",
+    "--critical-warmup",
+    "2",
+    "--critical-scale",
+    "8",
+    "--critical-max-batch",
+    "256",
+)
+
+
+@pytest.fixture(scope="module")
+def critical_bert(tmp_path_factory):
+    from .test_pretrain_bert import run_args, torchrun
+
+    cache = tmp_path_factory.mktemp("critical_cache")
+    out = tmp_path_factory.mktemp("critical_bert")
+    rc, output = torchrun(run_args(out, cache, *CRITICAL_ARGS))
+    return out, cache, output
+
+
+def test_pretrain_bert_grows_the_batch(critical_bert):
+    """The batch grows from the config's 64 with B_simple (≈ 25-30 here, × scale 8), in whole
+    micro-batch × rank units, at most ×2 per change; metrics.csv has batch, LR and B_simple."""
+    from .test_pretrain_bert import read_metrics
+
+    out, _, output = critical_bert
+    assert "phase 1 step 2: batch 128" in output
+    series = read_metrics(out / "metrics.csv")
+    phase1 = [b for s, b in series["train/batch_size"] if s <= 8]
+    assert phase1[0] == 64 and phase1[-1] > 128 and len(set(phase1)) >= 3
+    assert all(b % 32 == 0 and b <= 256 for b in phase1)
+    assert all(b2 <= 2 * b1 for b1, b2 in zip(phase1, phase1[1:]))
+    assert {"train/lr", "noise/b_simple_ema"} <= series.keys()
+    assert (out / "metrics.png").exists()
+
+
+def test_pretrain_bert_critical_resumes_exactly(critical_bert, tmp_path):
+    """Stop after step 5 (mid-schedule), resume: the same weights and metrics as the uninterrupted run
+    (the batch, the LR factor, the schedule's history and the data position come back)."""
+    from .test_pretrain_bert import assert_same_run, run_args, torchrun
+
+    reference, cache, _ = critical_bert
+    out = tmp_path / "resumed"
+    rc, first = torchrun(run_args(out, cache, *CRITICAL_ARGS, "--stop-at-step", "5", "--no-plot"))
+    assert "stopped after global step 5" in first
+    rc, second = torchrun(run_args(out, cache, *CRITICAL_ARGS, "--resume", "--no-plot"))
+    assert "resumed from checkpoint phase1-step000005" in second
+    assert_same_run(reference, out)
+
+
+def test_pretrain_bert_critical_option_errors(tmp_path, monkeypatch):
+    from pretraining import InputError
+
+    from .test_pretrain_bert import check
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        InputError,
+        match=r"phase 1: Invalid max_batch: 250 is not a multiple .* use 224 or 256 \(--critical-max-batch\)",
+    ):
+        check(tmp_path, *CRITICAL_ARGS[:-1], "250")
+    with pytest.raises(InputError, match="reads the noise scale of a vrgd_ds optimizer"):
+        import json
+
+        cfg = json.loads(open("configs/tiny_cpu_phase1.json").read())
+        cfg["optimizer"]["type"] = "Adam"
+        path = tmp_path / "adam.json"
+        path.write_text(json.dumps(cfg))
+        check(tmp_path, *CRITICAL_ARGS, phase1_config=path)
