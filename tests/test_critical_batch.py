@@ -235,6 +235,44 @@ def test_step_reads_the_optimizers_noise_stats():
         s.step(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
+class FakeEngine:
+    """What the glue uses of a DeepSpeed engine (DeepSpeed 0.19.8's set_train_batch_size semantics)."""
+
+    def __init__(self, micro=4, world=2, gas=2):
+        self.micro, self.dp_world_size, self.gas, self.micro_steps = micro, world, gas, 0
+        self.optimizer = _optimizer()
+        self.lr_scheduler = None
+
+    def train_micro_batch_size_per_gpu(self):
+        return self.micro
+
+    def gradient_accumulation_steps(self):
+        return self.gas
+
+    def train_batch_size(self):
+        return self.micro * self.dp_world_size * self.gas
+
+    def set_train_batch_size(self, batch):
+        self.gas = batch // (self.micro * self.dp_world_size)
+
+
+def test_engine_glue_realigns_and_refuses_mid_accumulation():
+    from vrgd_ds.critical_batch import set_train_batch_size
+
+    engine = FakeEngine()
+    s = CriticalBatch.for_engine(engine, min_batch=16, max_batch=256, interval=1, warmup_steps=0, lr_rule="none")
+    assert (s.batch_size, s.granule) == (16, 8)
+    engine.micro_steps = 6  # 3 steps at gas 2
+    assert s.step(engine, stats(32.0)) and engine.gas == 4 and engine.micro_steps == 8  # realigned
+    engine.micro_steps = 9
+    with pytest.raises(RuntimeError, match="1 micro-batch\\(es\\) into an accumulation of 4"):
+        s.step(engine, stats(64.0))
+    with pytest.raises(RuntimeError, match="change the batch only between optimizer steps"):
+        set_train_batch_size(engine, 64)
+    with pytest.raises(ValueError, match="build it with CriticalBatch.for_engine"):
+        CriticalBatch(8, 16, 64).attach(engine)
+
+
 # ---- under DeepSpeed (2 CPU ranks) ------------------------------------------------------------------
 WORLD = 2
 DS_CASES = [
