@@ -9,7 +9,7 @@ Fashion-MNIST MLP of bench_quality.py (hidden 128, 60k train images, held-out = 
   * large: a fixed batch ≈ B_simple at the end of the small-batch run (measured by stage 1, then
     rounded to a power of two; ``--large`` fixes it);
   * critical: ``CriticalBatch(16, 128, --max-batch, interval, warmup_steps, max_factor=2,
-    lr_rule="mccandlish")``, starting at 128.
+    lr_rule="mccandlish")``, starting at 128; critical-linear: the same with ``lr_rule="linear"``.
 
 Protocol: the micro-batch is 16 examples in every arm (as DeepSpeed keeps it; a step of batch B is
 B/16 micro-batches, each ``(loss / k).backward()``); the optimizers record the noise statistics
@@ -59,7 +59,7 @@ import benchlib  # noqa: E402
 from vrgd_ds import CriticalBatch  # noqa: E402
 
 OPTIMIZERS = {"LAMB": False, "VR-LAMB": True}  # name -> vr
-ARMS = ("small", "large", "critical")
+ARMS = ("small", "large", "critical", "critical-linear")  # critical-linear: lr_rule "linear" instead of s.lr_rule
 LR_256 = 1e-2  # bench_quality's tuned LAMB LR at batch 256
 
 
@@ -126,7 +126,7 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
     spec = bench_quality.OPTIMIZER_NAMES["LAMB"]
     vr = OPTIMIZERS[cfg.optimizer]
     opt = spec.build(model, cfg.lr, vr, gamma=0.1, stats_interval=0, gradient_stats=True, micro_batch_size=s.micro)
-    critical = cfg.arm == "critical"
+    critical = cfg.arm.startswith("critical")
     schedule = CriticalBatch(
         s.micro,
         cfg.batch if not critical else s.small,
@@ -136,7 +136,7 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
         warmup_steps=s.warmup_steps,
         max_factor=s.max_factor,
         scale=s.scale,
-        lr_rule=s.lr_rule if critical else "none",
+        lr_rule=("linear" if cfg.arm == "critical-linear" else s.lr_rule) if critical else "none",
     )
     n = len(x_train)
     budget = int(s.epochs * n)
@@ -280,7 +280,7 @@ def run_all(s: Settings, data, cache: RunCache, log, large_override: int | None)
     tuned: dict[tuple[str, str], dict] = {}
 
     def tune(opt: str, arm: str, batch: int):
-        center = base_lr(batch if arm != "critical" else s.small)
+        center = base_lr(batch if not arm.startswith("critical") else s.small)
         mults = list(s.lr_mults)
         runs = {m: cache.run(RunConfig(opt, arm, batch, center * m, s.seeds[0]), s, data, log) for m in mults}
         for _ in range(s.grid_extensions):  # the best at an edge of the grid: one more point beyond it
@@ -304,6 +304,7 @@ def run_all(s: Settings, data, cache: RunCache, log, large_override: int | None)
     for opt in OPTIMIZERS:
         tune(opt, "large", large)
         tune(opt, "critical", s.small)
+        tune(opt, "critical-linear", s.small)
     seeds = {}
     for (opt, arm), t in tuned.items():
         seeds[(opt, arm)] = [
@@ -345,6 +346,7 @@ def summarize(s: Settings, res: dict) -> dict:
                 "small": lambda bs: s.small,
                 "large": lambda bs, b=large: b,
                 "critical": lambda bs: min(s.max_batch, max(s.small, s.scale * bs)),
+                "critical-linear": lambda bs: min(s.max_batch, max(s.small, s.scale * bs)),
             }[arm]
             preds = [predict(r, target, batch_of) for r in small_runs]
             cell["targets"][f"{target:.3f}"] = {
@@ -394,7 +396,7 @@ def report(data: dict) -> str:
             rows.append(
                 [
                     c["optimizer"],
-                    c["arm"] + (f" {c['batch']}" if c["arm"] != "critical" else f" {c['batch']}→"),
+                    c["arm"] + (f" {c['batch']}→" if c["arm"].startswith("critical") else f" {c['batch']}"),
                     f"{c['lr']:.3g}",
                     f"{t['reached']}/{c['final_loss']['n']}",
                     fmt(t["steps"]),
@@ -462,7 +464,7 @@ def plot(data: dict, path: Path) -> None:
 
     curves = data["results"]["curves_seed0"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    styles = {"small": "-", "large": "--", "critical": "-."}
+    styles = {"small": "-", "large": "--", "critical": "-.", "critical-linear": ":"}
     colors = {"LAMB": "tab:blue", "VR-LAMB": "tab:orange"}
     for name, c in curves.items():
         opt, arm = name.split("/")

@@ -20,7 +20,7 @@ def test_quick_run_writes_every_arm(tmp_path):
     assert bench.main(["--quick", "--data", str(data), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     cells = {(c["optimizer"], c["arm"]) for c in results["cells"]}
-    assert cells == {(o, a) for o in ("LAMB", "VR-LAMB") for a in ("small", "large", "critical")}
+    assert cells == {(o, a) for o in ("LAMB", "VR-LAMB") for a in ("small", "large", "critical", "critical-linear")}
     assert len(results["targets"]) >= 1
     for cell in results["cells"]:
         assert math.isfinite(cell["final_loss"]["mean"])
