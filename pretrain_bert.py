@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 
 import vrgd_ds.monitor
-from pretraining import InputError
+from pretraining import InputError, batch_schedule
 from pretraining.args import Phase, check_inputs, check_sequences, parse_args
 from pretraining.checkpoints import checkpoint_tag, latest_checkpoint, load, parse_tag, save
 from pretraining.data import (
@@ -103,10 +103,18 @@ def train_phase(
     receives each tensor's gradient-noise statistics at the log interval."""
     engine = build_engine(args, phase, vocab_size)
     metrics.monitor = engine.monitor
-    start, running = 0, {}
+    schedule = batch_schedule.build(args, phase, dist.get_world_size())  # None: a fixed batch
+    if schedule is not None:
+        schedule.attach(engine)
+    start, running, samples = 0, {}, 0
     if resume_tag is not None:
         state = load(engine, checkpoints, resume_tag)
-        start, running = state["step"], {k: state[k] for k in ("loss_sum", "steps_since_log")}
+        start = state["step"]
+        running = {k: state[k] for k in ("loss_sum", "steps_since_log", "samples_since_log") if k in state}
+        samples = state.get("samples", start * phase.train_batch_size)
+        if schedule is not None:  # the batch, LR factor and history as they were at the save
+            schedule.load_state_dict(state["critical_batch"])
+            schedule.attach(engine)
         log(f"phase {phase.number}: resumed from checkpoint {resume_tag}")
     elif init_tag is not None:
         # Phase 2 starts from phase 1's end: weights, optimizer moments, GSNR momentum, step
@@ -120,10 +128,11 @@ def train_phase(
 
     batches = TrainBatches(data[phase.seq_len]["train"], phase, args.seed, vocab_size)
     eval_set = data[phase.seq_len]["eval"]
-    me, world, gas = rank(), dist.get_world_size(), phase.grad_accum
+    me, world = rank(), dist.get_world_size()
     log(
         f"phase {phase.number}: {phase.steps} steps at seq {phase.seq_len}, batch {phase.train_batch_size} = "
-        f"micro {phase.micro_batch_size} x accumulation {gas} x {world} rank(s); "
+        f"micro {phase.micro_batch_size} x accumulation {phase.grad_accum} x {world} rank(s)"
+        f"{'' if schedule is None else f', growing to <= {schedule.max_batch} with B_simple (--batch-schedule)'}; "
         f"{phase.steps * phase.train_batch_size / batches.n:.1f} epochs of {batches.n} sequences; optimizer "
         f"{phase.config.get('optimizer', {}).get('type', 'client')}"
         f"{'' if vr_optimizer(engine) is not None else ' (no GSNR statistics)'}"
@@ -139,10 +148,11 @@ def train_phase(
     for step in range(start, phase.steps):
         tick = time.perf_counter()
         lr = engine.get_lr()[0]  # the LR this step uses (the scheduler moves it after the step)
+        gas = engine.gradient_accumulation_steps()  # --batch-schedule critical changes it between steps
         losses = []
         for micro in range(gas):
             j = me * gas + micro  # this micro-batch's index within the global batch
-            inputs, labels = batches(step, j)
+            inputs, labels = batches(step, j, samples)
             # Dropout draws from the global RNG: seed it per micro-batch, so a resumed run and
             # any launch layout draw the same dropout masks.
             torch.manual_seed(derive_seed("dropout", args.seed, phase.number, step, j))
@@ -151,15 +161,22 @@ def train_phase(
             engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             losses.append(loss.item())
         done, global_step = step + 1, step_offset + step + 1
+        samples += engine.train_batch_size()
         # Throughput counts training, not eval or checkpoints.
         step_log.step(done, lr, losses, seconds=time.perf_counter() - tick)
+        if schedule is not None and schedule.step(engine):  # the next step's batch and LR
+            log(
+                f"phase {phase.number} step {done}: batch {schedule.batch_size} (B_simple {schedule.b_simple:.0f}), "
+                f"LR x {schedule.lr_factor:.3g}"
+            )
 
         if done % args.eval_interval == 0 or done == phase.steps:
             metrics.write(global_step, phase.number, evaluate(engine, eval_set, phase, args, vocab_size))
         stop = args.stop_at_step is not None and global_step >= args.stop_at_step
         if done % args.save_interval == 0 or done == phase.steps or stop:
             # The running loss average goes along, so that a resumed run logs the same numbers.
-            save(engine, checkpoints, phase.number, done, **step_log.state())
+            extra = {} if schedule is None else {"critical_batch": schedule.state_dict()}
+            save(engine, checkpoints, phase.number, done, samples=samples, **step_log.state(), **extra)
         if stop:
             step_log.close()
             raise Stop(

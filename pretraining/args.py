@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import vrgd_ds
-from pretraining import InputError
+from pretraining import InputError, batch_schedule
 from pretraining.data import check_documents, data_files, find_documents, load_sentencepiece
 from pretraining.distributed import world_size_from_env
 from pretraining.model import MODEL_SIZES
@@ -145,6 +145,7 @@ def parse_args(argv=None, description: str | None = None):
     g.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    batch_schedule.add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -298,6 +299,8 @@ def check_inputs(args) -> list[Phase]:
     phases = [load_phase(1, args, world_size)]
     if args.phase2_config is not None:
         phases.append(load_phase(2, args, world_size))
+    for phase in phases:
+        batch_schedule.build(args, phase, world_size)  # its option errors, before any process group
     for phase in phases:
         if phase.seq_len > args.max_position_embeddings:
             raise InputError(

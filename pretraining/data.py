@@ -412,16 +412,17 @@ class TrainBatches:
     def _permutation(self, epoch: int):
         return torch.randperm(self.n, generator=generator("order", self.seed, self.phase.number, epoch))
 
-    def indices(self, step: int, micro: int) -> list[int]:
-        """Dataset rows of micro-batch ``micro`` of step ``step``."""
-        start = step * self.phase.train_batch_size + micro * self.phase.micro_batch_size
+    def indices(self, step: int, micro: int, offset: int | None = None) -> list[int]:
+        """Dataset rows of micro-batch ``micro`` of step ``step``; ``offset``: the samples taken
+        before this step (default step × train_batch_size; a changing batch passes its own)."""
+        start = (step * self.phase.train_batch_size if offset is None else offset) + micro * self.phase.micro_batch_size
         return [
             int(self._permutation(p // self.n)[p % self.n]) for p in range(start, start + self.phase.micro_batch_size)
         ]
 
-    def __call__(self, step: int, micro: int):
-        """(inputs, labels) of micro-batch ``micro`` of step ``step``."""
-        ids = self.sequences[self.indices(step, micro)]["input_ids"].long()
+    def __call__(self, step: int, micro: int, offset: int | None = None):
+        """(inputs, labels) of micro-batch ``micro`` of step ``step`` (``offset`` as in :meth:`indices`)."""
+        ids = self.sequences[self.indices(step, micro, offset)]["input_ids"].long()
         return mask_tokens(ids, self.vocab_size, generator("mask", self.seed, self.phase.number, step, micro))
 
 

@@ -161,10 +161,14 @@ class StepLog:
         start: int,
         loss_sum: float = 0.0,
         steps_since_log: int = 0,
+        samples_since_log: int | None = None,
     ):
         self.engine, self.phase, self.metrics, self.noise_csv = engine, phase, metrics, noise_csv
         self.log_interval, self.step_offset = log_interval, step_offset
         self.loss_sum, self.steps_since_log, self.train_time = loss_sum, steps_since_log, 0.0
+        if samples_since_log is None:  # checkpoints before --batch-schedule: a fixed batch
+            samples_since_log = steps_since_log * phase.train_batch_size
+        self.samples_since_log = samples_since_log
         self.vr = vr_optimizer(engine)
         self.noise_source = vrgd_ds.find_vr_optimizer(engine)  # its noise_stats(): B_simple etc., every step
         self.stats_step, self.gsnr_postfix, self.noise = -1.0, {}, {}
@@ -178,21 +182,30 @@ class StepLog:
         )
 
     def state(self) -> dict:
-        return {"loss_sum": self.loss_sum, "steps_since_log": self.steps_since_log}
+        return {
+            "loss_sum": self.loss_sum,
+            "steps_since_log": self.steps_since_log,
+            "samples_since_log": self.samples_since_log,
+        }
 
     def step(self, done: int, lr: float, losses: list[float], seconds: float):
         """Optimizer step ``done`` (1-based, within the phase) ran at ``lr`` in ``seconds`` of
         training (eval and checkpoints aside); ``losses``: this rank's micro-batch losses."""
         phase = self.phase
         for loss in losses:
-            self.loss_sum += loss / phase.grad_accum
+            self.loss_sum += loss / len(losses)
         self.train_time += seconds
         self.steps_since_log += 1
+        batch = self.engine.train_batch_size()  # this step's (--batch-schedule critical changes it after)
+        self.samples_since_log += batch
+        self.last_batch = batch
         global_step = self.step_offset + done
         self.stats_step, gsnr = gsnr_metrics(self.vr, self.stats_step)
         self.metrics.write(global_step, phase.number, gsnr)
 
         postfix = {"loss": f"{self.loss_sum / self.steps_since_log:.3f}", "lr": f"{lr:.2e}"}
+        if batch != phase.train_batch_size:
+            postfix["batch"] = batch
         if gsnr:  # new statistics this step; the bar keeps showing the last ones in between
             self.gsnr_postfix = {
                 short: f"{gsnr[name]:.3g}"
@@ -210,11 +223,11 @@ class StepLog:
         if done % self.log_interval == 0 or done == phase.steps:
             mean_loss = torch.tensor([self.loss_sum / self.steps_since_log])
             dist.all_reduce(mean_loss)
-            samples = self.steps_since_log * phase.train_batch_size
+            samples = self.samples_since_log
             row = {
                 "train/loss": mean_loss.item() / dist.get_world_size(),
                 "train/lr": lr,
-                "train/batch_size": phase.train_batch_size,
+                "train/batch_size": batch,
                 "train/samples_per_s": samples / self.train_time,
                 "train/tokens_per_s": samples * phase.seq_len / self.train_time,
             }
@@ -228,7 +241,7 @@ class StepLog:
                 samples_s=f"{row['train/samples_per_s']:.0f}",
                 tokens_s=f"{row['train/tokens_per_s']:.0f}",
             )
-            self.loss_sum, self.steps_since_log, self.train_time = 0.0, 0, 0.0
+            self.loss_sum, self.steps_since_log, self.train_time, self.samples_since_log = 0.0, 0, 0.0, 0
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
 
@@ -239,7 +252,7 @@ class StepLog:
         """The phase's end: close the bar; the critical batch size from the final averaged noise scale."""
         self.close()
         if self.noise:
-            batch = self.phase.train_batch_size
+            batch = getattr(self, "last_batch", self.phase.train_batch_size)  # the last step's
             b_ema = noise_metrics(self.noise).get("noise/b_simple_ema")
             log(f"phase {self.phase.number}: {vrgd_ds.critical_batch_summary(batch, b_ema)}")
             self.metrics.write(

@@ -36,7 +36,7 @@ from pathlib import Path
 GSNR_KEYS = ("gsnr_mean", "gsnr")
 CLIP_KEYS = ("gsnr_clip_frac", "clip_frac", "clip_fraction")
 BASELINE = "eval/unigram_accuracy"  # accuracy of always predicting the most frequent token
-NOISE_EMA, NOISE_STEP, BATCH = "noise/b_simple_ema", "noise/b_simple", "train/batch_size"
+NOISE_EMA, NOISE_STEP, BATCH, LR = "noise/b_simple_ema", "noise/b_simple", "train/batch_size", "train/lr"
 
 
 def read_metrics(csv_path) -> tuple[dict[str, list[tuple[int, float]]], dict[int, int]]:
@@ -163,9 +163,14 @@ def _plot_noise(ax, series, last_step):
     ax.set_yscale("log")
     ax.set_ylabel("examples")
     inv_ax = ax.twinx()
-    inv_ax.plot(steps, [1.0 / v for v in values], ":", color="tab:orange", lw=1.2, label="|G|² / tr Σ (EMA)")
-    inv_ax.set_yscale("log")
-    inv_ax.set_ylabel("|G|² / tr Σ  (1 / examples)")
+    if len({v for _, v in series.get(BATCH, [])}) > 1 and series.get(LR):  # a batch that follows B_simple
+        lr_steps, lrs = zip(*series[LR])
+        inv_ax.plot(lr_steps, lrs, ":", color="tab:orange", lw=1.2, label="learning rate (train/lr)")
+        inv_ax.set_ylabel("learning rate")
+    else:
+        inv_ax.plot(steps, [1.0 / v for v in values], ":", color="tab:orange", lw=1.2, label="|G|² / tr Σ (EMA)")
+        inv_ax.set_yscale("log")
+        inv_ax.set_ylabel("|G|² / tr Σ  (1 / examples)")
     lines, labels = ax.get_legend_handles_labels()
     more_lines, more_labels = inv_ax.get_legend_handles_labels()
     ax.legend(lines + more_lines, labels + more_labels, loc="best", fontsize=7)

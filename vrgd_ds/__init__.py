@@ -6,6 +6,7 @@ is installed; see the package :mod:`vrgd_ds.deepspeed_glue`.
 """
 
 from .adam import VRAdam, VRAdamW
+from .critical_batch import CriticalBatch
 from .gsnr import gsnr_from_moments, normalize_and_clip, update_gsnr_momentum
 from .lamb import VRLamb
 from .lars import VRLars
@@ -51,6 +52,7 @@ __all__ = [
     "VRLamb",
     "VRLars",
     "VROptimizer",
+    "CriticalBatch",
     "SegmentLayout",
     "OPTIMIZERS",
     "find_vr_optimizer",
