@@ -450,9 +450,11 @@ class VROptimizer(Optimizer):
     def _layer_gsnr(self, p: Tensor, layout: SegmentLayout, eps: float):
         """Phase 1: raw r of ``p`` (flat) and the per-tensor mean of r, completed across ranks.
 
-        Returns ``(raw, layer_mean, absent)`` — ``absent`` marks tensors that got no gradient
-        sample on any rank this step (None if the source cannot tell) — or None when some rank
-        saw a non-finite value (then every rank skips: the decision rides in the same collective).
+        Returns ``(raw, layer_mean, absent, all_absent, some_absent)`` — ``absent`` marks tensors
+        that got no gradient sample on any rank this step (None if the source cannot tell; the two
+        bools say whether all / some did) — or None when some rank saw a non-finite value (then
+        every rank skips: the decision rides in the same collective). The three decisions are one
+        host read.
         """
         source = self.moment_source
         n = layout.num_tensors
@@ -471,12 +473,19 @@ class VROptimizer(Optimizer):
         vec = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
         if layout.complete is not None:
             layout.complete(vec)
+        absent = vec[n : 2 * n] == 0 if counts is not None else None
+        flags = []
+        if layout.complete is not None:
             # A non-finite sample or gradient makes r, hence its tensor's sum, non-finite: the
             # completed sums tell every rank the same thing, at no extra pass over memory.
-            if not bool(torch.isfinite(vec).all()):
-                return None
+            flags.append(torch.isfinite(vec).all())
+        if absent is not None:
+            flags += [absent.all(), absent.any()]
+        flags = torch.stack(flags).tolist() if flags else []  # one host read for all three
+        if layout.complete is not None and not flags.pop(0):
+            return None
+        all_absent, some_absent = (bool(flags[0]), bool(flags[1])) if absent is not None else (False, False)
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
-        absent = vec[n : 2 * n] == 0 if counts is not None else None
         if moments is not None:
             # Kept on the device, tensors without a gradient sample marked: finish_noise_stats
             # reads every part back in one transfer and leaves those out.
@@ -492,7 +501,7 @@ class VROptimizer(Optimizer):
             self._noise_parts.append(
                 (list(layout.names), m[:n], m[n:], unbiased, layout.tensor_numels.to(vec.device), present)
             )
-        return raw, layer_mean, absent
+        return raw, layer_mean, absent, all_absent, some_absent
 
     def _scaled_gradient(
         self, p: Tensor, group: dict, layout: SegmentLayout, state: dict, stats: bool, raw: Tensor, layer_mean: Tensor
@@ -573,10 +582,9 @@ class VROptimizer(Optimizer):
             if phase1 is None:
                 self.skipped_steps += 1
                 continue
-            raw, layer_mean, absent = phase1
-            if absent is not None and bool(absent.all()):
+            raw, layer_mean, absent, all_absent, some_absent = phase1
+            if all_absent:
                 continue  # no gradient for any of its tensors on any rank: skipped like torch.optim
-            some_absent = absent is not None and bool(absent.any())  # one host sync per flat tensor
             advance_step_counts(state, layout, absent if some_absent else None)
             stats = self.stats_interval > 0 and state["step"] % self.stats_interval == 0
             held = layout.hold(absent, p, state) if some_absent else None
