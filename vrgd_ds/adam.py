@@ -61,10 +61,7 @@ class VRAdam(VROptimizer):
         )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("amsgrad", False)  # state dicts of vrgd_ds before the option
+    _legacy_group_defaults = {**VROptimizer._legacy_group_defaults, "amsgrad": False}
 
     def _validate_group(self, group):
         check_adam_like(group)
@@ -83,7 +80,7 @@ class VRAdam(VROptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
-            amsgrad=group.get("amsgrad", False),
+            amsgrad=group["amsgrad"],
         )
         adam_update(p, grad, state, step_counts(state), layout, workspace=workspace, **hp)
 

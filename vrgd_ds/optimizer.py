@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from .collect import GradientMomentCollector, k_too_small_message
 from .gsnr import normalize_and_clip, update_gsnr_momentum
@@ -177,6 +178,8 @@ class VROptimizer(Optimizer):
             implementation switches, accepted at their off values; anything else is a ValueError.
     """
 
+    # Group keys added after the first release, with the behaviour of state dicts without them.
+    _legacy_group_defaults: dict[str, Any] = {"maximize": False}
     # Overrides applied to 1-D parameters by ``weight_decay_exclude_1d``.
     _exclude_1d_overrides: dict[str, Any] = {"weight_decay": 0.0}
 
@@ -431,7 +434,13 @@ class VROptimizer(Optimizer):
         attached_elsewhere = state.pop("_attached_elsewhere", False)
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("maximize", False)  # state dicts of vrgd_ds before the option
+            # Loaded groups without a key (vrgd_ds before the option, or torch.optim's state dicts):
+            # the value those were trained with, else this optimizer's default.
+            for key, value in self._legacy_group_defaults.items():
+                group.setdefault(key, value)
+            for key, value in self.defaults.items():
+                if value is not required and key not in _TORCH_IMPL_FLAGS:  # torch adds "differentiable"
+                    group.setdefault(key, value)
         if "moment_source" in self.__dict__:
             return  # load_state_dict: the optimizer itself is complete
         # Unpickled or deep-copied (also from vrgd_ds releases that pickled torch.optim's three keys).
