@@ -69,7 +69,7 @@ def test_table_known_wrong_untested_and_override(monkeypatch):
     msg = versions.version_refusal((0, 19, 3), {"universal_checkpoint"})
     assert "0.19.4-0.19.5" in msg
     msg = versions.version_refusal((0, 15, 4), {"zero1"})
-    assert "not tested" in msg and "Tested: 0.19.8 (all)" in msg
+    assert "not tested" in msg and "Tested: 0.19.8 (all)" in msg and "Fix: pip install deepspeed==0.19.8" in msg
     monkeypatch.setenv("VRGD_DS_ALLOW_UNTESTED_DEEPSPEED", "1")
     assert versions.version_refusal((0, 15, 4), {"zero1"}) is None  # untested: the override lets it through
     assert versions.version_refusal((0, 18, 9), {"zero2"}) is not None  # known wrong: never
