@@ -58,7 +58,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out, versions = Path(sys.argv[1]), sys.argv[2:]
-results = {}
+# Versions of earlier runs stay in the table; this run's replace theirs.
+previous = out / "results.json"
+results = json.loads(previous.read_text()) if previous.exists() else {}
 for v in versions:
     xml = out / f"{v}.xml"
     if not xml.exists():
@@ -72,8 +74,10 @@ for v in versions:
     ]
     skipped = sum(1 for c in cases if c.find("skipped") is not None)
     results[v] = {"tests": len(cases), "failed": failed, "skipped": skipped, "passed": len(cases) - len(failed) - skipped}
-(out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 lines = ["| deepspeed | passed | failed | skipped |", "|---|---|---|---|"]
+order = sorted(results, key=lambda v: tuple(int(x) for x in v.split(".")), reverse=True)
+results = {v: results[v] for v in order}
+(out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 for v, r in results.items():
     if r is None:
         lines.append(f"| {v} | – | not run | – |")
