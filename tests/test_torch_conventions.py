@@ -31,7 +31,7 @@ from torch.testing._internal.common_optimizers import (
     _get_optim_inputs_including_global_cliquey_kwargs,
 )
 
-from vrgd_ds import VRSGD, VRAdam, VRLamb
+from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars
 
 from .torch_optim_db import ROWS, TORCH_ROWS
 
@@ -807,3 +807,16 @@ def test_state_step_is_an_int_and_torch_adam_state_loads():
         o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lr_defaults_and_per_group_lr():
+    """VRSGD's lr defaults to torch.optim.SGD's 1e-3; VRLars has no default but takes one per group."""
+    p, q = Parameter(torch.randn(3)), Parameter(torch.randn(2))
+    assert VRSGD([p]).param_groups[0]["lr"] == 1e-3
+    assert [g["lr"] for g in VRSGD([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.2}]).param_groups] == [0.1, 0.2]
+    assert [g["lr"] for g in VRLars([{"params": [p], "lr": 0.1}, {"params": [q], "lr": 0.2}]).param_groups] == [
+        0.1,
+        0.2,
+    ]
+    with pytest.raises(ValueError, match="required optimization parameter lr"):
+        VRLars([{"params": [p], "lr": 0.1}, {"params": [q]}])

@@ -199,6 +199,7 @@ _INPUTS = {
         ("default", {}),
         ("lr", {"lr": 0.01}),
         ("tensor lr", {"lr": torch.tensor(0.01)}),
+        ("tensor lr of shape [1]", {"lr": torch.tensor([0.01])}),
         ("momentum, dampening", {"lr": 0.01, "momentum": 0.9, "dampening": 0.5}),
         ("nesterov, weight_decay", {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}),
         ("maximize, momentum", {"lr": 0.01, "momentum": 0.9, "maximize": True}),
@@ -206,7 +207,7 @@ _INPUTS = {
     ],
     VRAdam: [
         ("default", {}),
-        ("tensor lr", {"lr": torch.tensor(0.01)}),
+        ("tensor lr of shape [1, 1]", {"lr": torch.tensor([[0.01]])}),
         ("L2 weight_decay", {"lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": False}),
         ("amsgrad", {"lr": 0.01, "amsgrad": True}),
         ("maximize, amsgrad, weight_decay", {"lr": 0.01, "weight_decay": 0.1, "amsgrad": True, "maximize": True}),
