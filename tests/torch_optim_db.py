@@ -31,7 +31,7 @@ from torch.testing._internal.common_optimizers import (
 from vrgd_ds import VRSGD, VRAdam, VRAdamW, VRLamb, VRLars
 
 # common_utils calls torch.backends.disable_global_flags() at import; undo it for the other tests.
-torch.backends.__allow_nonbracketed_mutation_flag = True
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 __all__ = ["ROWS", "TORCH_ROWS", "Row", "Samples"]
 
