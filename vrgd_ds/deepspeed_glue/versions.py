@@ -53,6 +53,7 @@ TESTED: dict[tuple[int, int, int], frozenset] = {
     (0, 19, 7): _ZERO012,  # 264 passed, 0 failed (torch 2.13, 2 CPU ranks)
     (0, 19, 6): _ZERO012,  # 264 passed, 0 failed
     (0, 19, 5): _ZERO012,  # 264 passed, 0 failed
+    (0, 19, 4): _ZERO012,  # 264 passed, 0 failed
     (0, 19, 3): _ZERO012,  # 264 passed, 0 failed
     # 246 passed, 18 failed: bf16 at stage 0 (update 19 % off) and ZeRO-2 with CPU offload.
     (0, 16, 9): _ZERO012 - {"zero0_bf16", "offload"},
