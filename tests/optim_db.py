@@ -46,6 +46,7 @@ OPTIMIZER_DB = [
             (torch.optim.SGD, dict(lr=0.1)),
             (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, dampening=0.2)),
             (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-2)),
+            (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-2, maximize=True)),
         ),
         scale_invariant=None,
         bad=(
@@ -65,6 +66,11 @@ OPTIMIZER_DB = [
         torch_equivalents=(
             (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
             (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False)),
+            (
+                torch.optim.Adam,
+                dict(lr=1e-2, weight_decay=0.1, decoupled_weight_decay=False, amsgrad=True, maximize=True),
+            ),
+            (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
         ),
         scale_invariant=dict(lr=1e-2, eps=1e-14),
         bad=(

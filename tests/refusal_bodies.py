@@ -38,3 +38,36 @@ def tensor_parallel_refusals(rank: int, world: int, opt_type: str) -> dict:
         else:
             out[what] = None
     return out
+
+
+def sparse_embedding_refusals(rank: int, world: int) -> dict:
+    """deepspeed.initialize (ZeRO 0 and 2, gas 2) of a model with nn.Embedding(sparse=True):
+    {case: the error text, or None}."""
+    import deepspeed
+    import torch
+
+    import vrgd_ds  # noqa: F401  (registers the config types)
+
+    out = {}
+    for what, stage, params in (
+        ("vr-stage0", 0, {"lr": 0.1}),
+        ("vr-stage2", 2, {"lr": 0.1}),
+        ("stats-only", 0, {"lr": 0.1, "vr": False, "gradient_stats": True}),
+        ("plain", 0, {"lr": 0.1, "vr": False}),
+    ):
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4, sparse=True), torch.nn.Linear(4, 1))
+        config = {
+            "train_batch_size": 2 * world,
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 2,
+            "optimizer": {"type": "VRSGD", "params": params},
+            "zero_optimization": {"stage": stage},
+            "gradient_clipping": 0.0,
+        }
+        try:
+            deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+        except Exception as exc:  # noqa: BLE001 - the message is what the test checks
+            out[what] = f"{type(exc).__name__}: {exc}"
+        else:
+            out[what] = None
+    return out

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from .multiproc import run_ranks
-from .refusal_bodies import TP_REFUSALS, tensor_parallel_refusals
+from .refusal_bodies import TP_REFUSALS, sparse_embedding_refusals, tensor_parallel_refusals
 
 EXPECTED = {
     "sequence_parallel": r"with sequence parallelism .*turn sequence parallelism off",
@@ -27,3 +27,15 @@ def test_tensor_parallelism_refused_where_not_exact(opt_type):
             assert msg is not None and "tensor (model) parallelism with 2 shards" in msg and re.search(pattern, msg), (
                 f"rank {rank}, {what}: {msg}"
             )
+
+
+def test_sparse_gradients_refused_under_deepspeed():
+    """nn.Embedding(sparse=True) under DeepSpeed: refused at deepspeed.initialize when samples are
+    collected (VR or gradient statistics), naming the fix; plain PyTorch densifies them
+    (tests/test_torch_conventions.py::test_sparse_embedding_vr_equals_dense)."""
+    (messages,) = run_ranks(sparse_embedding_refusals, 1, timeout=180, init="deepspeed")
+    for what in ("vr-stage0", "vr-stage2", "stats-only"):
+        msg = messages[what]
+        assert msg is not None and msg.startswith("ValueError: vrgd_ds does not support sparse gradients"), (what, msg)
+        assert "sparse=False" in msg and "vr=False" in msg, msg
+    assert messages["plain"] is None, messages["plain"]

@@ -2,7 +2,8 @@
 
 ``from vrgd_ds import VRSGD, VRAdam, VRLamb, VRLars``. Importing the package also registers
 the optimizer types with DeepSpeed (``"optimizer": {"type": "VRLamb", ...}``) when DeepSpeed
-is installed; see the package :mod:`vrgd_ds.deepspeed_glue`.
+is installed — any version, or none; the tested versions are checked at ``deepspeed.initialize``
+(:mod:`vrgd_ds.deepspeed_glue.versions`). ``vrgd_ds.monitor`` and ``vrgd_ds.hf`` load on first use.
 """
 
 from .adam import VRAdam, VRAdamW
@@ -73,4 +74,15 @@ __all__ = [
 
 from . import deepspeed_glue as _deepspeed_glue  # noqa: E402
 
-_deepspeed_glue.register()
+_deepspeed_glue.register()  # with any DeepSpeed, or none: versions are checked at deepspeed.initialize
+
+_LAZY_SUBMODULES = ("monitor", "hf")
+
+
+def __getattr__(name: str):
+    """``vrgd_ds.monitor`` and ``vrgd_ds.hf`` without importing them explicitly (loaded on first use)."""
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,7 @@ class VRAdam(VROptimizer):
         eps (float): ε added to √v̂ (default: 1e-8).
         weight_decay (float): λ (default: 0).
         decoupled_weight_decay (bool): AdamW when True, Adam's L2 when False (default: True).
+        amsgrad (bool): AMSGrad, v̂ from the running maximum of v, as torch.optim.Adam (default: False).
         gamma, gsnr_beta (default: 0.9), gsnr_eps, vr, ...: see :class:`VROptimizer`.
     """
 
@@ -39,6 +40,7 @@ class VRAdam(VROptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = True,
+        amsgrad: bool = False,
         *,
         gamma: float = 0.1,
         gsnr_beta: float | None = 0.9,
@@ -52,17 +54,22 @@ class VRAdam(VROptimizer):
             eps=eps,
             weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
+            amsgrad=amsgrad,
             gamma=gamma,
             gsnr_beta=gsnr_beta,
             gsnr_eps=gsnr_eps,
         )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
+    _legacy_group_defaults = {**VROptimizer._legacy_group_defaults, "amsgrad": False}
+
     def _validate_group(self, group):
         check_adam_like(group)
+        if not isinstance(group["amsgrad"], bool):
+            raise ValueError(f"Invalid amsgrad: {group['amsgrad']!r}; it must be True or False.")
 
     def _init_state(self, p, state, group):
-        init_adam_state(p, state)
+        init_adam_state(p, state, amsgrad=group["amsgrad"])
 
     def _base_update(self, p, grad, state, group, layout, workspace=None):
         beta1, beta2 = group["betas"]
@@ -73,6 +80,7 @@ class VRAdam(VROptimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             decoupled_weight_decay=group["decoupled_weight_decay"],
+            amsgrad=group["amsgrad"],
         )
         adam_update(p, grad, state, step_counts(state), layout, workspace=workspace, **hp)
 
@@ -81,7 +89,14 @@ class VRAdamW(VRAdam):
     """:class:`VRAdam` with ``decoupled_weight_decay=True`` and AdamW's default weight decay 1e-2."""
 
     def __init__(
-        self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        **kwargs,
     ):
         kwargs.pop("decoupled_weight_decay", None)
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, **kwargs)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay=True, amsgrad=amsgrad, **kwargs)

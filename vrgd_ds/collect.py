@@ -33,6 +33,18 @@ def k_too_small_message(k: int) -> str:
     )
 
 
+def _numel(p: Tensor) -> int:
+    return 2 * p.numel() if p.is_complex() else p.numel()
+
+
+def _sample(grad: Tensor) -> Tensor:
+    """A gradient as the optimizer's elements: a sparse one densified (duplicate indices summed,
+    so Σg² is that of the micro-batch's whole gradient: exact), a complex one as its view_as_real."""
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    return torch.view_as_real(grad) if grad.is_complex() else grad
+
+
 class GradientMomentCollector:
     """Σg, Σg² and the sample count k for a list of parameters, via tensor hooks.
 
@@ -54,8 +66,8 @@ class GradientMomentCollector:
         self._offsets = {}
         offset = 0
         for p in self.params:
-            self._offsets[id(p)] = (offset, p.numel())
-            offset += p.numel()
+            self._offsets[id(p)] = (offset, _numel(p))
+            offset += _numel(p)
         self.numel = offset
         self._buffer: Tensor | None = None  # [Σg | Σg² | k]
         self._samples_per_param = [0] * len(self.params)
@@ -71,8 +83,8 @@ class GradientMomentCollector:
                 continue
             index = len(self.params)
             self.params.append(p)
-            self._offsets[id(p)] = (self.numel, p.numel())
-            self.numel += p.numel()
+            self._offsets[id(p)] = (self.numel, _numel(p))
+            self.numel += _numel(p)
             self._handles.append(p.register_hook(self.samples.hook(p, self._make_sink(index))))
         self._buffer = None  # re-sized at the next sample
         self.reset()
@@ -85,7 +97,7 @@ class GradientMomentCollector:
                 self.reset()
             buf = self._ensure_buffer(grad.device)
             offset, numel = self._offsets[id(p)]
-            g = grad.detach().reshape(-1).float()
+            g = _sample(grad.detach()).reshape(-1).float()
             buf[offset : offset + numel].add_(g)
             buf[self.numel + offset : self.numel + offset + numel].addcmul_(g, g)
             self._samples_per_param[index] += 1

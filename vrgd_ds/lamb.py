@@ -87,11 +87,8 @@ class VRLamb(VROptimizer):
         )
         super().__init__(params, defaults, vr=vr, **kwargs)
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        for group in self.param_groups:
-            # Checkpoints from before the option: they were trained with the ratio on every tensor.
-            group.setdefault("use_nvlamb", True)
+    # Checkpoints from before use_nvlamb were trained with the ratio on every tensor.
+    _legacy_group_defaults = {**VROptimizer._legacy_group_defaults, "use_nvlamb": True}
 
     def _validate_group(self, group):
         check_adam_like(group)

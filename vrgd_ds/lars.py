@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from torch.optim.optimizer import required
+
 from .optimizer import VROptimizer, _check_range, flat_workspace
 from .update_rules import lars_update
 
@@ -23,7 +25,8 @@ class VRLars(VROptimizer):
 
     Args:
         params: parameters, parameter groups, or named parameters.
-        lr (float): learning rate (required).
+        lr (float): learning rate: required, here or in every parameter group (LARS learning rates
+            depend on the batch size; there is no default to fall back on).
         momentum (float): μ (default: 0.9).
         weight_decay (float): λ (default: 0).
         trust_coefficient (float): η (default: 0.001).
@@ -39,7 +42,7 @@ class VRLars(VROptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = required,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
         trust_coefficient: float = 0.001,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import required
 
 from .collect import GradientMomentCollector, k_too_small_message
 from .gsnr import normalize_and_clip, update_gsnr_momentum
@@ -32,6 +33,27 @@ from .shapes import full_dim
 __all__ = ["VROptimizer"]
 
 _QUANTILES = (0.1, 0.5, 0.9)
+# torch >= 2.5 keeps the names of ``named_parameters()`` in ``param_groups[i]["param_names"]``.
+_TORCH_KEEPS_PARAM_NAMES = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+# torch.optim's implementation switches: only the off value is implemented (a for-loop over tensors).
+_TORCH_IMPL_FLAGS = {
+    "foreach": (None, False),
+    "fused": (None, False),
+    "differentiable": (False,),
+    "capturable": (False,),
+}
+# Constructor options that hold for the whole optimizer: refused inside a parameter group.
+_OPTIMIZER_WIDE = (
+    "vr",
+    "gradient_stats",
+    "stats_interval",
+    "micro_batch_size",
+    "noise_ema_decay",
+    "gsnr_estimator",
+    "weight_decay_exclude_1d",
+    "process_group",
+    "moment_reduction",
+)
 GSNR_ESTIMATORS = ("paper", "unbiased")
 _QUANTILE_SAMPLE = 65536
 
@@ -62,10 +84,26 @@ def check_adam_like(group: dict) -> None:
     _check_range("weight_decay", group["weight_decay"], 0.0, math.inf)
 
 
-def init_adam_state(p: Tensor, state: dict) -> None:
+def init_adam_state(p: Tensor, state: dict, amsgrad: bool = False) -> None:
     state["step"] = 0
     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    if amsgrad:
+        state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def real_numel(p: Tensor) -> int:
+    """Elements of ``p`` as the optimizer counts them: a complex tensor is its ``view_as_real``
+    (real and imaginary parts are separate elements, as torch.optim treats them)."""
+    return 2 * p.numel() if p.is_complex() else p.numel()
+
+
+def real_dense(t: Tensor) -> Tensor:
+    """``t`` as a dense real tensor: ``view_as_real`` of a complex one (a view), a sparse one
+    densified (a copy; duplicate indices summed)."""
+    if t.is_sparse:
+        t = t.to_dense()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def step_counts(state: dict) -> int | Tensor:
@@ -78,6 +116,10 @@ def step_counts(state: dict) -> int | Tensor:
     code read it there."""
     steps = state.get("tensor_step")
     return state["step"] if steps is None else steps.clamp(min=1.0)
+
+
+def _real_shape(p: Tensor) -> torch.Size:
+    return p.shape + (2,) if p.is_complex() else p.shape
 
 
 def flat_workspace(workspace: Tensor | None, grad: Tensor, flat_grad: Tensor) -> Tensor | None:
@@ -107,7 +149,12 @@ def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | Non
 def _grads_finite(param_groups) -> bool:
     """No NaN/inf in any ``.grad``: one foreach pass (a tensor's max-norm is non-finite exactly
     when it holds a NaN or inf) and one host read, whatever the number of tensors."""
-    grads = [p.grad for g in param_groups for p in g["params"] if p.grad is not None]
+    grads = [
+        p.grad._values() if p.grad.is_sparse else p.grad
+        for g in param_groups
+        for p in g["params"]
+        if p.grad is not None
+    ]
     if not grads:
         return True
     by_device: dict = {}
@@ -115,6 +162,16 @@ def _grads_finite(param_groups) -> bool:
         by_device.setdefault((grad.device, grad.dtype), []).append(grad)
     flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()]
     return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def _check_impl_flags(flags: dict) -> None:
+    for key, value in flags.items():
+        if key in _TORCH_IMPL_FLAGS and not any(value is ok for ok in _TORCH_IMPL_FLAGS[key]):
+            offs = " or ".join(repr(v) for v in _TORCH_IMPL_FLAGS[key])
+            raise ValueError(
+                f"{key}={value!r} is not supported by vrgd_ds yet: its step is one for-loop over the tensors "
+                f"(torch.optim's default implementation). Pass {key}={offs}, or leave it out."
+            )
 
 
 class VROptimizer(Optimizer):
@@ -132,9 +189,16 @@ class VROptimizer(Optimizer):
         weight_decay_exclude_1d (bool): put 1-D parameters (biases, norm weights) in a group
             with weight_decay 0 (LARS: also no trust ratio) (default: False).
         param_names (dict): ``{param: name}`` for statistics; named parameters
-            (``model.named_parameters()``) work too.
+            (``model.named_parameters()``) work too, and are kept in
+            ``param_groups[i]["param_names"]`` as torch.optim (≥ 2.5) keeps them.
+        maximize (bool): maximize the objective (the update uses −G; r does not depend on the
+            sign) (default: False).
+        foreach, fused (None or False), differentiable, capturable (False): torch.optim's
+            implementation switches, accepted at their off values; anything else is a ValueError.
     """
 
+    # Group keys added after the first release, with the behaviour of state dicts without them.
+    _legacy_group_defaults: dict[str, Any] = {"maximize": False}
     # Overrides applied to 1-D parameters by ``weight_decay_exclude_1d``.
     _exclude_1d_overrides: dict[str, Any] = {"weight_decay": 0.0}
 
@@ -152,7 +216,14 @@ class VROptimizer(Optimizer):
         micro_batch_size: int | None = None,
         noise_ema_decay: float = 0.99,
         gsnr_estimator: str = "paper",
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
+        capturable: bool = False,
     ):
+        _check_impl_flags(dict(foreach=foreach, fused=fused, differentiable=differentiable, capturable=capturable))
+        defaults = {**defaults, "maximize": maximize}
         if not isinstance(vr, bool):
             raise ValueError(f"Invalid vr: {vr!r}; it must be True or False.")
         if gradient_stats is not None and not isinstance(gradient_stats, bool):
@@ -234,9 +305,23 @@ class VROptimizer(Optimizer):
                     groups.append({**group, **self._exclude_1d_overrides, "params": single})
             else:
                 groups.append({**group, "params": plist})
+        if _TORCH_KEEPS_PARAM_NAMES and names:
+            # Named parameters stay named, as torch.optim keeps them (param_groups[i]["param_names"]);
+            # torch refuses a mix of named and unnamed ones.
+            for group in groups:
+                group["params"] = [(names[id(p)], p) if id(p) in names else p for p in group["params"]]
         return groups, names
 
     def add_param_group(self, param_group: dict) -> None:
+        wide = sorted(k for k in param_group if k in _OPTIMIZER_WIDE)
+        if wide:
+            raise ValueError(
+                f"{', '.join(wide)} in a parameter group: an optimizer-wide option (the moments of all tensors are "
+                "collected and reduced together), not a per-group one. Pass it to the constructor; for the base "
+                "update on some tensors only, give their group gamma=1.0 (r = 1: the base update up to rounding), "
+                "or put them in a second optimizer with vr=False."
+            )
+        _check_impl_flags(param_group)
         super().add_param_group(param_group)
         try:
             self._validate_common(self.param_groups[-1])
@@ -250,8 +335,14 @@ class VROptimizer(Optimizer):
 
     @staticmethod
     def _validate_common(group: dict) -> None:
-        lr = float(group["lr"]) if isinstance(group["lr"], Tensor) else group["lr"]
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.numel() != 1:
+                raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}.")
+            lr = float(lr)
         _check_range("lr", lr, 0.0, math.inf)
+        if not isinstance(group.get("maximize", False), bool):
+            raise ValueError(f"Invalid maximize: {group['maximize']!r}; it must be True or False.")
         _check_range(
             "gamma", group["gamma"], 0.0, 1.0, low_open=True, fix="Use 0 < gamma <= 1 (gamma=1 disables VRGD)."
         )
@@ -286,7 +377,7 @@ class VROptimizer(Optimizer):
     def layout_of(self, p: Tensor) -> SegmentLayout:
         layout = self._layouts.get(id(p))
         if layout is None:
-            layout = SegmentLayout.whole(p.numel(), self._names.get(id(p)))
+            layout = SegmentLayout.whole(real_numel(p), self._names.get(id(p)))
             self._layouts[id(p)] = layout
         return layout
 
@@ -325,9 +416,76 @@ class VROptimizer(Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("vrgd", {})
         super().load_state_dict(state_dict)
+        # state["step"] is an int here (DeepSpeed's checkpoint code reads it as one); torch.optim's
+        # Adam keeps a tensor, and its state dicts (or ours with a tensor or float step) load too.
+        for state in self.state.values():
+            if isinstance(state, dict) and "step" in state and not isinstance(state["step"], int):
+                state["step"] = int(round(float(state["step"])))
         self.skipped_steps = extra.get("skipped_steps", 0)
         if "noise_ema" in extra:  # absent in checkpoints of vrgd_ds before the noise statistics
             self._noise_ema.load_state_dict(extra["noise_ema"])
+
+    # ---- copy.deepcopy / pickle ------------------------------------------------------------
+    # torch.optim pickles defaults, state and param_groups only; ours also needs its options. The
+    # moment source is not pickled (hooks, buffers, a process group): a copy gets a new plain
+    # collector on its own parameters, starting with no samples (copy between steps).
+    _PICKLED_OPTIONS = (
+        "vr",
+        "gradient_stats",
+        "micro_batch_size",
+        "gsnr_estimator",
+        "stats_interval",
+        "weight_decay_exclude_1d",
+        "skipped_steps",
+        "built_from_flat_list",
+        "_noise_ema",
+    )
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._PICKLED_OPTIONS if k in self.__dict__})
+        params = [p for g in self.param_groups for p in g["params"]]
+        state["_param_name_list"] = [self._names.get(id(p)) for p in params]
+        source = self.__dict__.get("moment_source")
+        state["_attached_elsewhere"] = source is not None and not isinstance(source, GradientMomentCollector)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        name_list = state.pop("_param_name_list", None)
+        attached_elsewhere = state.pop("_attached_elsewhere", False)
+        super().__setstate__(state)
+        for group in self.param_groups:
+            # Loaded groups without a key (vrgd_ds before the option, or torch.optim's state dicts):
+            # the value those were trained with, else this optimizer's default.
+            for key, value in self._legacy_group_defaults.items():
+                group.setdefault(key, value)
+            for key, value in self.defaults.items():
+                if value is not required and key not in _TORCH_IMPL_FLAGS:  # torch adds "differentiable"
+                    group.setdefault(key, value)
+        if "moment_source" in self.__dict__:
+            return  # load_state_dict: the optimizer itself is complete
+        # Unpickled or deep-copied (also from vrgd_ds releases that pickled torch.optim's three keys).
+        self.__dict__.setdefault("vr", True)
+        self.__dict__.setdefault("gradient_stats", self.vr)
+        self.__dict__.setdefault("micro_batch_size", None)
+        self.__dict__.setdefault("gsnr_estimator", "paper")
+        self.__dict__.setdefault("stats_interval", 0)
+        self.__dict__.setdefault("weight_decay_exclude_1d", False)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("built_from_flat_list", False)
+        self.__dict__.setdefault("_noise_ema", NoiseScaleEMA())
+        self._noise_parts, self._noise_k, self._noise_scale, self._last_noise = [], 0, 1.0, {}
+        self._steps_ignored = False
+        self._layouts, self._last_stats = {}, {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        self._names = {id(p): n for p, n in zip(params, name_list or []) if n is not None}
+        #: Set when the original was attached to a DeepSpeed engine: a copy cannot collect its samples.
+        self._attached_elsewhere = attached_elsewhere
+        self.moment_source = (
+            GradientMomentCollector(params, None, self._names)
+            if (self.vr or self.gradient_stats) and not attached_elsewhere
+            else None
+        )
 
     # ---- statistics ----------------------------------------------------------------------
     def gsnr_stats(self) -> dict[str, dict[str, float]]:
@@ -433,6 +591,32 @@ class VROptimizer(Optimizer):
         scaled gradient; see vrgd_ds/update_rules.py)."""
         raise NotImplementedError
 
+    def _update(
+        self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout, workspace: Tensor | None
+    ) -> None:
+        """:meth:`_base_update` with torch.optim's conventions applied: a tensor lr as a number,
+        ``maximize`` (the update with −g'), sparse gradients densified, and complex tensors as their
+        ``view_as_real`` (parameter, gradient and state; new state tensors stored complex, as torch)."""
+        if isinstance(group["lr"], Tensor):
+            group = {**group, "lr": float(group["lr"])}
+        if grad.is_sparse:
+            grad = workspace = grad.to_dense()
+        if group.get("maximize", False):
+            grad = workspace = torch.neg(grad, out=workspace)
+        if not p.is_complex():
+            self._base_update(p, grad, state, group, layout, workspace)
+            return
+        in_place = workspace is grad
+        grad = real_dense(grad)
+        workspace = grad if in_place else (None if workspace is None else real_dense(workspace))
+        real_state = {k: real_dense(v) if torch.is_tensor(v) and v.is_complex() else v for k, v in state.items()}
+        p_real = torch.view_as_real(p)
+        self._base_update(p_real, grad, real_state, group, layout, workspace)
+        for key, value in real_state.items():
+            if key not in state or not torch.is_tensor(value):
+                new = torch.is_tensor(value) and value.shape == p_real.shape and not value.is_complex()
+                state[key] = torch.view_as_complex(value) if new else value
+
     def _workspace(self, p: Tensor) -> Tensor | None:
         """Scratch for the update of ``p`` when its gradient is the user's (``vr=False``): on the
         CPU one tensor of ``p``'s size kept across steps, since allocating it every step, as
@@ -525,7 +709,7 @@ class VROptimizer(Optimizer):
             )
         if stats:
             self._record_stats(layout, raw_for_stats, below_gamma, scale, state["step"])
-        return scale.mul_(p.grad.reshape(-1)).view_as(p)
+        return scale.mul_(real_dense(p.grad).reshape(-1)).view(_real_shape(p))
 
     def _tensors_with_grad(self):
         """(tensor, its group, its state, its layout) for every tensor with a gradient; state is
@@ -549,9 +733,15 @@ class VROptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.moment_source is None:
+            if getattr(self, "_attached_elsewhere", False):
+                raise RuntimeError(
+                    f"This {type(self).__name__} is a copy (copy.deepcopy or pickle) of one attached to a DeepSpeed "
+                    "engine, whose gradient samples only the engine collects: it cannot step. Save and load "
+                    "engine checkpoints instead (engine.save_checkpoint / load_checkpoint)."
+                )
             for p, group, state, layout in self._tensors_with_grad():
                 advance_step_counts(state, layout, None)
-                self._base_update(p, p.grad, state, group, layout, self._workspace(p))
+                self._update(p, p.grad, state, group, layout, self._workspace(p))
             return loss
 
         source = self.moment_source
@@ -577,7 +767,7 @@ class VROptimizer(Optimizer):
             phase1 = self._layer_gsnr(p, layout, group["gsnr_eps"])
             if not self.vr:  # gradient_stats only: the moments were summed; the update is the base one
                 advance_step_counts(state, layout, None)
-                self._base_update(p, p.grad, state, group, layout, self._workspace(p))
+                self._update(p, p.grad, state, group, layout, self._workspace(p))
                 continue
             if phase1 is None:
                 self.skipped_steps += 1
@@ -590,7 +780,7 @@ class VROptimizer(Optimizer):
             held = layout.hold(absent, p, state) if some_absent else None
             scaled = self._scaled_gradient(p, group, layout, state, stats, raw, layer_mean)
             # g' lives in a buffer of this step's moments: the update rule may overwrite it.
-            self._base_update(p, scaled, state, group, layout, workspace=scaled)
+            self._update(p, scaled, state, group, layout, workspace=scaled)
             if held is not None:
                 held.restore()
         source.after_inner_step()

@@ -110,7 +110,8 @@ class MicroBatchSamples:
         self._schedule_end(node)
         entry = self._pending.get(key)
         if entry is None:
-            self._pending[key] = (grad.detach().to(torch.float32, copy=True), sink)
+            dtype = torch.complex64 if grad.is_complex() else torch.float32
+            self._pending[key] = (grad.detach().to(dtype, copy=True), sink)
         else:
             entry[0].add_(grad.detach())
 

@@ -21,7 +21,7 @@ class VRSGD(VROptimizer):
 
     Args:
         params: parameters, parameter groups, or named parameters.
-        lr (float): learning rate (required).
+        lr (float or Tensor): learning rate (default: 1e-3, as torch.optim.SGD).
         momentum (float): μ (default: 0).
         dampening (float): τ (default: 0).
         weight_decay (float): λ, L2 added to the gradient (default: 0).
@@ -34,7 +34,7 @@ class VRSGD(VROptimizer):
     def __init__(
         self,
         params,
-        lr: float,
+        lr: float = 1e-3,
         momentum: float = 0.0,
         dampening: float = 0.0,
         weight_decay: float = 0.0,

@@ -237,6 +237,9 @@ def convert(
     """DeepSpeed's ``ds_to_universal`` conversion, keeping every optimizer-state key (see the module
     docstring). Arguments as ``python -m deepspeed.checkpoint.ds_to_universal``'s; the output loads
     with ``"checkpoint": {"load_universal": true}`` on any data-parallel world size."""
+    from .deepspeed_glue.versions import require
+
+    require("universal_checkpoint")  # DeepSpeed's ds_to_universal helpers we call (0.19.4-0.19.5 on)
     from deepspeed.checkpoint import DeepSpeedCheckpoint
     from deepspeed.checkpoint import ds_to_universal as dsu
 

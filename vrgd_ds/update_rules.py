@@ -76,11 +76,13 @@ def adam_update(
     weight_decay: float,
     decoupled_weight_decay: bool,
     workspace: Tensor | None = None,
+    amsgrad: bool = False,
 ) -> None:
-    r"""torch.optim.Adam / AdamW (``decoupled_weight_decay``), the same operations in the same order.
+    r"""torch.optim.Adam / AdamW (``decoupled_weight_decay``, ``amsgrad``), the same operations in the same order.
 
     AdamW: θ ← θ(1 − lr·λ); Adam: g' ← g' + λθ. Then m = β1 m + (1−β1) g',
-    v = β2 v + (1−β2) g'², θ ← θ − lr · m̂ / (√v̂ + ε).
+    v = β2 v + (1−β2) g'², θ ← θ − lr · m̂ / (√v̂ + ε); with ``amsgrad`` v̂ uses
+    v_max = max(v_max, v) (``state["max_exp_avg_sq"]``, created here if absent).
     ``step`` is t (an int), or one t per parameter tensor of ``layout``: then each tensor's
     bias corrections use its own t.
     """
@@ -92,6 +94,11 @@ def adam_update(
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if amsgrad:
+        max_exp_avg_sq = state.get("max_exp_avg_sq")
+        if max_exp_avg_sq is None:
+            max_exp_avg_sq = state["max_exp_avg_sq"] = torch.zeros_like(exp_avg_sq)
+        exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq, out=max_exp_avg_sq)
     # √v in the workspace: g' (+ λθ) is not read after the moments.
     denom = torch.sqrt(exp_avg_sq, out=workspace)
     if torch.is_tensor(step):

@@ -5,7 +5,8 @@ with a ValueError that says what to change.
 without Megatron's group getters (:func:`~.tensor_parallel.tensor_parallel_refusal`), sequence parallelism,
 MoE, MiCS/hpZ, weights tied across pipeline stages with fp16 or several tensors per tie;
 :func:`tie_order_refusal` (flat partitions in a pipeline): several tie keys whose weights the
-stages' param groups hold in orders that contradict each other.
+stages' param groups hold in orders that contradict each other;
+sparse gradients (:func:`sparse_gradient_refusal`).
 :func:`refuse_unsupported` (ZeRO 0-2, after DeepSpeed built its wrapper; at ZeRO-3 the
 parallelism only): that, plus wrappers we do not read (fp16 at stage 0, ZeRO-Offload to anything
 but the CPU, other wrappers). ZeRO-3's own checks are
@@ -21,7 +22,32 @@ import torch.distributed as dist
 from .bf16 import is_bf16_optimizer
 from .tensor_parallel import tensor_parallel_refusal
 
-__all__ = ["unsupported_parallelism", "refuse_unsupported", "tie_order_refusal"]
+__all__ = ["unsupported_parallelism", "refuse_unsupported", "sparse_gradient_refusal", "tie_order_refusal"]
+
+
+def sparse_gradient_refusal(engine) -> str | None:
+    """Why the engine's model cannot give VR its samples: layers that produce sparse gradients
+    (``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True``), whose samples DeepSpeed's paths
+    here do not densify; None when there are none, or nothing is collected (``vr`` and
+    ``gradient_stats`` off). Plain PyTorch densifies them (exact)."""
+    import torch
+
+    opt = getattr(engine, "basic_optimizer", None)
+    if opt is None or not (getattr(opt, "vr", False) or getattr(opt, "gradient_stats", False)):
+        return None
+    sparse = [
+        name
+        for name, module in engine.module.named_modules()
+        if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse
+    ]
+    if not sparse:
+        return None
+    return (
+        f"sparse gradients under DeepSpeed (embedding layers with sparse=True: {', '.join(sparse[:5])}): the "
+        "gradient samples VRGD squares are formed from dense tensors here. Build those layers with sparse=False "
+        '(DeepSpeed all-reduces a dense gradient anyway unless "sparse_gradients" is set), or pass vr=False and '
+        "gradient_stats=False for the plain base optimizer."
+    )
 
 
 def unsupported_parallelism(engine) -> str | None:
@@ -73,7 +99,7 @@ def refuse_unsupported(engine, wrapper, stage: int) -> None:
     from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    reason = unsupported_parallelism(engine)
+    reason = unsupported_parallelism(engine) or sparse_gradient_refusal(engine)
     if reason is not None:
         raise ValueError(f"vrgd_ds does not support {reason}")
     if isinstance(wrapper, FP16_UnfusedOptimizer) and engine.fp16_enabled():

@@ -1,43 +1,45 @@
 """Teach DeepSpeed our optimizer types: :func:`register`, run at ``import vrgd_ds``.
 
-DeepSpeed (0.19.x) has no optimizer plug-in registry. :func:`register` checks the installed
-version, appends our classes to ZeRO's supported-optimizer list (runtime/zero/utils.py:45
-``ZERO_SUPPORTED_OPTIMIZERS``) and wraps three methods of ``DeepSpeedEngine``
-(runtime/engine.py, deepspeed 0.19.8):
+DeepSpeed (0.19.x) has no optimizer plug-in registry. :func:`register` appends our classes to
+ZeRO's supported-optimizer list (runtime/zero/utils.py:45 ``ZERO_SUPPORTED_OPTIMIZERS``) and
+wraps three methods of ``DeepSpeedEngine`` (runtime/engine.py, deepspeed 0.19.8):
 
 * ``_is_supported_optimizer`` (:1985) / ``_configure_basic_optimizer`` (:2476): a config
   ``"optimizer": {"type": "VRLamb", "params": {...}}`` (case-insensitive; VRSGD, VRAdam, VRAdamW,
   VRLamb, VRLars) builds our optimizer with the user's parameter groups (:mod:`.config`);
 * ``_configure_optimizer`` (:2328): ZeRO-3 configurations are checked before DeepSpeed builds its
-  stage-3 optimizer; once DeepSpeed has wrapped the optimizer (ZeRO, fp16/bf16),
+  stage-3 optimizer; once DeepSpeed has wrapped the optimizer (ZeRO, fp16/bf16), the DeepSpeed
+  version is checked against the tested table for what the engine uses (:mod:`.versions`), and
   :func:`~vrgd_ds.deepspeed_glue.attach` connects the VR optimizer to the wrapper — whether it
   came from the config, an optimizer instance or a callable.
+
+Nothing here refuses a DeepSpeed version at import: ``import vrgd_ds`` and the plain-PyTorch
+optimizers work with any DeepSpeed installed, or none; a DeepSpeed without the methods above (or
+one that fails to import) simply gets no registration.
 """
 
 from __future__ import annotations
 
 import functools
-import os
+import logging
 
 from ..optimizer import VROptimizer
 from .attach import attach
+from .compat import fill_missing_attributes
 from .config import build_from_config
+from .versions import SUPPORTED_RANGE_TEXT, TESTED, check_engine
 from .zero3 import check_supported as check_zero3_supported
 
 __all__ = ["register", "TESTED_DEEPSPEED", "TESTED_RANGE_TEXT"]
 
-TESTED_DEEPSPEED = ((0, 19, 8), (0, 20, 0))  # [low, high)
-TESTED_RANGE_TEXT = ">=0.19.8,<0.20"
+logger = logging.getLogger("vrgd_ds")
+
+#: The versions measured exact (vrgd_ds.deepspeed_glue.versions.TESTED has their features).
+TESTED_DEEPSPEED = tuple(sorted(TESTED))
+TESTED_RANGE_TEXT = SUPPORTED_RANGE_TEXT
 
 _registered = False
-
-
-def _version_tuple(text: str):
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts + [0] * (3 - len(parts)))
+_PATCHED = ("_is_supported_optimizer", "_configure_basic_optimizer", "_configure_optimizer")
 
 
 def _optimizer_classes():
@@ -47,26 +49,26 @@ def _optimizer_classes():
 
 
 def register() -> bool:
-    """Teach DeepSpeed our optimizer types. Idempotent. Returns False if DeepSpeed is absent."""
+    """Teach DeepSpeed our optimizer types. Idempotent. Returns False if DeepSpeed is absent, fails
+    to import, or lacks the engine methods we wrap (then nothing of DeepSpeed's is touched)."""
     global _registered
     if _registered:
         return True
     try:
-        import deepspeed
-    except ImportError:
+        import deepspeed  # noqa: F401
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        from deepspeed.runtime.zero import utils as zero_utils
+    except Exception as exc:  # noqa: BLE001 - absent or broken: the plain optimizers still work
+        logger.debug("vrgd_ds: DeepSpeed not registered (%s: %s)", type(exc).__name__, exc)
         return False
-    version = _version_tuple(deepspeed.__version__)
-    if not (TESTED_DEEPSPEED[0] <= version < TESTED_DEEPSPEED[1]) and not os.environ.get(
-        "VRGD_DS_ALLOW_UNTESTED_DEEPSPEED"
-    ):
-        raise ImportError(
-            f"vrgd_ds hooks into DeepSpeed internals and is tested with deepspeed {TESTED_RANGE_TEXT}; "
-            f"found {deepspeed.__version__}. Install a tested version (pip install 'deepspeed{TESTED_RANGE_TEXT}') "
-            f"or set VRGD_DS_ALLOW_UNTESTED_DEEPSPEED=1 at your own risk."
+    missing = [m for m in _PATCHED if not hasattr(DeepSpeedEngine, m)]
+    if missing or not isinstance(getattr(zero_utils, "ZERO_SUPPORTED_OPTIMIZERS", None), list):
+        logger.warning(
+            "vrgd_ds: this DeepSpeed (%s) lacks %s: the VR optimizer types are not registered with it.",
+            getattr(deepspeed, "__version__", "?"),
+            ", ".join(missing) or "ZERO_SUPPORTED_OPTIMIZERS",
         )
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.zero import utils as zero_utils
-
+        return False
     for cls in _optimizer_classes().values():
         if cls not in zero_utils.ZERO_SUPPORTED_OPTIMIZERS:
             zero_utils.ZERO_SUPPORTED_OPTIMIZERS.append(cls)
@@ -107,6 +109,8 @@ def register() -> bool:
                 if isinstance(opt, VROptimizer):
                     opt.ignore_steps(False)
         if isinstance(self.basic_optimizer, VROptimizer):
+            check_engine(self)  # the installed DeepSpeed against the tested table, for what this engine uses
+            fill_missing_attributes(self.optimizer)
             attach(self)
 
     DeepSpeedEngine._is_supported_optimizer = _is_supported_optimizer
