@@ -62,6 +62,17 @@ def param_groups(model, case):
     return trainable
 
 
+def precision_config(precision: str) -> dict:
+    """The DeepSpeed config keys of a case's precision: bf16, fp16 (dynamic loss scale from 2⁸,
+    one overflow enough to lower it; CPU fp16 allowed) or fp32 (none)."""
+    if precision == "bf16":
+        return {"bf16": {"enabled": True}}
+    if precision == "fp16":
+        allow_cpu_fp16()
+        return {"fp16": {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}}
+    return {}
+
+
 def ds_config(case: dict, world: int) -> dict:
     gas = SAMPLES_PER_STEP // world
     cfg = {
@@ -73,11 +84,7 @@ def ds_config(case: dict, world: int) -> dict:
         "gradient_clipping": case.get("clip", 0.0),
         "steps_per_print": 10**9,
     }
-    if case.get("precision") == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif case.get("precision") == "fp16":
-        allow_cpu_fp16()
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
+    cfg.update(precision_config(case.get("precision", "fp32")))
     if case.get("scheduler"):
         lr = case["params"]["lr"]
         cfg["scheduler"] = {

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ds_bodies import allow_cpu_fp16
-from .matrix_bodies import master_params
+from .matrix_bodies import master_params, precision_config
 
 SIGNAL_MICRO_BATCH = 32
 SIGNAL_SAMPLES_PER_STEP = 8  # k: 2 ranks × 4 accumulated micro-batches (unless a case changes gas)
@@ -87,11 +86,7 @@ def signal_config(case: dict, world: int) -> dict:
         "gradient_clipping": case.get("clip", 0.0),
         "steps_per_print": 10**9,
     }
-    if case.get("precision") == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif case.get("precision") == "fp16":
-        allow_cpu_fp16()
-        cfg["fp16"] = {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000, "hysteresis": 1}
+    cfg.update(precision_config(case.get("precision", "fp32")))
     for key, value in case.get("extra", {}).items():
         cfg[key] = value
     return cfg
