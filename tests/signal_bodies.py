@@ -102,6 +102,13 @@ def _build(case: dict, cfg: dict):
         with deepspeed.zero.Init(config_dict_or_path=cfg):
             model = SignalNet()
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        # SignalNet's own initialization ran on the (0,) placeholders (a no-op): give the
+        # partitioned model the weights every other case starts from, as from_pretrained does.
+        reference = dict(SignalNet().named_parameters())
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(reference[n])
         return model, shapes
     return SignalNet(), None
 
