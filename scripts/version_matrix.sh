@@ -15,7 +15,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 
-VERSIONS=${VERSIONS:-"0.19.8 0.19.7 0.19.6 0.19.5 0.19.4 0.19.3 0.16.9"}
+VERSIONS=${VERSIONS:-"0.19.8 0.19.7 0.19.6 0.19.5 0.19.4 0.19.3 0.19.2 0.19.1 0.19.0 0.16.9"}
 # The ZeRO 0/1/2 subset: every optimizer step of every ZeRO 0/1/2 path against the float64
 # reference (fp32/bf16/fp16, clipping, offload, checkpointing, frozen and tied weights, two groups,
 # both moment reductions), and the world-size/stage equivalence with checkpoint resume.
