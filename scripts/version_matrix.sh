@@ -8,6 +8,8 @@
 #
 # Venvs: .venv-ds/<version>/ (ignored by git; kept between runs). Results: OUT (default
 # outputs/version_matrix/): <version>.log and <version>.xml (pytest), results.json, table.md.
+# results.json keeps the versions of earlier runs; copy it to docs/version_matrix.json (and the
+# table into README / vrgd_ds/deepspeed_glue/versions.py's TESTED) to publish a new measurement.
 # Exit status: 0 when every version passed every test it ran. What each test checks and the
 # table we measured: README "DeepSpeed versions" and vrgd_ds/deepspeed_glue/versions.py.
 # About 4-6 minutes per version on 2 cores once the venv exists (the first install of a

@@ -7,6 +7,9 @@ deepspeed 0.19.8's). One module per job:
   ``import vrgd_ds``) wraps three ``DeepSpeedEngine`` methods (runtime/engine.py:1985
   ``_is_supported_optimizer``, :2476 ``_configure_basic_optimizer``, :2328
   ``_configure_optimizer``) and appends our classes to ZeRO's supported list (zero/utils.py:45).
+* :mod:`.versions` — which DeepSpeed versions are exact for what (the table
+  ``scripts/version_matrix.sh`` measured), checked at ``deepspeed.initialize``, never at import;
+  :mod:`.compat` fills in wrapper attributes older releases lack.
 * :mod:`.config` — ``"optimizer": {"type": "VRLamb", "params": {...}}`` → a VR optimizer
   (:func:`build_from_config`), and the ``moment_reduction`` option.
 * :mod:`.refusals` — every parallel layout that cannot give the exact update yet, refused at
