@@ -153,9 +153,20 @@ STATS_OFF = Variant(
 )
 
 
+# --anchors (GPUs): what large-batch users compare VR-LAMB with — DeepSpeed's own fused LAMB kernel
+# ("type": "Lamb", FusedLamb; needs its CUDA op) and torch's fused AdamW — at the same size. Read
+# from the environment for the same reason as --stats-cost.
+ANCHORS_ENV = "VRGD_BENCH_ANCHORS"
+ANCHORS = (
+    Variant("FusedLamb", {"type": "Lamb", "params": dict(LAMB_PARAMS)}),
+    Variant("AdamW fused", {"type": "AdamW", "params": {**LAMB_PARAMS, "torch_adam": True, "fused": True}}),
+)
+
+
 def variants() -> tuple[Variant, ...]:
-    """The variants measured: VARIANTS, plus STATS_OFF with --stats-cost."""
-    return VARIANTS[:1] + (STATS_OFF,) + VARIANTS[1:] if os.environ.get(STATS_COST_ENV) == "1" else VARIANTS
+    """The variants measured: VARIANTS, plus STATS_OFF with --stats-cost and ANCHORS with --anchors."""
+    out = VARIANTS[:1] + (STATS_OFF,) + VARIANTS[1:] if os.environ.get(STATS_COST_ENV) == "1" else VARIANTS
+    return out + ANCHORS if os.environ.get(ANCHORS_ENV) == "1" else out
 
 
 BASELINE = "LAMB"
@@ -1439,6 +1450,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=None, help="seconds before the ranks are killed")
     parser.add_argument(
+        "--anchors",
+        action="store_true",
+        help="also time DeepSpeed's FusedLamb (\"type\": \"Lamb\") and torch's fused AdamW (GPUs only)",
+    )
+    parser.add_argument(
         "--stats-cost",
         action="store_true",
         help="also run VR-LAMB per_step with gradient_stats off (the noise statistics' cost = ratio of the two)",
@@ -1446,6 +1462,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.stats_cost:
         os.environ[STATS_COST_ENV] = "1"  # read by variants(), here and in the spawned ranks
+    if args.anchors:
+        if args.device != "cuda":
+            parser.error("--anchors needs --device cuda (FusedLamb and fused AdamW are GPU kernels)")
+        os.environ[ANCHORS_ENV] = "1"
 
     if args.host_proxy:
         return host_proxy_main(args, argv)

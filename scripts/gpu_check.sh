@@ -10,7 +10,8 @@
 #   2. bench: scripts/bench_overhead.py --device cuda --size large: BertForMaskedLM at BERT-large
 #      size (24 layers, hidden 1024, 335M parameters), seq 128, micro-batch 32, bf16, gradient
 #      accumulation 16, on GPU_CHECK_BENCH_WORLD GPUs (default 1: k = 16 samples per step);
-#      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW; ZeRO-2, then ZeRO-3
+#      VRLamb (per_step, per_micro_step) vs LAMB (vr: false) vs AdamW — at ZeRO-2 also DeepSpeed's
+#      FusedLamb and torch's fused AdamW (--anchors); then ZeRO-3
 #      (GPU_CHECK_ZERO3=0 skips it), then BF16_Optimizer (bf16 + ZeRO-1 + fp32 accumulation;
 #      GPU_CHECK_BF16_OPTIMIZER=0 skips it), then, with >= 2 GPUs only, tensor parallelism: the
 #      encoder's linear layers split over 2 GPUs (--tensor-parallel 2 --world-size 2: TP2 x DP1),
@@ -142,7 +143,9 @@ for r in rows:
 EOF
     record "$name" ok
 }
-bench bench_large 2
+# ZeRO-2 with the anchors: VR-LAMB's full step against DeepSpeed's FusedLamb and torch's fused AdamW
+# too (targets: <= 1.03x LAMB, <= 1.05x FusedLamb at BERT-large bf16 gas 16).
+bench bench_large 2 $([ "$DEVICE" = cuda ] && echo --anchors)
 if [ "${GPU_CHECK_ZERO3:-1}" = 1 ]; then
     bench bench_large_zero3 3
 else
