@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vrgd_ds import VRSGD, VRLamb, VRLars
+from vrgd_ds import VRSGD, VRAdamW, VRLamb, VRLars
 from vrgd_ds.gsnr import gsnr_from_moments, normalize_and_clip
 
 from .models import TinyNet, mb_loss, micro_batches
@@ -333,3 +333,35 @@ def test_param_group_added_later_is_watched():
     with pytest.raises(ValueError, match="Invalid gamma"):
         opt.add_param_group({"params": [m.extra.weight], "gamma": 2.0})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("cls", [VRLamb, VRAdamW], ids=["VRLamb", "VRAdamW"])
+def test_gsnr_momentum_started_on_a_resumed_state_counts_its_own_steps(cls):
+    """A state saved without GSNR momentum (here: 3 steps with vr=False) and loaded into a VR
+    optimizer with gsnr_beta: the momentum's bias correction starts at its own first step, so that
+    step's p̂ is r itself — the same update as gsnr_beta=None from the same state (the bug: the
+    correction used the state's step 4, scaling p̂ by 1 − β ≈ 0.1)."""
+    torch.manual_seed(0)
+    batches = micro_batches(16)
+
+    def train(opt, model, steps, offset):
+        for s in range(steps):
+            for b in batches[offset + 2 * s : offset + 2 * s + 2]:
+                (mb_loss(model, b) / 2).backward()
+            opt.step()
+            opt.zero_grad()
+
+    base_model = TinyNet()
+    base = cls(base_model.parameters(), lr=1e-2, vr=False)
+    train(base, base_model, 3, 0)
+    results = []
+    for beta in (0.9, None):
+        model = copy.deepcopy(base_model)
+        opt = cls(model.parameters(), lr=1e-2, gsnr_beta=beta)
+        opt.load_state_dict(copy.deepcopy(base.state_dict()))
+        for group in opt.param_groups:  # load_state_dict restored the saved run's hyperparameters
+            group["gsnr_beta"] = beta
+        train(opt, model, 1, 6)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

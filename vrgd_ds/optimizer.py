@@ -699,11 +699,20 @@ class VROptimizer(Optimizer):
         if group["gsnr_beta"] is not None:
             if "gsnr_momentum" not in state:
                 state["gsnr_momentum"] = torch.zeros_like(scale)
+                if state["step"] > 1:
+                    # A state from a run without GSNR momentum (vr=False, gsnr_beta None, torch's
+                    # Adam): p̂'s bias correction counts its own steps, from this one.
+                    state["gsnr_momentum_start"] = state["step"] - 1
+            momentum_steps = step_counts(state)
+            if "gsnr_momentum_start" in state:
+                momentum_steps = momentum_steps - state["gsnr_momentum_start"]
+                if torch.is_tensor(momentum_steps):
+                    momentum_steps = momentum_steps.clamp(min=1.0)
             scale = update_gsnr_momentum(
                 state["gsnr_momentum"],
                 scale,
                 group["gsnr_beta"],
-                step_counts(state),
+                momentum_steps,
                 out=scale,
                 layout=layout,
             )
