@@ -365,3 +365,24 @@ def test_gsnr_momentum_started_on_a_resumed_state_counts_its_own_steps(cls):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_decay_groups_split_on_the_whole_shape_and_reject_bad_input():
+    """vrgd_ds.decay_groups: matrices get weight_decay, 1-D tensors 0 — by ds_shape where ZeRO-3's
+    zero.Init left a (0,) placeholder — and nonsense is a ValueError naming what to pass."""
+    from vrgd_ds import decay_groups
+
+    model = TinyNet()
+    placeholder = torch.nn.Parameter(torch.empty(0))
+    placeholder.ds_shape = torch.Size([3, 4])  # what zero.Init leaves
+    groups = decay_groups(list(model.named_parameters()) + [("ph", placeholder)], 0.01)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    assert any(p is placeholder for p in decay["params"])
+    assert all(p.dim() > 1 for p in decay["params"] if p is not placeholder)
+    assert all(p.dim() == 1 for p in no_decay["params"])
+    for bad in (-0.1, float("nan"), float("inf"), "0.01", True):
+        with pytest.raises(ValueError, match="weight_decay"):
+            decay_groups(model.named_parameters(), bad)
+    with pytest.raises(ValueError, match="named_parameters"):
+        decay_groups([("w", 1.0)], 0.01)

@@ -38,9 +38,23 @@ def decay_groups(named_parameters, weight_decay: float, no_decay_1d: bool = True
     with 0 — decided on the whole shape, so also right under ``zero.Init``. Empty groups are
     left out; frozen parameters too. ``named_parameters``: ``model.named_parameters()`` or
     tensors."""
+    if (
+        isinstance(weight_decay, bool)
+        or not isinstance(weight_decay, (int, float))
+        or not weight_decay >= 0  # also rejects NaN
+        or weight_decay == float("inf")
+    ):
+        raise ValueError(f"Invalid weight_decay: {weight_decay!r}; it must be a finite number >= 0.")
+    if not isinstance(no_decay_1d, bool):
+        raise ValueError(f"Invalid no_decay_1d: {no_decay_1d!r}; it must be True or False.")
     decay, no_decay = [], []
     for item in named_parameters:
         p = item[1] if isinstance(item, tuple) else item
+        if not isinstance(p, torch.Tensor):
+            raise ValueError(
+                f"decay_groups takes model.named_parameters() or tensors, got {type(p).__name__}; pass "
+                "model.named_parameters()."
+            )
         if not p.requires_grad:
             continue
         (no_decay if no_decay_1d and full_dim(p) <= 1 else decay).append(p)
