@@ -1390,6 +1390,11 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--layers", default=None, help="--host-proxy: comma list of layer counts (default: 24,48)")
     parser.add_argument(
+        "--wrappers",
+        default=None,
+        help="--host-proxy: comma list of wrapper kinds (stage0,zero1,zero2,zero3,bf16_optimizer; default: all)",
+    )
+    parser.add_argument(
         "--size",
         choices=sorted(SIZES),
         default="full",
@@ -1529,7 +1534,13 @@ def host_proxy_main(args, argv) -> int:
         layers = tuple(int(n) for n in args.layers.split(","))
     else:
         layers = (2, 4) if args.quick else (24, 48)
-    wrappers = ("zero2",) if args.quick else tuple(host_proxy.WRAPPERS)
+    if args.wrappers:
+        wrappers = tuple(args.wrappers.split(","))
+        unknown = set(wrappers) - set(host_proxy.WRAPPERS)
+        if unknown:
+            raise SystemExit(f"--wrappers: unknown {sorted(unknown)}; choose from {list(host_proxy.WRAPPERS)}")
+    else:
+        wrappers = ("zero2",) if args.quick else tuple(host_proxy.WRAPPERS)
     rounds = args.rounds or (1 if args.quick else 3)
     version = benchlib.code_version()
     start = time.time()

@@ -207,6 +207,8 @@ def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> di
     result = {"layers": layers, "wrapper": wrapper, "tensors": tensors}
     for name, engine in engines.items():
         one_step(engine, data, None)  # warm-up: state created, buffers allocated
+        buckets = getattr(engine.basic_optimizer.moment_source, "buckets", None)
+        added_before = 0 if buckets is None else buckets.runs_total + buckets.foreach_total
         counted = one_step(engine, data, OpCounter())
         micro = counted["micro"]
         result[name] = {
@@ -224,6 +226,12 @@ def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> di
         if name == "vr":
             source = engine.basic_optimizer.moment_source
             result["strategy"] = getattr(source, "strategy", None)
+            # ZeRO-2's gradient buckets VR added per micro-batch (vrgd_ds/deepspeed_glue/ipg_buckets.py);
+            # None where the samples come from per-tensor hooks.
+            result["vr_buckets_per_micro_batch"] = (
+                None if buckets is None else (buckets.runs_total + buckets.foreach_total - added_before) / GAS
+            )
+            result["vr_bucket_layout_misses"] = None if buckets is None else buckets.fallbacks_total
     paired = []
     for _ in range(rounds):
         times = {name: one_step(engine, data, None)["backward_cpu_s"] for name, engine in engines.items()}

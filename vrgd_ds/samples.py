@@ -75,6 +75,8 @@ class MicroBatchSamples:
         self._pending: dict[int, tuple[Tensor, Sink]] = {}
         self._delivered: set[int] = set()
         self._end_scheduled = False
+        #: Called after each micro-batch's pieces are handed on (sinks that batch their samples).
+        self.after_end: list[Callable[[], None]] = []
         # (graph task id, its outermost Function node): whether a pass is nested does not change
         # while it runs, so the stack is walked once per backward pass, not once per parameter.
         self._task_node: tuple[int, object] = (-1, None)
@@ -142,6 +144,8 @@ class MicroBatchSamples:
         self._end_scheduled = False
         for g, sink in pending.values():
             sink(g)
+        for done in self.after_end:
+            done()
 
     def discard(self) -> None:
         """Forget pieces not handed on yet (the step's samples are being thrown away)."""

@@ -45,6 +45,21 @@ def _warn_flat_weight_decay(opt: VROptimizer) -> None:
         )
 
 
+def _refuse_coalesced_reduction(engine) -> None:
+    """ZeRO-2 samples from its buckets (zero12.py): under ``engine.coalesce_grad_reduction()`` a
+    bucket would hold the sum of the block's micro-batches, not one sample each."""
+
+    def refuse(*args, **kwargs):
+        raise ValueError(
+            "vrgd_ds: engine.coalesce_grad_reduction() hands ZeRO-2 the sum of several micro-batches' gradients, "
+            "but VRGD needs each micro-batch's own gradient. Call engine.backward per micro-batch without it "
+            "(DeepSpeed accumulates over gradient_accumulation_steps), or set \"vr\": false."
+        )
+
+    if hasattr(engine, "coalesce_grad_reduction"):
+        engine.coalesce_grad_reduction = refuse
+
+
 def attach(engine) -> None:
     """Connect the engine's VR optimizer to DeepSpeed's optimizer wrapper (see the package docstring)."""
     from deepspeed.runtime.base_optimizer import ZeROOptimizer
@@ -96,7 +111,9 @@ def attach(engine) -> None:
     if bf16_optimizer:
         source = bf16_optimizer_source(opt, wrapper, zero_view, strategy, names, track_first)
     elif stage in (1, 2):
-        source = zero_source(opt, wrapper, strategy, names, track_first)
+        source = zero_source(opt, wrapper, strategy, names, track_first, ties)
+        if source.buckets is not None:
+            _refuse_coalesced_reduction(engine)
     else:
         source = stage0_source(engine, opt, wrapper, names, track_first)
     # engine.backward scales the loss by the loss scale only for ZeRO wrappers (BF16_Optimizer

@@ -26,6 +26,8 @@ BF16_Optimizer reuses the source through a view of its layout (:mod:`.bf16`).
 
 from __future__ import annotations
 
+from operator import itemgetter
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -33,9 +35,12 @@ from torch import Tensor
 from ..comm import owners_of, pairwise_reduce_scatter, reduce_squares_to_owners
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
+from .ipg_buckets import BucketSamples
 from .source import DeepSpeedMomentSource, wrap_method
 
 __all__ = ["ZeroMomentSource", "zero_source"]
+
+_param_id = itemgetter(2)  # DeepSpeed's bucket entries: (group index, index in group, param id)
 
 
 class ZeroMomentSource(DeepSpeedMomentSource):
@@ -43,7 +48,14 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     checks_finite_locally = False
 
-    def __init__(self, optimizer, zero_opt, strategy: str, names=None, track_first: bool = False):
+    #: Take ZeRO-2's samples from its buckets where that is exact (:meth:`bucket_samples_apply`);
+    #: False: per-tensor hooks everywhere (tests compare the two).
+    use_bucket_samples = True
+    #: Elements of held hook samples added at once (and of the fp32 staging that packs 16-bit
+    #: ones: 2 × 4 bytes each), where ZeRO has no bucket of its own to read (ZeRO-1, BF16_Optimizer).
+    held_bucket_elements = 1 << 24
+
+    def __init__(self, optimizer, zero_opt, strategy: str, names=None, track_first: bool = False, ties=None):
         group0 = zero_opt.real_dp_process_group[0]
         super().__init__(optimizer, dist.get_world_size(group=group0), group0, names, track_first)
         self.zero_opt = zero_opt
@@ -72,6 +84,21 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         self.host: list[Tensor | None] = []
         self.group_tensors: dict[int, list[Tensor]] = {}
         m = self.moments
+        #: ZeRO-2: Σg² (and Σg) of each gradient bucket DeepSpeed reduces, by one or two operators
+        #: per bucket (:mod:`.ipg_buckets`); None where the samples come from per-tensor hooks.
+        self.buckets: BucketSamples | None = None
+        #: Where the samples come from: "ipg" (ZeRO-2's buckets), "held" (per-tensor hooks whose
+        #: gradients are held and added a bucket at a time), "hooks" (added tensor by tensor).
+        self.sample_path = "hooks"
+        if self.bucket_samples_apply(zero_opt, strategy, ties):
+            self.sample_path = "ipg"
+        elif self.use_bucket_samples and (strategy == "per_step" or self.world_size == 1):
+            self.sample_path = "held"
+        if self.sample_path != "hooks":
+            self.buckets = self._bucket_samples(zero_opt, m, by_param_id=self.sample_path == "ipg")
+        self._held: list[tuple[int, Tensor]] = []
+        self._held_elements = 0
+        self.samples.after_end.append(self._add_held)
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
@@ -90,10 +117,16 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.sq[id(inner)] = moments[0]
             if self.tracks_first:
                 self.first[id(inner)] = moments[1]
+            self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
+            if self.sample_path == "ipg":
+                continue  # samples come from ZeRO-2's buckets (:meth:`_add_buckets`), not from hooks
+            if self.sample_path == "held":
+                for p in tensors:
+                    self.handles.append(p.register_hook(self.samples.hook(p, self.tied.wrap(p, self._holder(p)))))
+                continue
             full = torch.zeros(self.world_size, m, part_size, dtype=torch.float32, device=device)
             full = full if strategy == "per_step" else None
             self.full.append(full)
-            self.group_tensors[id(zero_opt.single_partition_of_fp32_groups[i])] = list(tensors)
             offsets = zero_opt.round_robin_bit16_offsets[i]
             if full is not None:
                 self.views.append(
@@ -105,6 +138,88 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                         self.samples.hook(p, self.tied.wrap(p, self._make_sink(i, p, offset, part_size, group)))
                     )
                 )
+        if self.sample_path == "ipg":
+            wrap_method(zero_opt, "reduce_ipg_grads", before=self._add_buckets)
+
+    def bucket_samples_apply(self, zero_opt, strategy: str, ties) -> bool:
+        """Whether ZeRO's IPG buckets hold exactly one sample of each of their tensors, in the
+        gradient's own dtype, and one accumulator per step serves: ZeRO-2 (ZeRO-1 reduces the
+        accumulated ``.grad`` at the boundary only), buckets in the gradients' dtype (16-bit
+        ``communication_data_type`` on an fp32 model rounds them), no ZenFlow (it transposes
+        2-D gradients into the bucket), no weights tied across pipeline stages, and the
+        ``per_step`` reduction or one data-parallel rank (``per_micro_step`` at w > 1 sends each
+        tensor's squares to its owners as it arrives)."""
+        if not (self.use_bucket_samples and getattr(zero_opt, "partition_gradients", False)):
+            return False
+        if ties or getattr(zero_opt, "zenflow", False) or not hasattr(zero_opt, "ipg_buckets"):
+            return False
+        if strategy != "per_step" and self.world_size > 1:
+            return False
+        tensors = [p for group in zero_opt.round_robin_bit16_groups for p in group]
+        return all(zero_opt.get_param_comm_dtype(p) == p.dtype for p in tensors)
+
+    def _bucket_samples(self, zero_opt, moments: int, by_param_id: bool) -> BucketSamples:
+        groups, key_of = [], {}
+        for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
+            entries = []
+            for p, offset in zip(tensors, zero_opt.round_robin_bit16_offsets[i]):
+                key = zero_opt.get_param_id(p) if by_param_id else id(p)
+                key_of[key] = id(p)
+                entries.append((key, p.numel(), int(offset)))
+            groups.append((entries, zero_opt.bit16_groups_flat[i].numel()))
+        device = zero_opt.bit16_groups_flat[0].device
+        staging = 0 if by_param_id or moments == 1 else self.held_bucket_elements
+        buckets = BucketSamples(groups, self.world_size, moments, device, key_of, staging)
+        self._hook_counts = buckets.counts  # per-tensor sample counts, kept by the buckets
+        return buckets
+
+    def _holder(self, p: Tensor):
+        """The sink of ``p``'s samples on the "held" path: kept until a bucket's worth of elements
+        (:attr:`held_bucket_elements`) or the end of the backward pass, then added at once."""
+        key, numel = id(p), p.numel()
+
+        def hold(grad: Tensor) -> None:
+            # A sample held past its backward pass could be changed in place by the next one's
+            # gradient accumulation: MicroBatchSamples' end of the pass adds them (_add_held).
+            self._held.append((key, grad.detach()))
+            self._held_elements += numel
+            if self._held_elements >= self.held_bucket_elements:
+                self._add_held()
+
+        return hold
+
+    def _add_held(self) -> None:
+        if not self._held:
+            return
+        if self.local_samples == 0:  # the scale the samples of this step carry
+            self._sample_loss_scale = float(self.loss_scale_fn())
+            self._sample_gas = int(self.gas_fn())
+        keys, grads = zip(*self._held)
+        self._held, self._held_elements = [], 0
+        self.buckets.add(list(keys), grads=list(grads))
+        self.local_samples = self.buckets.local_samples
+
+    def _add_buckets(self, comm_dtype=None) -> None:
+        """Before DeepSpeed reduces its bucket(s) of ``comm_dtype`` (all when None), in place:
+        their gradients into the arrival-order accumulator."""
+        zo = self.zero_opt
+        dtypes = list(zo.ipg_buckets) if comm_dtype is None else [comm_dtype]
+        for dtype in dtypes:
+            bucket = zo.ipg_buckets.get(dtype)
+            if bucket is None or not bucket.params:
+                continue
+            if self.local_samples == 0:  # the scale the samples of this step carry
+                self._sample_loss_scale = float(self.loss_scale_fn())
+                self._sample_gas = int(self.gas_fn())
+            flat, grads = None, None
+            if not zo.contiguous_gradients:
+                grads = list(bucket.grads)
+            elif dtype in zo.extra_large_param_to_reduce:  # one tensor larger than a bucket
+                grads = [zo.get_gradient_for_reduction(zo.extra_large_param_to_reduce[dtype])]
+            else:
+                flat = bucket.buffer[bucket.index].narrow(0, 0, bucket.elements)
+            self.buckets.add(list(map(_param_id, bucket.params)), flat, grads)
+            self.local_samples = self.buckets.local_samples
 
     def _views_of(self, full: Tensor, offset: int, numel: int, part_size: int):
         """(a, b, Σg² view, Σg view or None) of elements [a, b) of the tensor at ``offset`` in the
@@ -179,7 +294,21 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         for work, _ in self._pending:
             work.wait()
         self._pending = []
-        if self.strategy == "per_step":
+        self._add_held()  # tied weights' samples completed by _deliver_samples
+        if self.buckets is not None:
+            for i, partition in enumerate(self.partitions):
+                group = self.zero_opt.real_dp_process_group[i]
+                if self.world_size == 1:
+                    self.buckets.gather(i, partition)
+                    continue
+                # The reduce-scatter's layout, only for the step's reduction (freed after it).
+                full = torch.empty(self.world_size * partition.numel(), dtype=torch.float32, device=partition.device)
+                self.buckets.gather(i, full)
+                if self.pairwise_exchange:
+                    pairwise_reduce_scatter(full, partition.view(-1), group, tag=i)
+                else:
+                    dist.reduce_scatter_tensor(partition.view(-1), full, op=dist.ReduceOp.SUM, group=group)
+        elif self.strategy == "per_step":
             for i, (full, partition) in enumerate(zip(self.full, self.partitions)):
                 # The hooks overwrite a tensor's slice at its first sample of the step; the slices
                 # of tensors with no gradient this step still hold an earlier step's g².
@@ -206,11 +335,17 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         for work, _ in self._pending:  # a step skipped on overflow never reduced its moments
             work.wait()
         self._pending = []
+        self._held, self._held_elements = [], 0
         super().clear()
+        if self.buckets is not None:
+            self.buckets.end_step()
 
     def _buffers_to_zero(self):
+        # Buckets: one accumulator, zeroed per step; the partition is overwritten by the gather.
         # per_step: ``full`` is overwritten by each step's first samples (see the hook) and the
         # partition by the reduction; per_micro_step adds into the partition.
+        if self.buckets is not None:
+            return [self.buckets.acc]
         return [] if self.strategy == "per_step" else self.partitions
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor:
@@ -224,16 +359,18 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         out = {f"{what} partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
         if self.offload:
             out[f"{what} host copy (fp32, offload_optimizer)"] = sum(h.numel() for h in self.host) * 4
-        if self.strategy == "per_step":
+        if self.buckets is not None:
+            out[f"{what} arrival-order accumulator (fp32, full size)"] = self.buckets.extra_bytes()
+        elif self.strategy == "per_step":
             out[f"{what} local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
         return out
 
 
 def zero_source(
-    opt: VROptimizer, wrapper, strategy: str, names: dict, track_first: bool = False
+    opt: VROptimizer, wrapper, strategy: str, names: dict, track_first: bool = False, ties=None
 ) -> DeepSpeedMomentSource:
     """ZeRO 1/2: r from the reduced partition just before DeepSpeed unscales and clips it."""
-    source = ZeroMomentSource(opt, wrapper, strategy, names, track_first)
+    source = ZeroMomentSource(opt, wrapper, strategy, names, track_first, ties)
     fp32_partitions = wrapper.single_partition_of_fp32_groups
 
     def before_unscale(grad_groups_flat, total_norm, *a, **k):

@@ -1,0 +1,94 @@
+"""ZeRO-2's Σg² (and Σg) taken per gradient bucket (vrgd_ds/deepspeed_glue/ipg_buckets.py) equal the
+per-tensor hooks' bit for bit, on 1 and 2 CPU ranks, over bucket configurations; plus the layout's
+pure logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vrgd_ds.deepspeed_glue.ipg_buckets import ArrivalLayout, BucketSamples
+
+from .bucket_bodies import compare
+from .multiproc import run_ranks
+
+CASES = [
+    dict(name="fp32-one-bucket"),
+    dict(name="fp32-small-buckets", zero={"reduce_bucket_size": 40}),  # several buckets, tensors larger than one
+    dict(name="fp32-non-contiguous", zero={"contiguous_gradients": False, "reduce_bucket_size": 40}),
+    dict(name="fp32-overlap-comm", zero={"overlap_comm": True, "reduce_bucket_size": 64}),
+    dict(name="fp32-learnt-order", reversed_registration=True),  # one bucket, in an order to learn
+    dict(name="bf16-one-bucket", precision="bf16"),
+    dict(name="bf16-small-buckets", precision="bf16", zero={"reduce_bucket_size": 40}),
+    dict(name="fp32-gas1", gas=1, params={"moment_reduction": "per_step"}),
+    # No bucket of ZeRO's to read: hook samples held and added a bucket at a time.
+    dict(name="zero1-fp32", stage=1, path="held"),
+    dict(name="zero1-bf16-small-buckets", stage=1, precision="bf16", held_bucket_elements=40, path="held"),
+    dict(
+        name="bf16_optimizer",
+        stage=1,
+        precision="bf16",
+        extra={"data_types": {"grad_accum_dtype": "fp32"}},
+        held_bucket_elements=100,
+        path="held",
+    ),
+    dict(name="zero2-fp16-comm-held", extra={"communication_data_type": "fp16"}, path="held"),
+]
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_bucket_sums_equal_hook_sums(case, world):
+    if world * case.get("gas", 4) < 2:
+        pytest.skip("k < 2")
+    results = run_ranks(compare, world, case, timeout=300, init="deepspeed")
+    for rank, res in enumerate(results):
+        b, h = res["buckets"], res["hooks"]
+        assert b["bucketed"] and b["sample_path"] == case.get("path", "ipg"), b["sample_path"]
+        assert len(b["moments"]) == len(h["moments"]) == 3
+        for step, (mb, mh) in enumerate(zip(b["moments"], h["moments"])):
+            for g, (x, y) in enumerate(zip(mb, mh)):
+                assert x.shape == y.shape
+                diff = (x - y).abs().max().item()
+                assert torch.equal(x, y), f"rank {rank} step {step} group {g}: max |Δ| {diff:.3e}"
+        for x, y in zip(b["params"], h["params"]):
+            assert torch.equal(x, y)
+        # Steady state: after the first step every bucket is one run of the learnt layout.
+        assert b["runs"] + b["foreach"] > 0
+        if not case.get("reversed_registration"):  # the first guess of the order was right
+            assert b["fallbacks"] == 0
+        else:  # learnt in the first step: none after it
+            assert 0 < b["fallbacks"] <= b["buckets_first_step"]
+
+
+def test_arrival_layout_runs_and_relearning():
+    layout = ArrivalLayout([5, 4, 3], {3: 2, 4: 3, 5: 1})
+    assert layout.run([5, 4]) == (0, 4)
+    assert layout.run([3]) == (4, 6)
+    assert layout.run([4, 5]) is None and layout.run([9]) is None and layout.run([]) is None
+    learnt = layout.relearnt([3, 4, 3, 4])
+    assert learnt.order == [3, 4, 5] and learnt.run([3, 4]) == (0, 5)
+
+
+def test_gather_maps_arrival_order_onto_partitions():
+    # Two tensors in flat order (ids 0: 3 elements at 0, 1: 4 elements at 3), padded to 8, two ranks.
+    groups = [([(0, 3, 0), (1, 4, 3)], 8)]
+    bs = BucketSamples(groups, world=2, moments=2, device="cpu", tensor_key_of={0: 100, 1: 101})
+    g1, g0 = torch.arange(1.0, 5.0), torch.arange(10.0, 13.0)  # backward: tensor 1 first
+    bs.add([1, 0], torch.cat([g1, g0]))
+    assert bs.runs_total == 1 and bs.local_samples == 1 and bs.counts == {100: 1, 101: 1}
+    out = torch.empty(2, 2, 4)
+    bs.gather(0, out)
+    flat_sq = torch.cat([g0**2, g1**2, torch.zeros(1)])
+    flat_s = torch.cat([g0, g1, torch.zeros(1)])
+    assert torch.equal(out[0, 0], flat_sq[:4]) and torch.equal(out[1, 0], flat_sq[4:])
+    assert torch.equal(out[0, 1], flat_s[:4]) and torch.equal(out[1, 1], flat_s[4:])
+    # A bucket out of the layout's order is added tensor by tensor, then the layout is relearnt.
+    bs.end_step()
+    bs.acc.zero_()
+    bs.add([0, 1], torch.cat([g0, g1]))
+    assert bs.fallbacks_total == 1
+    bs.gather(0, out)
+    assert torch.equal(out[0, 0], flat_sq[:4]) and torch.equal(out[1, 1], flat_s[4:])
+    bs.end_step()
+    assert bs.layout.order == [0, 1]
