@@ -1457,7 +1457,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--anchors",
         action="store_true",
-        help="also time DeepSpeed's FusedLamb (\"type\": \"Lamb\") and torch's fused AdamW (GPUs only)",
+        help='also time DeepSpeed\'s FusedLamb ("type": "Lamb") and torch\'s fused AdamW (GPUs only)',
     )
     parser.add_argument(
         "--stats-cost",

@@ -117,5 +117,3 @@ def test_version_matrix_script_is_documented():
         text = ".".join(map(str, version))
         assert text in script, f"{text} is in the table but not in scripts/version_matrix.sh's VERSIONS"
         assert f"| {text} |" in readme, f"{text} has no row in README's version table"
-
-

@@ -53,7 +53,7 @@ def _refuse_coalesced_reduction(engine) -> None:
         raise ValueError(
             "vrgd_ds: engine.coalesce_grad_reduction() hands ZeRO-2 the sum of several micro-batches' gradients, "
             "but VRGD needs each micro-batch's own gradient. Call engine.backward per micro-batch without it "
-            "(DeepSpeed accumulates over gradient_accumulation_steps), or set \"vr\": false."
+            '(DeepSpeed accumulates over gradient_accumulation_steps), or set "vr": false.'
         )
 
     if hasattr(engine, "coalesce_grad_reduction"):

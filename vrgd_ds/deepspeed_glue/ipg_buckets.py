@@ -74,12 +74,14 @@ class ArrivalLayout:
 
 
 class BucketSamples:
-    """Σg² (and Σg) of ZeRO-2's buckets in an arrival-order fp32 accumulator (module docstring).
+    """Σg² (and Σg) of gradient buckets in an arrival-order fp32 accumulator (module docstring).
 
     ``groups``: per param group, ``[(key, numel, offset in the flat group), ...]`` in flat
-    order, and the group's padded size (keys: DeepSpeed's param ids, or any unique ints); ``world``: the data-parallel ranks the flat group is
-    split over. :meth:`add` takes a bucket; :meth:`gather` writes the step's sums into a
-    ``(world, moments, P)`` tensor per group; :meth:`end_step` zeroes and relearns.
+    order, and the group's padded size (keys: DeepSpeed's param ids, or any unique ints);
+    ``world``: the data-parallel ranks the flat group is split over; ``tensor_key_of``: key →
+    the key of the per-tensor sample counts; ``staging_elements``: the fp32 staging that packs
+    buckets of separate 16-bit tensors. :meth:`add` takes a bucket; :meth:`gather` writes the
+    step's sums into a ``(world, moments, P)`` tensor per group; :meth:`end_step` relearns.
     """
 
     def __init__(

@@ -81,7 +81,7 @@ KNOWN_WRONG: list[tuple[tuple[int, int, int], tuple[int, int, int], frozenset | 
         (0, 18, 9),
         (0, 18, 9),
         frozenset({"zero1", "zero2", "zero3"}),
-        "DeepSpeed 0.18.9's own ZeRO step fails on torch 2.13 (\"Output 0 of Split is a view ... modified inplace\")",
+        'DeepSpeed 0.18.9\'s own ZeRO step fails on torch 2.13 ("Output 0 of Split is a view ... modified inplace")',
     ),
     (
         (0, 18, 9),
