@@ -49,10 +49,10 @@ def run(rank: int, world: int, case: dict, use_buckets: bool, steps: int = 3) ->
     import deepspeed
 
     import vrgd_ds
-    from vrgd_ds.deepspeed_glue.zero12 import ZeroMomentSource
+    from vrgd_ds.deepspeed_glue.source import DeepSpeedMomentSource
 
-    ZeroMomentSource.use_bucket_samples = use_buckets
-    ZeroMomentSource.held_bucket_elements = case.get("held_bucket_elements", 1 << 24)
+    DeepSpeedMomentSource.use_bucket_samples = use_buckets
+    DeepSpeedMomentSource.held_bucket_elements = case.get("held_bucket_elements", 1 << 24)
     gas = case.get("gas", 4)
     zero = {"stage": case.get("stage", 2), **case.get("zero", {})}
     cfg = {
@@ -76,7 +76,7 @@ def run(rank: int, world: int, case: dict, use_buckets: bool, steps: int = 3) ->
         done = source._reduced
         original()
         if not done:  # the step's reduced Σg² (and Σg) on this rank's partition, before r
-            moments.append([m.detach().clone() for m in source.partitions])
+            moments.append([m.detach().clone() for m in (*source.sq.values(), *source.first.values())])
 
     source.ensure_reduced = ensure_reduced
     dtype = next(engine.module.parameters()).dtype
@@ -95,7 +95,7 @@ def run(rank: int, world: int, case: dict, use_buckets: bool, steps: int = 3) ->
         "moments": moments,
         "params": [p.detach().float().clone() for p in engine.module.parameters()],
         "bucketed": buckets is not None,
-        "sample_path": source.sample_path,
+        "sample_path": getattr(source, "sample_path", "held"),
         "runs": buckets.runs_total if buckets is not None else 0,
         "fallbacks": buckets.fallbacks_total if buckets is not None else 0,
         "foreach": buckets.foreach_total if buckets is not None else 0,

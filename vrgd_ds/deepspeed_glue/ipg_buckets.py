@@ -80,12 +80,20 @@ class BucketSamples:
     order, and the group's padded size (keys: DeepSpeed's param ids, or any unique ints);
     ``world``: the data-parallel ranks the flat group is split over; ``tensor_key_of``: key →
     the key of the per-tensor sample counts; ``staging_elements``: the fp32 staging that packs
-    buckets of separate 16-bit tensors. :meth:`add` takes a bucket; :meth:`gather` writes the
-    step's sums into a ``(world, moments, P)`` tensor per group; :meth:`end_step` relearns.
+    buckets of separate 16-bit tensors; ``acc``: the accumulator to use (else allocated).
+    :meth:`add` takes a bucket; :meth:`gather` writes the step's sums into a
+    ``(world, moments, P)`` tensor per group; :meth:`end_step` relearns.
     """
 
     def __init__(
-        self, groups, world: int, moments: int, device, tensor_key_of: dict[int, int], staging_elements: int = 0
+        self,
+        groups,
+        world: int,
+        moments: int,
+        device,
+        tensor_key_of: dict[int, int],
+        staging_elements: int = 0,
+        acc: Tensor | None = None,
     ):
         self.moments = moments
         #: Elements of the fp32 staging that packs a bucket of separate 16-bit tensors (0: none).
@@ -96,7 +104,11 @@ class BucketSamples:
         numel = {pid: n for entries, _ in groups for pid, n, _ in entries}
         flat_order = [pid for entries, _ in groups for pid, _, _ in entries]
         self.layout = ArrivalLayout(flat_order[::-1], numel)
-        self.acc = torch.zeros(moments, self.layout.total, dtype=torch.float32, device=device)
+        if acc is None:
+            acc = torch.zeros(moments, self.layout.total, dtype=torch.float32, device=device)
+        #: (moments, N) fp32 in arrival order: Σg² (and Σg) of every tensor, at ``layout.start``;
+        #: a caller's buffer (``acc``) when the sums are reduced in place, whatever their order.
+        self.acc = acc
         # {param id: key of the per-tensor sample counts (id of the parameter)}
         self.tensor_key_of = tensor_key_of
         self.counts: Counter = Counter()
@@ -212,5 +224,5 @@ class BucketSamples:
         self.counts.clear()
         self.local_samples = 0
 
-    def extra_bytes(self) -> int:
-        return (self.acc.numel() + 2 * self.staging_elements) * 4
+    def extra_bytes(self, own_acc: bool = True) -> int:
+        return ((self.acc.numel() if own_acc else 0) + 2 * self.staging_elements) * 4

@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..gsnr import gsnr_from_moments
+from .ipg_buckets import BucketSamples
 from ..optimizer import VROptimizer
 from ..samples import MicroBatchSamples
 from ..segments import SegmentLayout
@@ -150,6 +151,12 @@ class DeepSpeedMomentSource:
     checks_finite_locally = False
     # ZeRO calls the inner step() once per param group: statistics are finished in clear().
     ends_step_in_step = False
+    #: Take samples a bucket at a time where that is exact (zero12's IPG buckets, held hook
+    #: samples); False: tensor by tensor everywhere (tests compare the two).
+    use_bucket_samples = True
+    #: Elements of held hook samples added at once (and of the fp32 staging that packs 16-bit
+    #: ones: 2 × 4 bytes each) where DeepSpeed has no bucket of its own to read.
+    held_bucket_elements = 1 << 24
 
     def __init__(
         self,
@@ -186,8 +193,40 @@ class DeepSpeedMomentSource:
         self.handles = []
         self.sq: dict[int, Tensor] = {}
         self.first: dict[int, Tensor] = {}
+        # The "held" path (a subclass sets ``buckets``): hook samples kept and added to
+        # ``buckets`` a bucket at a time (:meth:`_holder`), at the latest when the pass ends.
+        self.buckets: BucketSamples | None = None
+        self._held: list[tuple[int, Tensor]] = []
+        self._held_elements = 0
+        self.samples.after_end.append(self._add_held)
 
     # -- hooks -------------------------------------------------------------------------------
+    def _holder(self, p: Tensor):
+        """The sink of ``p``'s samples on the "held" path: kept until a bucket's worth of elements
+        (:attr:`held_bucket_elements`) or the end of the backward pass, then added at once."""
+        key, numel = id(p), p.numel()
+
+        def hold(grad: Tensor) -> None:
+            # A sample held past its backward pass could be changed in place by the next one's
+            # gradient accumulation: MicroBatchSamples' end of the pass adds them (_add_held).
+            self._held.append((key, grad.detach()))
+            self._held_elements += numel
+            if self._held_elements >= self.held_bucket_elements:
+                self._add_held()
+
+        return hold
+
+    def _add_held(self) -> None:
+        if not self._held:
+            return
+        if self.local_samples == 0:  # the scale the samples of this step carry
+            self._sample_loss_scale = float(self.loss_scale_fn())
+            self._sample_gas = int(self.gas_fn())
+        keys, grads = zip(*self._held)
+        self._held, self._held_elements = [], 0
+        self.buckets.add(list(keys), grads=list(grads))
+        self.local_samples = self.buckets.local_samples
+
     def _count(self, p: Tensor) -> None:
         if self.local_samples == 0:  # the scale the samples of this step carry
             self._sample_loss_scale = float(self.loss_scale_fn())
@@ -284,6 +323,7 @@ class DeepSpeedMomentSource:
         self._moment_sums.clear()
         self.samples.discard()
         self.tied.discard()
+        self._held, self._held_elements = [], 0
         for buf in self._buffers_to_zero():
             buf.zero_()
         self._hook_counts.clear()

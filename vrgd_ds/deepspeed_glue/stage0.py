@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
+from .ipg_buckets import BucketSamples
 from .source import DeepSpeedMomentSource, wrap_method
 
 __all__ = ["Stage0MomentSource", "stage0_params", "stage0_source"]
@@ -58,19 +59,51 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         self.buffer = torch.zeros(moments + len(model_params), dtype=torch.float32, device=model_params[0].device)
         self.counts = self.buffer[moments:]
         self.model_params = list(model_params)
-        self.count_index: dict[int, int] = {}
         self._host_counts: list[float] | None = None  # this step's counts, read once when reduced
+        self.inner_of = {id(mp): ip for mp, ip in zip(model_params, inner_params)}
+        self.count_index = {id(ip): index for index, ip in enumerate(inner_params)}
+        if self.use_bucket_samples:
+            # Hook samples held and added a bucket at a time (.ipg_buckets) straight into the
+            # buffer, laid out in the order they arrive (a sum all-reduce does not care); the
+            # tensors' views into it follow the layout (_bind_views). Counts kept by it.
+            entries, at = [], 0
+            for mp in model_params:
+                entries.append((id(mp), mp.numel(), at))
+                at += mp.numel()
+            m = 2 if self.tracks_first else 1
+            staging = self.held_bucket_elements if self.tracks_first else 0
+            key_of = {id(mp): id(mp) for mp in model_params}
+            acc = self.buffer[:moments].view(m, numel)
+            self.buckets = BucketSamples([(entries, numel)], 1, m, self.buffer.device, key_of, staging, acc)
+            self._hook_counts = self.buckets.counts
+            self._bound_layout = None
+            self._bind_views()
         offset = 0
-        for index, (mp, ip) in enumerate(zip(model_params, inner_params)):
-            view = self.buffer[offset : offset + mp.numel()]
-            first = self.buffer[numel + offset : numel + offset + mp.numel()] if self.tracks_first else None
-            offset += mp.numel()
-            self.sq[id(ip)] = view
-            if first is not None:
-                self.first[id(ip)] = first
-            self.count_index[id(ip)] = index
-            sink = self._make_sink(mp, view, first)
+        for mp, ip in zip(model_params, inner_params):
+            if self.buckets is not None:
+                sink = self._holder(mp)
+            else:
+                view = self.buffer[offset : offset + mp.numel()]
+                first = self.buffer[numel + offset : numel + offset + mp.numel()] if self.tracks_first else None
+                offset += mp.numel()
+                self.sq[id(ip)] = view
+                if first is not None:
+                    self.first[id(ip)] = first
+                sink = self._make_sink(mp, view, first)
             self.handles.append(mp.register_hook(self.samples.hook(mp, self.tied.wrap(mp, sink))))
+
+    def _bind_views(self) -> None:
+        """Each inner tensor's Σg² (and Σg) view: where the buckets' layout puts its parameter."""
+        layout = self.buckets.layout
+        if layout is self._bound_layout:
+            return
+        acc = self.buckets.acc
+        for key, ip in self.inner_of.items():
+            a = layout.start[key]
+            self.sq[id(ip)] = acc[0, a : a + ip.numel()]
+            if self.tracks_first:
+                self.first[id(ip)] = acc[1, a : a + ip.numel()]
+        self._bound_layout = layout
 
     def _make_sink(self, p, view, first):
         def add_sample(grad):
@@ -111,6 +144,8 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     def ensure_reduced(self):
         if not self._reduced:
             self._deliver_samples()
+            if self.buckets is not None:
+                self._add_held()  # tied weights' samples completed by _deliver_samples
             for i, p in enumerate(self.model_params):
                 self.counts[i] = float(self._hook_counts.get(id(p), 0))
             if self.world_size > 1:
@@ -121,13 +156,19 @@ class Stage0MomentSource(DeepSpeedMomentSource):
     def clear(self) -> None:
         self._host_counts = None
         super().clear()
+        if self.buckets is not None:
+            self.buckets.end_step()  # may relearn the arrival order: the views follow
+            self._bind_views()
 
     def _buffers_to_zero(self):
         return [self.buffer]
 
     def extra_buffer_bytes(self):
         what = "grad_sq_sum + grad_sum" if self.tracks_first else "grad_sq_sum"
-        return {f"{what} (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
+        out = {f"{what} (fp32, all parameters) + sample counts": self.buffer.numel() * 4}
+        if self.buckets is not None:
+            out["fp32 staging of 16-bit samples"] = self.buckets.extra_bytes(own_acc=False)
+        return out
 
 
 def stage0_params(opt: VROptimizer, wrapper) -> tuple[list, list]:

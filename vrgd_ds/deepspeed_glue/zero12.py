@@ -48,13 +48,6 @@ class ZeroMomentSource(DeepSpeedMomentSource):
 
     checks_finite_locally = False
 
-    #: Take ZeRO-2's samples from its buckets where that is exact (:meth:`bucket_samples_apply`);
-    #: False: per-tensor hooks everywhere (tests compare the two).
-    use_bucket_samples = True
-    #: Elements of held hook samples added at once (and of the fp32 staging that packs 16-bit
-    #: ones: 2 × 4 bytes each), where ZeRO has no bucket of its own to read (ZeRO-1, BF16_Optimizer).
-    held_bucket_elements = 1 << 24
-
     def __init__(self, optimizer, zero_opt, strategy: str, names=None, track_first: bool = False, ties=None):
         group0 = zero_opt.real_dp_process_group[0]
         super().__init__(optimizer, dist.get_world_size(group=group0), group0, names, track_first)
@@ -96,9 +89,6 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.sample_path = "held"
         if self.sample_path != "hooks":
             self.buckets = self._bucket_samples(zero_opt, m, by_param_id=self.sample_path == "ipg")
-        self._held: list[tuple[int, Tensor]] = []
-        self._held_elements = 0
-        self.samples.after_end.append(self._add_held)
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
@@ -172,32 +162,6 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         buckets = BucketSamples(groups, self.world_size, moments, device, key_of, staging)
         self._hook_counts = buckets.counts  # per-tensor sample counts, kept by the buckets
         return buckets
-
-    def _holder(self, p: Tensor):
-        """The sink of ``p``'s samples on the "held" path: kept until a bucket's worth of elements
-        (:attr:`held_bucket_elements`) or the end of the backward pass, then added at once."""
-        key, numel = id(p), p.numel()
-
-        def hold(grad: Tensor) -> None:
-            # A sample held past its backward pass could be changed in place by the next one's
-            # gradient accumulation: MicroBatchSamples' end of the pass adds them (_add_held).
-            self._held.append((key, grad.detach()))
-            self._held_elements += numel
-            if self._held_elements >= self.held_bucket_elements:
-                self._add_held()
-
-        return hold
-
-    def _add_held(self) -> None:
-        if not self._held:
-            return
-        if self.local_samples == 0:  # the scale the samples of this step carry
-            self._sample_loss_scale = float(self.loss_scale_fn())
-            self._sample_gas = int(self.gas_fn())
-        keys, grads = zip(*self._held)
-        self._held, self._held_elements = [], 0
-        self.buckets.add(list(keys), grads=list(grads))
-        self.local_samples = self.buckets.local_samples
 
     def _add_buckets(self, comm_dtype=None) -> None:
         """Before DeepSpeed reduces its bucket(s) of ``comm_dtype`` (all when None), in place:
@@ -335,7 +299,6 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         for work, _ in self._pending:  # a step skipped on overflow never reduced its moments
             work.wait()
         self._pending = []
-        self._held, self._held_elements = [], 0
         super().clear()
         if self.buckets is not None:
             self.buckets.end_step()
