@@ -212,15 +212,23 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         target.add_(values.view(self.moments, ps).to(target.device, non_blocking=False))
 
     def _flush(self) -> None:
-        """Reduce-scatter the bucket's rows and add each rank's share into its partitions."""
+        """Reduce-scatter the bucket's rows and add each rank's share into its partitions: one
+        transfer to the partitions' device (offload) and one foreach add, whatever the number
+        of parameters in the bucket."""
         n = self._used
         if n == 0:
             return
         self.flushes += 1
         mine = self._reduce_scatter(self.bucket[:, :n])
+        device = self.partitions[0].device
+        if mine.device != device:
+            mine = mine.to(device)
+        m, targets, values = self.moments, [], []
         for p, slot in self._entries:
             i, offset, _, ps = self._where[id(p)]
-            self._add_to_partition(i, offset, ps, mine[slot : slot + self.moments * ps])
+            targets.append(self.partitions[i][:, offset : offset + ps])
+            values.append(mine[slot : slot + m * ps].view(m, ps))
+        torch._foreach_add_(targets, values)
         self._used = 0
         self._slots.clear()
         self._entries.clear()
