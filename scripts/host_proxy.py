@@ -16,9 +16,14 @@ Measured per variant, on one optimizer step after a warm-up step:
   outside torch belongs to the vrgd_ds package (a ``TorchDispatchMode`` sees every aten call,
   also those made from autograd hooks). Views (slicing, reshaping: no kernel on a device) are
   counted apart (``views_per_*``);
-* ``ops_per_step``: the same during ``engine.step()`` at the boundary; ``syncs_per_step``: those
-  of vrgd_ds's that read a value back to the host (``aten._local_scalar_dense``: ``float()``,
-  ``bool()``, ``.item()``, ``.tolist()`` of a scalar; ``aten.nonzero``; device-to-host copies);
+* ``ops_per_step``: the same during ``engine.step()`` at the boundary;
+* ``device_reads_per_step``: vrgd_ds's device → host reads, counted where they are made
+  (:func:`vrgd_ds.host.read`, the one door for them): on a GPU each is a device sync. (On the CPU
+  every tensor is on the host, so a dispatch mode cannot tell a device read from a read of values
+  already brought back; ``syncs_per_step`` still counts vrgd_ds's dispatched scalar reads —
+  ``aten._local_scalar_dense``, ``nonzero`` — which after the change are reads of host copies.)
+* ``vr_buckets_per_micro_batch``: the gradient buckets VR's samples were added in (ZeRO-2's
+  own, :mod:`vrgd_ds.deepspeed_glue.ipg_buckets`; held hook samples elsewhere);
 * ``host_ms_per_micro_batch``: CPU time of ``engine.backward`` of a non-boundary micro-batch, VR
   minus ``vr: false``, paired round by round (the two engines alternate) and summarized by the
   median — without the dispatch mode, which would slow both.
@@ -178,13 +183,17 @@ def batches(count: int) -> list[dict]:
 
 def one_step(engine, data, counter: OpCounter | None) -> dict:
     """One optimizer step; per non-boundary micro-batch its CPU time (and op counts), then the step's."""
-    out = {"backward_cpu_s": [], "micro": [], "step": None}
+    from vrgd_ds import host
+
+    out = {"backward_cpu_s": [], "micro": [], "step": None, "device_reads_micro": 0, "device_reads_step": 0}
     for i, batch in enumerate(data):
         loss = engine(**batch).loss
         t0 = time.process_time()
+        reads0 = host.reads()
         with counting(counter):
             engine.backward(loss)
         t1 = time.process_time()
+        out["device_reads_micro"] += host.reads() - reads0
         boundary = i == len(data) - 1
         if counter is not None:
             counts = counter.take()
@@ -192,8 +201,10 @@ def one_step(engine, data, counter: OpCounter | None) -> dict:
                 out["micro"].append(counts)
         if not boundary and i > 0:
             out["backward_cpu_s"].append(t1 - t0)
+        reads0 = host.reads()
         with counting(counter if boundary else None):
             engine.step()
+        out["device_reads_step"] += host.reads() - reads0
         if boundary and counter is not None:
             out["step"] = counter.take()
     return out
@@ -220,6 +231,9 @@ def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> di
             "ops_per_step": counted["step"]["vrgd_ds"],
             "views_per_step": counted["step"]["vr_views"],
             "syncs_per_step": counted["step"]["vr_syncs"],
+            # vrgd_ds's device -> host reads (vrgd_ds.host.read: one device sync each on a GPU).
+            "device_reads_per_step": counted["device_reads_step"],
+            "device_reads_per_backward": counted["device_reads_micro"] / len(data),
             "step_ops_by_name": counted["step"]["vr_ops"],
             "micro_ops_by_name": micro[0]["vr_ops"],
         }
@@ -253,8 +267,9 @@ def run(layer_counts=(24, 48), wrappers=tuple(WRAPPERS), rounds: int = 3, say=pr
             say(
                 f"[{time.time() - t0:6.0f} s] {layers} layers {wrapper}: VR ops/micro-batch "
                 f"{row['vr']['ops_per_micro_batch']} (base {row['base']['ops_per_micro_batch']}), step ops "
-                f"{row['vr']['ops_per_step']} (base {row['base']['ops_per_step']}), syncs "
-                f"{row['vr']['syncs_per_step']}, +{row['host_ms_added_per_micro_batch']:.2f} ms/micro-batch"
+                f"{row['vr']['ops_per_step']} (base {row['base']['ops_per_step']}), device reads "
+                f"{row['vr']['device_reads_per_step']} (scalar ops {row['vr']['syncs_per_step']}), "
+                f"+{row['host_ms_added_per_micro_batch']:.2f} ms/micro-batch"
             )
             rows.append(row)
     return rows
@@ -262,19 +277,20 @@ def run(layer_counts=(24, 48), wrappers=tuple(WRAPPERS), rounds: int = 3, say=pr
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| layers | tensors | wrapper | strategy | vrgd_ds ops / micro-batch (vr: false) | all ops / micro-batch "
-        "(vr: false) | vrgd_ds ops / step (vr: false) | vrgd_ds host reads / step | host ms added / "
-        "micro-batch (IQR) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layers | tensors | wrapper | strategy | VR buckets / micro-batch | vrgd_ds ops / micro-batch (vr: false) "
+        "| all ops / micro-batch (vr: false) | vrgd_ds ops / step (vr: false) | device reads / step (vr: false) "
+        "| host ms added / micro-batch (IQR) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v, b = r["vr"], r["base"]
         lo, hi = r["host_ms_added_iqr"]
         lines.append(
             f"| {r['layers']} | {r['tensors']} | {r['wrapper']} | {r.get('strategy')} "
+            f"| {r.get('vr_buckets_per_micro_batch') if r.get('vr_buckets_per_micro_batch') is not None else '–'} "
             f"| {v['ops_per_micro_batch']:.0f} ({b['ops_per_micro_batch']:.0f}) "
             f"| {v['all_ops_per_micro_batch']:.0f} ({b['all_ops_per_micro_batch']:.0f}) "
-            f"| {v['ops_per_step']} ({b['ops_per_step']}) | {v['syncs_per_step']} "
+            f"| {v['ops_per_step']} ({b['ops_per_step']}) | {v['device_reads_per_step']} ({b['device_reads_per_step']}) "
             f"| {r['host_ms_added_per_micro_batch']:.2f} ({lo:.2f}…{hi:.2f}) |"
         )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .host import read
 from .gsnr import gsnr_from_moments
 from .samples import MicroBatchSamples
 
@@ -57,6 +58,8 @@ class GradientMomentCollector:
 
     # The moments are complete after finalize(), so a non-finite check is the same on every rank.
     checks_finite_locally = True
+    # all_finite() covers the gradients too (read with k: one read per step).
+    all_finite_covers_grads = True
     # Each step() is a whole optimizer step: the optimizer finishes its statistics inside it.
     ends_step_in_step = True
 
@@ -128,11 +131,19 @@ class GradientMomentCollector:
         group = self._group()
         if group is not None:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
-        self._finalized_k = int(round(buf[-1].item()))
+        # The step's one read: k and whether the moments and the gradients are all finite
+        # (all_finite; the gradients are final when step() runs, and the same on every rank).
+        grads = [p.grad for p in self.params if p.grad is not None]
+        flag = torch.isfinite(buf).all()
+        if grads:
+            flag = flag & torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all().to(buf.device)
+        k, finite = read(torch.stack([buf[-1], flag.to(buf.dtype)])).tolist()
+        self._finalized_k, self._finite = int(round(k)), bool(finite)
         return self._finalized_k
 
     def all_finite(self) -> bool:
-        return self._buffer is None or bool(torch.isfinite(self._buffer).all())
+        """Moments and gradients finite (read with k in :meth:`finalize`)."""
+        return self._buffer is None or (self.finalize() is not None and self._finite)
 
     def moment_sums(self, p: Tensor, layout) -> Tensor:
         """[Σ_j S_j², Σ_j Q_j] of ``p`` (complete after :meth:`finalize`); call before

@@ -26,6 +26,7 @@ from torch.optim.optimizer import required
 from .collect import GradientMomentCollector, k_too_small_message
 from .gsnr import normalize_and_clip, update_gsnr_momentum
 from .moments import MomentSource
+from .host import read
 from .noise import NoiseScaleEMA, build_noise_stats, unbiased_from_paper_r
 from .segments import SegmentLayout
 from .shapes import full_dim
@@ -161,7 +162,7 @@ def _grads_finite(param_groups) -> bool:
     for grad in grads:
         by_device.setdefault((grad.device, grad.dtype), []).append(grad)
     flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    return bool(read(torch.stack([f.to(flags[0].device) for f in flags]).all()))
 
 
 def _check_impl_flags(flags: dict) -> None:
@@ -520,8 +521,12 @@ class VROptimizer(Optimizer):
         # then the tensors that got no gradient sample this step left out.
         with_unbiased = all(part[3] is not None for part in parts)
         columns = (1, 2, 4, 5, 3) if with_unbiased else (1, 2, 4, 5)
-        device = parts[0][1].device
-        host = torch.cat([part[c].to(device, torch.float64).view(-1) for c in columns for part in parts]).cpu()
+        # Parts read with their tensor's decisions are on the host already; the rest (sources
+        # that need no decision read) come back in one transfer.
+        on_device = [part for part in parts if part[1].device.type != "cpu"]
+        device = on_device[0][1].device if on_device else torch.device("cpu")
+        vectors = torch.cat([part[c].to(device, torch.float64).view(-1) for c in columns for part in parts])
+        host = read(vectors) if on_device else vectors
         s2, q, numels, present, *rest = host.split(len(names))
         keep = present.nonzero().view(-1)
         names = [names[t] for t in keep.tolist()]
@@ -631,6 +636,13 @@ class VROptimizer(Optimizer):
             buf = cache[id(p)] = torch.empty_like(p, memory_format=torch.contiguous_format)
         return buf
 
+    def _finite(self, source) -> bool:
+        """The source's moments and the gradients all finite (a source whose ``all_finite``
+        covers the gradients too, ``all_finite_covers_grads``, spares the second read)."""
+        if not source.all_finite():
+            return False
+        return getattr(source, "all_finite_covers_grads", False) or _grads_finite(self.param_groups)
+
     def _layer_gsnr(self, p: Tensor, layout: SegmentLayout, eps: float):
         """Phase 1: raw r of ``p`` (flat) and the per-tensor mean of r, completed across ranks.
 
@@ -658,33 +670,42 @@ class VROptimizer(Optimizer):
         if layout.complete is not None:
             layout.complete(vec)
         absent = vec[n : 2 * n] == 0 if counts is not None else None
-        flags = []
-        if layout.complete is not None:
-            # A non-finite sample or gradient makes r, hence its tensor's sum, non-finite: the
-            # completed sums tell every rank the same thing, at no extra pass over memory.
-            flags.append(torch.isfinite(vec).all())
-        if absent is not None:
-            flags += [absent.all(), absent.any()]
-        flags = torch.stack(flags).tolist() if flags else []  # one host read for all three
-        if layout.complete is not None and not flags.pop(0):
-            return None
-        all_absent, some_absent = (bool(flags[0]), bool(flags[1])) if absent is not None else (False, False)
         layer_mean = vec[:n] / layout.tensor_numels.to(vec.device)
+        unbiased = None
+        if moments is not None and self.vr:
+            paper = self.gsnr_estimator != "unbiased"
+            unbiased = unbiased_from_paper_r(layer_mean, self._noise_k) if paper else layer_mean
+        decide = layout.complete is not None or absent is not None
+        host = None
+        if decide:
+            # One read for the decisions and this tensor's noise-statistics vectors: [finite flag |
+            # counts | ΣS² | ΣQ | mean r̃]. A non-finite sample or gradient makes r, hence its
+            # tensor's sum, non-finite: the completed sums tell every rank the same thing.
+            pieces = [torch.isfinite(vec).all().view(1).to(vec.dtype)]
+            if absent is not None:
+                pieces.append(vec[n : 2 * n])
+            if moments is not None:
+                pieces += [vec[-2 * n :]] + ([unbiased.to(vec.dtype)] if unbiased is not None else [])
+            host = read(torch.cat(pieces))
+            if layout.complete is not None and not bool(host[0]):
+                return None
+        all_absent = some_absent = False
+        at = 1
+        if absent is not None:
+            host_counts = host[at : at + n]
+            at += n
+            all_absent, some_absent = bool((host_counts == 0).all()), bool((host_counts == 0).any())
         if moments is not None:
-            # Kept on the device, tensors without a gradient sample marked: finish_noise_stats
-            # reads every part back in one transfer and leaves those out.
-            m = vec[-2 * n :]
-            present = ~absent if absent is not None else torch.ones(n, dtype=torch.bool, device=vec.device)
-            unbiased = None
-            if self.vr:
-                unbiased = (
-                    layer_mean
-                    if self.gsnr_estimator == "unbiased"
-                    else unbiased_from_paper_r(layer_mean, self._noise_k)
-                )
-            self._noise_parts.append(
-                (list(layout.names), m[:n], m[n:], unbiased, layout.tensor_numels.to(vec.device), present)
-            )
+            numels = layout.tensor_numels
+            if host is not None:  # already on the host: finish_noise_stats reads nothing more
+                m, mean_r = host[at : at + 2 * n], host[at + 2 * n :] if unbiased is not None else None
+                present = host_counts > 0 if absent is not None else torch.ones(n, dtype=torch.bool)
+                numels = numels.cpu()
+            else:  # kept on the device: finish_noise_stats reads every part in one transfer
+                m, mean_r = vec[-2 * n :], unbiased
+                present = torch.ones(n, dtype=torch.bool, device=vec.device)
+                numels = numels.to(vec.device)
+            self._noise_parts.append((list(layout.names), m[:n], m[n:], mean_r, numels, present))
         return raw, layer_mean, absent, all_absent, some_absent
 
     def _scaled_gradient(
@@ -767,7 +788,8 @@ class VROptimizer(Optimizer):
         # Checked before any tensor is touched; the result is the same on every rank because
         # the moments were just summed across ranks and DDP's .grad is identical everywhere.
         # (Sources over flat ZeRO shards agree on it inside the layer-mean all-reduce instead.)
-        if self.vr and source.checks_finite_locally and not (source.all_finite() and _grads_finite(self.param_groups)):
+        # (A source whose all_finite() covers the gradients too spares the second read.)
+        if self.vr and source.checks_finite_locally and not self._finite(source):
             self.skipped_steps += 1
             source.after_inner_step()
             return loss

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..host import read
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
 from .ipg_buckets import BucketSamples
@@ -32,6 +33,8 @@ class Stage0MomentSource(DeepSpeedMomentSource):
 
     # Moments and gradients are all-reduced: a local check gives the same answer on every rank.
     checks_finite_locally = True
+    # all_finite() checks the inner tensors' gradients with the moments, in the step's one read.
+    all_finite_covers_grads = True
 
     def __init__(
         self,
@@ -60,6 +63,7 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         self.counts = self.buffer[moments:]
         self.model_params = list(model_params)
         self._host_counts: list[float] | None = None  # this step's counts, read once when reduced
+        self._host_finite = True
         self.inner_of = {id(mp): ip for mp, ip in zip(model_params, inner_params)}
         self.count_index = {id(ip): index for index, ip in enumerate(inner_params)}
         if self.use_bucket_samples:
@@ -118,19 +122,26 @@ class Stage0MomentSource(DeepSpeedMomentSource):
         return add_sample
 
     def all_finite(self) -> bool:
-        """Σg² and the reduced gradients finite on every rank of this model replica (one foreach
-        pass and one host read; the agreement over the model replica, if any, one all-reduce)."""
+        """Σg² and the reduced gradients finite on every rank of this model replica: read with the
+        sample counts (:meth:`ensure_reduced`, which runs after DeepSpeed reduced the gradients
+        and before it unscales or clips them — neither makes a non-finite value finite or a
+        finite one non-finite); the agreement over the model replica, if any, one all-reduce."""
+        self.ensure_reduced()
+        finite = self._host_finite
+        if self.model_group is None:
+            return finite
+        flag = torch.tensor([0.0 if finite else 1.0], device=self.buffer.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.model_group)
+        return float(read(flag)) == 0.0
+
+    def _finite_flag(self) -> Tensor:
+        """On the device: every moment and every reduced gradient finite (one foreach pass)."""
         grads = [p.grad for p in self.inner_params if p.grad is not None]
         flag = torch.isfinite(self.buffer).all()
         if grads:
             norms = torch.stack(torch._foreach_norm(grads, float("inf")))
             flag = flag & norms.isfinite().all().to(flag.device)
-        finite = bool(flag)
-        if self.model_group is None:
-            return finite
-        flag = torch.tensor([0.0 if finite else 1.0], device=self.buffer.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.model_group)
-        return float(flag) == 0.0
+        return flag
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor | None:
         """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced), or
@@ -146,11 +157,14 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             self._deliver_samples()
             if self.buckets is not None:
                 self._add_held()  # tied weights' samples completed by _deliver_samples
-            for i, p in enumerate(self.model_params):
-                self.counts[i] = float(self._hook_counts.get(id(p), 0))
+            counts = [float(self._hook_counts.get(id(p), 0)) for p in self.model_params]
+            self.counts.copy_(torch.tensor(counts))  # one copy to the device
             if self.world_size > 1:
                 dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
-            self._host_counts = self.counts.tolist()  # one host read per step
+            # The step's one read: the sample counts and the finite check (all_finite).
+            host = read(torch.cat([self.counts, self._finite_flag().view(1).to(self.counts.dtype)]))
+            self._host_counts = host[:-1].tolist()
+            self._host_finite = bool(host[-1])
             self._reduced = True
 
     def clear(self) -> None:

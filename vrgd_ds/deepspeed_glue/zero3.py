@@ -12,14 +12,18 @@ What stage 3 hands the inner optimizer (../shared/LARGE_MODEL_NOTES.md §1):
 
 What this module installs (:func:`attach_zero3`, after DeepSpeed built its stage-3 optimizer):
 
-* A tensor hook per trainable parameter squares each micro-batch's gradient (this rank's own,
-  full shape, before ZeRO reduces it) in fp32 into a bucket laid out rank-major — row q holds,
-  for each parameter in the bucket, the ps elements rank q owns — so that one reduce-scatter of
-  the bucket leaves each rank exactly the Σg² of its own slices, padding included (as zeros).
-  They are added into one partition-sized fp32 buffer per sub-group. A parameter met again
-  before the bucket is reduced adds into its slot. With 16-bit gradients the slot holds the
-  rows of Σg beside those of Σg² ([Σg² | Σg], twice the bucket) and the partition is (2, n):
-  DeepSpeed's 16-bit G is too rounded to be r's first moment (:mod:`.source`).
+* A tensor hook per trainable parameter holds each micro-batch's gradient (this rank's own,
+  full shape, before ZeRO reduces it); the held samples are squared in fp32 into a bucket laid
+  out rank-major — row q holds, for each parameter in the bucket, the ps elements rank q owns —
+  so that one reduce-scatter of the bucket leaves each rank exactly the Σg² of its own slices,
+  padding included (as zeros). They are added a chunk at a time (:meth:`Zero3MomentSource._add_chunk`:
+  one ``cat`` into the rank-major block and one ``addcmul_`` — with Σg, of [g | 1] by g — whatever the number of
+  parameters), at the latest before ZeRO-3 reduces its own bucket (which may change a gradient
+  in place) and at the end of the backward pass. The reduced bucket is added into one
+  partition-sized fp32 buffer per sub-group by one foreach add. A parameter met again before
+  the bucket is reduced adds into its slot. With 16-bit gradients the bucket holds Σg beside
+  Σg² (``(w, 2, capacity)``) and the partition is (2, n): DeepSpeed's 16-bit G is too rounded
+  to be r's first moment (:mod:`.source`).
   ``moment_reduction="per_micro_step"`` (the default at stage 3): the bucket holds at most
   ``reduce_bucket_size`` elements (DeepSpeed's own bucket size) and is reduced whenever it is
   full and before the step — memory 4·N/w for the partitions plus one bucket;
@@ -127,6 +131,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         self._eps_group: dict[int, int] = {}
         self._where: dict[int, tuple[int, int, int, int]] = {}  # id(p) -> (sub-group, offset, J, ps)
         total_slices = 0
+        self._param_of: dict[int, Tensor] = {}
         for i, (flat, tensors, offsets, _) in enumerate(subgroups):
             partition = torch.zeros(m, flat.numel(), dtype=torch.float32, device=flat.device)
             self.partitions.append(partition)
@@ -137,98 +142,185 @@ class Zero3MomentSource(DeepSpeedMomentSource):
             self._eps_group[id(flat)] = wrapper.sub_group_to_group_id[i]
             for p, offset in zip(tensors, offsets):
                 self._where[id(p)] = (i, offset, int(p.ds_numel), int(p.partition_numel()))
+                self._param_of[id(p)] = p
                 total_slices += int(p.partition_numel())
                 if p.requires_grad:
-                    self.handles.append(p.register_hook(self.samples.hook(p, self._make_sink(p))))
+                    self.handles.append(p.register_hook(self.samples.hook(p, self._holder(p))))
         # The bucket lives where the gradients are (the accelerator, also with offload_param), the
         # partitions where the fp32 master is (there too, or the CPU with offload_optimizer).
         from deepspeed.accelerator import get_accelerator
 
         device = torch.device(get_accelerator().current_device_name())
         if strategy == "per_step":
-            capacity = m * total_slices
+            capacity = total_slices
         else:
-            # Twice the slots with Σg: as many reductions as with Σg² alone.
-            capacity = m * min(total_slices, max(1, -(-int(wrapper.reduce_bucket_size) // self.world_size)))
+            capacity = min(total_slices, max(1, -(-int(wrapper.reduce_bucket_size) // self.world_size)))
+        #: Slot elements per moment: the bucket is (w, moments, capacity), row q holding the
+        #: elements rank q owns of each parameter's slot, Σg² and (16-bit) Σg side by side.
         self.capacity = capacity
-        self.bucket = torch.zeros(self.world_size, capacity, dtype=torch.float32, device=device)
+        self.bucket = torch.zeros(self.world_size, m, capacity, dtype=torch.float32, device=device)
+        # Hook samples are held (DeepSpeedMomentSource._holder) up to about a bucket's worth of
+        # gradient elements, then added a chunk at a time (_add_held).
+        # (use_bucket_samples False: each sample added as it arrives, a chunk of one.)
+        limit = capacity * self.world_size if self.use_bucket_samples else 0
+        self.held_bucket_elements = min(self.held_bucket_elements, limit)
+        self._zeros: dict[torch.dtype, Tensor] = {}
         self._used = 0
         self._slots: dict[int, int] = {}
         self._entries: list[tuple[Tensor, int]] = []
         #: Reductions of a non-empty bucket since attach (per_micro_step: whenever the bucket is
         #: full and once before each step; per_step: once per step).
         self.flushes = 0
+        #: Chunks of held samples added by one packed op per moment / parameter by parameter.
+        self.packed_chunks = 0
+        self.unpacked_chunks = 0
 
     # -- hooks ------------------------------------------------------------------------------
-    def _make_sink(self, p):
-        i, offset, numel, ps = self._where[id(p)]
-        full_rows, rest = divmod(numel, ps)
-
-        m = self.moments
-        width = m * ps  # a slot: (w, [Σg² of ps | Σg of ps])
-
-        def add_into(rows: Tensor, g: Tensor) -> None:
-            # rows: (w, m·ps); row q gets the squares (and values) of the elements rank q owns,
-            # padding stays 0.
-            if full_rows:
-                head = g[: full_rows * ps].view(full_rows, ps)
-                rows[:full_rows, :ps].addcmul_(head, head)
-                if m == 2:
-                    rows[:full_rows, ps:].add_(head)
-            if rest:
-                tail = g[full_rows * ps :]
-                rows[full_rows, :rest].addcmul_(tail, tail)
-                if m == 2:
-                    rows[full_rows, ps : ps + rest].add_(tail)
-
-        def add_sample(grad):
-            # 16-bit samples into fp32 rows: the in-place ops compute in fp32 (no cast pass).
-            g = grad.detach().reshape(-1).to(device=self.bucket.device)
-            if width > self.capacity:  # larger than a whole bucket: reduced on its own, at once
+    def _add_held(self) -> None:
+        """The held samples into the bucket: slots taken in arrival order (the bucket reduced
+        whenever it is full), each run of new or consecutive slots added by :meth:`_add_chunk`."""
+        if not self._held:
+            return
+        if self.local_samples == 0:  # the scale the samples of this step carry
+            self._sample_loss_scale = float(self.loss_scale_fn())
+            self._sample_gas = int(self.gas_fn())
+        held, self._held, self._held_elements = self._held, [], 0
+        chunk = []
+        for key, grad in held:
+            p = self._param_of[key]
+            _, _, numel, ps = self._where[key]
+            g = grad.reshape(-1)
+            if g.device != self.bucket.device:
+                g = g.to(self.bucket.device)
+            if ps > self.capacity:  # larger than a whole bucket: reduced on its own, at once
+                self._add_chunk(chunk)
+                chunk = []
                 self._flush()
-                rows = torch.zeros(self.world_size, width, dtype=torch.float32, device=g.device)
-                add_into(rows, g)
-                self._add_to_partition(i, offset, ps, self._reduce_scatter(rows))
+                self._reduce_alone(key, g)
                 self._count(p)
-                return
-            slot = self._slots.get(id(p))
+                continue
+            slot = self._slots.get(key)
             if slot is None:
-                if self._used + width > self.capacity:
+                if self._used + ps > self.capacity:
+                    self._add_chunk(chunk)
+                    chunk = []
                     self._flush()
                 slot = self._used
-                self._used += width
-                self._slots[id(p)] = slot
+                self._used += ps
+                self._slots[key] = slot
                 self._entries.append((p, slot))
-                self.bucket[:, slot : slot + width].zero_()
-            add_into(self.bucket[:, slot : slot + width], g)
+            chunk.append((g, slot, numel, ps))
             self._count(p)
+        self._add_chunk(chunk)
 
-        return add_sample
+    def before_zero_reduces(self, *args, **kwargs) -> None:
+        """Before ZeRO-3 reduces its own gradient bucket (which may divide a gradient in place,
+        LARGE_MODEL_NOTES.md): the held samples into ours first, and ZeRO's reduction stream
+        after our reads of them."""
+        self._add_held()
+        from deepspeed.accelerator import get_accelerator
 
-    def _add_to_partition(self, i: int, offset: int, ps: int, values: Tensor) -> None:
-        """Add a parameter's reduced slot (``values``: [Σg² | Σg] of its ps elements) into the
-        sub-group's partitions at ``offset``."""
+        stream = getattr(self.wrapper, "reduce_and_partition_stream", None)
+        if stream is not None and not get_accelerator().resolves_data_dependency():
+            stream.wait_stream(get_accelerator().current_stream())
+
+    def _rank_major(self, chunk, ones: bool = False) -> list[Tensor]:
+        """Views whose concatenation is the chunk's rows: for each rank q, each sample's elements
+        q owns, zero-padded to its slot width (``ones``: then as many ones, so the block is
+        (w, 2, n) = [g | 1] per rank)."""
+        dtype = chunk[0][0].dtype
+        width = sum(c[3] for c in chunk)
+        pieces = []
+        for q in range(self.world_size):
+            for g, _, numel, ps in chunk:
+                lo, hi = q * ps, min((q + 1) * ps, numel)
+                if hi > lo:
+                    pieces.append(g[lo:hi])
+                if ps - max(hi - lo, 0):
+                    pieces.append(self._filled(dtype, 0.0, ps)[: ps - max(hi - lo, 0)])
+            if ones:
+                pieces.append(self._filled(dtype, 1.0, width)[:width])
+        return pieces
+
+    def _filled(self, dtype, value: float, n: int) -> Tensor:
+        """A kept tensor of at least ``n`` elements, all ``value`` (padding zeros, ones)."""
+        t = self._zeros.get((dtype, value))
+        if t is None or t.numel() < n:
+            t = torch.full((max(n, self.capacity),), value, dtype=dtype, device=self.bucket.device)
+            self._zeros[(dtype, value)] = t
+        return t
+
+    def _add_chunk(self, chunk) -> None:
+        """Add samples into their slots: when the slots are consecutive (the usual case: the
+        order backward produced them in, every micro-batch), as one (w, n) block — one cat and
+        one addcmul_ (with Σg: of the (w, 2, n) block [g | 1] by g), whatever the number of
+        parameters; else parameter by
+        parameter in one foreach call per moment. In-place ops on the fp32 bucket compute in
+        fp32, so 16-bit samples need no cast."""
+        if not chunk:
+            return
+        a = chunk[0][1]
+        consecutive = all(nxt[1] == cur[1] + cur[3] for cur, nxt in zip(chunk, chunk[1:]))
+        same_dtype = all(c[0].dtype == chunk[0][0].dtype for c in chunk)
+        if consecutive and same_dtype:
+            b = chunk[-1][1] + chunk[-1][3]
+            if self.moments == 1:
+                block = torch.cat(self._rank_major(chunk)).view(self.world_size, b - a)
+                self.bucket[:, 0, a:b].addcmul_(block, block)
+            else:  # [g | 1] ⊙ g: Σg² += g·g and Σg += 1·g = g (exact) in one op
+                block = torch.cat(self._rank_major(chunk, ones=True)).view(self.world_size, 2, b - a)
+                self.bucket[:, :, a:b].addcmul_(block, block[:, :1])
+            self.packed_chunks += 1
+            return
+        self.unpacked_chunks += 1
+        dst_sq, dst_s, src = [], [], []
+        for g, slot, numel, ps in chunk:
+            full_rows, rest = divmod(numel, ps)
+            if full_rows:
+                dst_sq.append(self.bucket[:full_rows, 0, slot : slot + ps])
+                dst_s.append(self.bucket[:full_rows, -1, slot : slot + ps])
+                src.append(g[: full_rows * ps].view(full_rows, ps))
+            if rest:
+                dst_sq.append(self.bucket[full_rows, 0, slot : slot + rest])
+                dst_s.append(self.bucket[full_rows, -1, slot : slot + rest])
+                src.append(g[full_rows * ps :])
+        torch._foreach_addcmul_(dst_sq, src, src)
+        if self.moments == 2:
+            torch._foreach_add_(dst_s, src)
+
+    def _reduce_alone(self, key: int, g: Tensor) -> None:
+        """A parameter whose slot exceeds the bucket: its own rows, reduced at once."""
+        i, offset, numel, ps = self._where[key]
+        rows = torch.zeros(self.world_size, self.moments, ps, dtype=torch.float32, device=g.device)
+        block = torch.cat(self._rank_major([(g, 0, numel, ps)])).view(self.world_size, ps)
+        rows[:, 0].addcmul_(block, block)
+        if self.moments == 2:
+            rows[:, 1].add_(block)
+        mine = self._reduce_scatter(rows.view(self.world_size, -1))
         target = self.partitions[i][:, offset : offset + ps]
-        target.add_(values.view(self.moments, ps).to(target.device, non_blocking=False))
+        target.add_(mine.view(self.moments, ps).to(target.device))
 
     def _flush(self) -> None:
         """Reduce-scatter the bucket's rows and add each rank's share into its partitions: one
         transfer to the partitions' device (offload) and one foreach add, whatever the number
-        of parameters in the bucket."""
+        of parameters in the bucket; then zero what was used."""
         n = self._used
         if n == 0:
             return
         self.flushes += 1
-        mine = self._reduce_scatter(self.bucket[:, :n])
+        m = self.moments
+        used = self.bucket[:, :, :n]
+        mine = self._reduce_scatter(used.reshape(self.world_size, m * n)).view(m, n)
         device = self.partitions[0].device
         if mine.device != device:
             mine = mine.to(device)
-        m, targets, values = self.moments, [], []
+        targets, values = [], []
         for p, slot in self._entries:
             i, offset, _, ps = self._where[id(p)]
             targets.append(self.partitions[i][:, offset : offset + ps])
-            values.append(mine[slot : slot + m * ps].view(m, ps))
+            values.append(mine[:, slot : slot + ps])
         torch._foreach_add_(targets, values)
+        used.zero_()
         self._used = 0
         self._slots.clear()
         self._entries.clear()
@@ -244,6 +336,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         if self._reduced:
             return
         self.samples.end_micro_batch()
+        self._add_held()
         self._flush()
         self._reduced = True
 
@@ -262,13 +355,14 @@ class Zero3MomentSource(DeepSpeedMomentSource):
 
     def clear(self) -> None:
         # A step skipped on overflow never reduced its bucket: forget it.
+        self.bucket[:, :, : self._used].zero_()
         self._used = 0
         self._slots.clear()
         self._entries.clear()
         super().clear()
 
     def _buffers_to_zero(self):
-        return self.partitions  # the bucket's slots are zeroed when taken
+        return self.partitions  # the bucket's used slots are zeroed when reduced or forgotten
 
     def is_clear(self) -> bool:
         """As :meth:`DeepSpeedMomentSource.is_clear`, and the bucket holds no entry."""
@@ -340,6 +434,13 @@ def attach_zero3(engine, opt, names: dict, strategy: str) -> None:
         )
     # S = Σg in fp32 by our own hooks where DeepSpeed's G is rounded to 16 bits (source.py).
     source = Zero3MomentSource(opt, wrapper, strategy, names, subgroups, gradient_is_rounded(engine))
+    # Held samples are added before ZeRO-3 touches the gradients in place (its bucket reduction);
+    # where that method is not found, every sample is added as it arrives.
+    reduce_name = "_DeepSpeedZeroOptimizer_Stage3__reduce_and_partition_ipg_grads"
+    if hasattr(wrapper, reduce_name):
+        wrap_method(wrapper, reduce_name, before=source.before_zero_reduces)
+    else:
+        source.held_bucket_elements = 0
     flats = wrapper.fp32_partitioned_groups_flat
 
     def before_unscale(sub_group_id, *a, **k):
