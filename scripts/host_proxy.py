@@ -290,7 +290,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r.get('vr_buckets_per_micro_batch') if r.get('vr_buckets_per_micro_batch') is not None else '–'} "
             f"| {v['ops_per_micro_batch']:.0f} ({b['ops_per_micro_batch']:.0f}) "
             f"| {v['all_ops_per_micro_batch']:.0f} ({b['all_ops_per_micro_batch']:.0f}) "
-            f"| {v['ops_per_step']} ({b['ops_per_step']}) | {v['device_reads_per_step']} ({b['device_reads_per_step']}) "
+            f"| {v['ops_per_step']} ({b['ops_per_step']}) "
+            f"| {v['device_reads_per_step']} ({b['device_reads_per_step']}) "
             f"| {r['host_ms_added_per_micro_batch']:.2f} ({lo:.2f}…{hi:.2f}) |"
         )
     return "\n".join(lines)

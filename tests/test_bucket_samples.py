@@ -33,6 +33,22 @@ CASES = [
         path="held",
     ),
     dict(name="zero2-fp16-comm-held", extra={"communication_data_type": "fp16"}, path="held"),
+    # Held samples that ZeRO could change in place mid-backward (its non-contiguous fallback
+    # copies the reduced values back into .grad, which may be the very tensor held).
+    dict(
+        name="zero2-fp16-comm-non-contiguous-held",
+        extra={"communication_data_type": "fp16"},
+        zero={"contiguous_gradients": False, "reduce_bucket_size": 64},
+        path="held",
+    ),
+    dict(
+        name="zero1-overlap-non-contiguous-gas1",
+        stage=1,
+        gas=1,
+        params={"moment_reduction": "per_step"},
+        zero={"overlap_comm": True, "contiguous_gradients": False, "reduce_bucket_size": 64},
+        path="held",
+    ),
     dict(name="stage0-fp32", stage=0, path="held"),
     dict(name="stage0-bf16-small-buckets", stage=0, precision="bf16", held_bucket_elements=40, path="held"),
     dict(name="stage0-learnt-order", stage=0, reversed_registration=True, path="held"),

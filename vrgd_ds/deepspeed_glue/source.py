@@ -207,8 +207,10 @@ class DeepSpeedMomentSource:
         key, numel = id(p), p.numel()
 
         def hold(grad: Tensor) -> None:
-            # A sample held past its backward pass could be changed in place by the next one's
-            # gradient accumulation: MicroBatchSamples' end of the pass adds them (_add_held).
+            # The held tensor may become the parameter's .grad (autograd steals it when .grad is
+            # None): nothing may change it in place before it is added — the next pass's
+            # accumulation (MicroBatchSamples' end of the pass adds them), or a wrapper's reduction
+            # during backward (the subclass adds them before it: zero12, zero3).
             self._held.append((key, grad.detach()))
             self._held_elements += numel
             if self._held_elements >= self.held_bucket_elements:

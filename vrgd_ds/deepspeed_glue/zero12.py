@@ -130,6 +130,11 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 )
         if self.sample_path == "ipg":
             wrap_method(zero_opt, "reduce_ipg_grads", before=self._add_buckets)
+        elif self.sample_path == "held" and hasattr(zero_opt, "reduce_ipg_grads"):
+            # A held sample can be the very tensor autograd made the parameter's .grad, and ZeRO's
+            # bucket reduction may write the reduced values back into it mid-backward (its
+            # non-contiguous fallback): the held samples go in first.
+            wrap_method(zero_opt, "reduce_ipg_grads", before=lambda *a, **k: self._add_held())
 
     def bucket_samples_apply(self, zero_opt, strategy: str, ties) -> bool:
         """Whether ZeRO's IPG buckets hold exactly one sample of each of their tensors, in the
