@@ -23,13 +23,14 @@ CASES = [
     dict(name="fp32-gas1", gas=1, params={"moment_reduction": "per_step"}),
     # No bucket of ZeRO's to read: hook samples held and added a bucket at a time.
     dict(name="zero1-fp32", stage=1, path="held"),
+    dict(name="zero1-bf16", stage=1, precision="bf16", path="held"),  # one chunk: the whole model
     dict(name="zero1-bf16-small-buckets", stage=1, precision="bf16", held_bucket_elements=40, path="held"),
     dict(
         name="bf16_optimizer",
         stage=1,
         precision="bf16",
         extra={"data_types": {"grad_accum_dtype": "fp32"}},
-        held_bucket_elements=100,
+        held_bucket_elements=300,  # several chunks of several tensors each
         path="held",
     ),
     dict(name="zero2-fp16-comm-held", extra={"communication_data_type": "fp16"}, path="held"),

@@ -96,8 +96,10 @@ class BucketSamples:
         acc: Tensor | None = None,
     ):
         self.moments = moments
-        #: Elements of the fp32 staging that packs a bucket of separate 16-bit tensors (0: none).
-        self.staging_elements = staging_elements
+        #: Elements of the fp32 staging that packs a bucket of separate 16-bit tensors (0: none;
+        #: allocated at first use, never more than all the tensors together).
+        total = sum(n for entries, _ in groups for _, n, _ in entries)
+        self.staging_elements = min(staging_elements, total)
         self._stage: Tensor | None = None
         self.world = world
         self.groups = groups

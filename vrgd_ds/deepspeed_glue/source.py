@@ -211,6 +211,8 @@ class DeepSpeedMomentSource:
             # None): nothing may change it in place before it is added — the next pass's
             # accumulation (MicroBatchSamples' end of the pass adds them), or a wrapper's reduction
             # during backward (the subclass adds them before it: zero12, zero3).
+            if self._held and self._held_elements + numel > self.held_bucket_elements:
+                self._add_held()  # chunks stay within the bucket (and the staging) unless one tensor exceeds it
             self._held.append((key, grad.detach()))
             self._held_elements += numel
             if self._held_elements >= self.held_bucket_elements:
