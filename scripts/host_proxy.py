@@ -24,6 +24,8 @@ Measured per variant, on one optimizer step after a warm-up step:
   ``aten._local_scalar_dense``, ``nonzero`` — which after the change are reads of host copies.)
 * ``vr_buckets_per_micro_batch``: the gradient buckets VR's samples were added in (ZeRO-2's
   own, :mod:`vrgd_ds.deepspeed_glue.ipg_buckets`; held hook samples elsewhere);
+* ``vr_code_ms_per_micro_batch``: CPU time inside vrgd_ds's own entry points in a micro-batch's
+  backward (:class:`VRCodeClock`), its operators included;
 * ``host_ms_per_micro_batch``: CPU time of ``engine.backward`` of a non-boundary micro-batch, VR
   minus ``vr: false``, paired round by round (the two engines alternate) and summarized by the
   median — without the dispatch mode, which would slow both. On the CPU it includes the
@@ -194,18 +196,63 @@ def batches(count: int) -> list[dict]:
     ]
 
 
+class VRCodeClock:
+    """CPU time spent inside vrgd_ds's own entry points during backward — the hooks (through
+    ``MicroBatchSamples.add``), the end of each pass (``end_micro_batch``, which adds held
+    samples), ZeRO-2's bucket hook (``_add_buckets``) and ZeRO-3's (``before_zero_reduces``) —
+    inclusive of the operators they dispatch. Not in it: autograd's own cost of calling a Python
+    hook per tensor (in the paired difference, not here)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._depth = 0
+
+    def install(self) -> None:
+        from vrgd_ds.deepspeed_glue.zero3 import Zero3MomentSource
+        from vrgd_ds.deepspeed_glue.zero12 import ZeroMomentSource
+        from vrgd_ds.samples import MicroBatchSamples
+
+        for cls, name in (
+            (MicroBatchSamples, "add"),
+            (MicroBatchSamples, "end_micro_batch"),
+            (ZeroMomentSource, "_add_buckets"),
+            (Zero3MomentSource, "before_zero_reduces"),
+        ):
+            setattr(cls, name, self._timed(getattr(cls, name)))
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            self._depth += 1
+            t0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:  # outermost only: nested entries are inside it
+                    self.seconds += time.process_time() - t0
+
+        return timed
+
+
+CLOCK = VRCodeClock()
+
+
 def one_step(engine, data, counter: OpCounter | None) -> dict:
     """One optimizer step; per non-boundary micro-batch its CPU time (and op counts), then the step's."""
     from vrgd_ds import host
 
     out = {"backward_cpu_s": [], "micro": [], "step": None, "device_reads_micro": 0, "device_reads_step": 0}
+    out["vr_code_s"] = []
     for i, batch in enumerate(data):
         loss = engine(**batch).loss
         t0 = time.process_time()
         reads0 = host.reads()
+        code0 = CLOCK.seconds
         with counting(counter):
             engine.backward(loss)
         t1 = time.process_time()
+        if 0 < i < len(data) - 1:
+            out["vr_code_s"].append(CLOCK.seconds - code0)
         out["device_reads_micro"] += host.reads() - reads0
         boundary = i == len(data) - 1
         if counter is not None:
@@ -226,6 +273,7 @@ def one_step(engine, data, counter: OpCounter | None) -> dict:
 def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> dict:
     """Rank body: both engines (VR, vr=false) of one (layers, wrapper), counted, then timed."""
     data = batches(GAS)
+    CLOCK.install()
     engines = {"vr": engine_for(layers, wrapper, True), "base": engine_for(layers, wrapper, False)}
     tensors = sum(1 for p in engines["vr"].module.parameters() if p.requires_grad)
     result = {"layers": layers, "wrapper": wrapper, "tensors": tensors}
@@ -262,10 +310,14 @@ def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> di
                 None if buckets is None else (buckets.runs_total + buckets.foreach_total - added_before) / GAS
             )
             result["vr_bucket_layout_misses"] = None if buckets is None else buckets.fallbacks_total
-    paired = []
+    paired, code = [], []
     for _ in range(rounds):
-        times = {name: one_step(engine, data, None)["backward_cpu_s"] for name, engine in engines.items()}
+        runs = {name: one_step(engine, data, None) for name, engine in engines.items()}
+        times = {name: run["backward_cpu_s"] for name, run in runs.items()}
         paired += [v - b for v, b in zip(times["vr"], times["base"])]
+        code += runs["vr"]["vr_code_s"]
+    # CPU time inside vrgd_ds's own code per micro-batch (VRCodeClock), its operators included.
+    result["vr_code_ms_per_micro_batch"] = 1e3 * statistics.median(code)
     result["host_ms_added_per_micro_batch"] = 1e3 * statistics.median(paired)
     q = statistics.quantiles(paired, n=4) if len(paired) >= 4 else [min(paired), 0, max(paired)]
     result["host_ms_added_iqr"] = [1e3 * q[0], 1e3 * q[-1]]
@@ -295,8 +347,8 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         "| layers | tensors | wrapper | strategy | VR buckets / micro-batch | vrgd_ds ops / micro-batch (vr: false) "
         "| all ops / micro-batch (vr: false) | vrgd_ds ops / step (vr: false) | device reads / step (vr: false) "
-        "| host ms added / micro-batch (IQR) | of which vrgd_ds's operators' arithmetic, ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| host ms added / micro-batch (IQR) | in vrgd_ds's code, ms | of which its operators' arithmetic, ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v, b = r["vr"], r["base"]
@@ -308,6 +360,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {v['all_ops_per_micro_batch']:.0f} ({b['all_ops_per_micro_batch']:.0f}) "
             f"| {v['ops_per_step']} ({b['ops_per_step']}) "
             f"| {v['device_reads_per_step']} ({b['device_reads_per_step']}) "
-            f"| {r['host_ms_added_per_micro_batch']:.2f} ({lo:.2f}…{hi:.2f}) | {v['op_ms_per_micro_batch']:.2f} |"
+            f"| {r['host_ms_added_per_micro_batch']:.2f} ({lo:.2f}…{hi:.2f}) "
+            f"| {r['vr_code_ms_per_micro_batch']:.2f} | {v['op_ms_per_micro_batch']:.2f} |"
         )
     return "\n".join(lines)
