@@ -258,7 +258,8 @@ class VROptimizer(Optimizer):
         self.gsnr_estimator = gsnr_estimator
         self._noise_ema = NoiseScaleEMA(noise_ema_decay)
         # Per flat tensor: (names, ΣS², ΣQ, mean r̃ or None, numels, had a sample), on the device.
-        self._noise_parts: list[tuple[list[str], Tensor, Tensor, Tensor | None, Tensor, Tensor]] = []
+        # (names, ΣS², ΣQ, mean r̃ or None, numels, present, already read to the host)
+        self._noise_parts: list[tuple[list[str], Tensor, Tensor, Tensor | None, Tensor, Tensor, bool]] = []
         self._noise_k = 0
         self._noise_scale = 1.0
         self._last_noise: dict = {}
@@ -523,7 +524,7 @@ class VROptimizer(Optimizer):
         columns = (1, 2, 4, 5, 3) if with_unbiased else (1, 2, 4, 5)
         # Parts read with their tensor's decisions are on the host already; the rest (sources
         # that need no decision read) come back in one transfer.
-        on_device = [part for part in parts if part[1].device.type != "cpu"]
+        on_device = [part for part in parts if not part[6]]
         device = on_device[0][1].device if on_device else torch.device("cpu")
         vectors = torch.cat([part[c].to(device, torch.float64).view(-1) for c in columns for part in parts])
         host = read(vectors) if on_device else vectors
@@ -705,7 +706,7 @@ class VROptimizer(Optimizer):
                 m, mean_r = vec[-2 * n :], unbiased
                 present = torch.ones(n, dtype=torch.bool, device=vec.device)
                 numels = numels.to(vec.device)
-            self._noise_parts.append((list(layout.names), m[:n], m[n:], mean_r, numels, present))
+            self._noise_parts.append((list(layout.names), m[:n], m[n:], mean_r, numels, present, host is not None))
         return raw, layer_mean, absent, all_absent, some_absent
 
     def _scaled_gradient(
