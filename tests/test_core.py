@@ -386,3 +386,29 @@ def test_decay_groups_split_on_the_whole_shape_and_reject_bad_input():
             decay_groups(model.named_parameters(), bad)
     with pytest.raises(ValueError, match="named_parameters"):
         decay_groups([("w", 1.0)], 0.01)
+
+
+def test_tensor_lr_is_read_once_per_change_not_per_tensor():
+    """A 1-element tensor lr (torch.optim's capturable idiom, changed in place by a scheduler) is
+    read to the host once per change — on a GPU each read is a device sync — and gives the same
+    update as the float lr, bit for bit."""
+    from vrgd_ds import host
+
+    torch.manual_seed(0)
+    params_t = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(5)]
+    params_f = [torch.nn.Parameter(p.detach().clone()) for p in params_t]
+    lr = torch.tensor(0.01)
+    opt_t = VRLamb(params_t, lr=lr, vr=False)
+    opt_f = VRLamb(params_f, lr=0.01, vr=False)
+    for step in range(3):
+        grads = [torch.randn(4, 3) for _ in params_t]
+        for p, q, g in zip(params_t, params_f, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        before = host.reads()
+        opt_t.step()
+        assert host.reads() - before == 1, "one read of the lr for 5 tensors"
+        opt_f.step()
+        for p, q in zip(params_t, params_f):
+            assert torch.equal(p, q), f"step {step}"
+        lr.mul_(0.5)  # in place, as torch's schedulers change a tensor lr
+        opt_f.param_groups[0]["lr"] *= 0.5

@@ -597,6 +597,16 @@ class VROptimizer(Optimizer):
         scaled gradient; see vrgd_ds/update_rules.py)."""
         raise NotImplementedError
 
+    def _lr_value(self, lr: Tensor) -> float:
+        """A tensor lr as a number, read once per change (its in-place version), not per tensor:
+        on an accelerator each read is a device sync."""
+        cache = self.__dict__.setdefault("_lr_reads", {})  # absent on optimizers unpickled from older releases
+        key = id(lr)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not lr or hit[1] != lr._version:
+            hit = cache[key] = (lr, lr._version, float(read(lr)))
+        return hit[2]
+
     def _update(
         self, p: Tensor, grad: Tensor, state: dict, group: dict, layout: SegmentLayout, workspace: Tensor | None
     ) -> None:
@@ -604,7 +614,7 @@ class VROptimizer(Optimizer):
         ``maximize`` (the update with −g'), sparse gradients densified, and complex tensors as their
         ``view_as_real`` (parameter, gradient and state; new state tensors stored complex, as torch)."""
         if isinstance(group["lr"], Tensor):
-            group = {**group, "lr": float(group["lr"])}
+            group = {**group, "lr": self._lr_value(group["lr"])}
         if grad.is_sparse:
             grad = workspace = grad.to_dense()
         if group.get("maximize", False):
