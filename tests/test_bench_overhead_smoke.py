@@ -236,8 +236,11 @@ def test_host_proxy_quick_meets_the_per_bucket_targets(tmp_path):
     assert {(r["layers"], r["wrapper"]) for r in rows} == {(n, w) for n in (2, 4) for w in ("zero2", "zero1", "zero3")}
     for r in rows:
         vr, base = r["vr"], r["base"]
-        # One bucket per micro-batch at this size: ≤ 2 operators for it (Σg², Σg), none with vr: false.
-        assert vr["ops_per_micro_batch"] <= 2 and base["ops_per_micro_batch"] == 0, r
+        # One bucket per micro-batch at this size, none with vr: false: ZeRO-3 2 operators for it
+        # (cat, addcmul_); ZeRO 1/2 at one data-parallel rank add into the partition in place
+        # (cat into the fp32 staging, one foreach per moment: 3).
+        limit = 2 if r["wrapper"] == "zero3" else 3
+        assert vr["ops_per_micro_batch"] <= limit and base["ops_per_micro_batch"] == 0, r
         if r["wrapper"] != "zero3":
             assert r["vr_buckets_per_micro_batch"] == 1.0, r
         assert vr["device_reads_per_step"] <= 1, r  # one flat tensor: its decisions and statistics in one read

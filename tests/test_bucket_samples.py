@@ -17,7 +17,9 @@ CASES = [
     dict(name="fp32-small-buckets", zero={"reduce_bucket_size": 40}),  # several buckets, tensors larger than one
     dict(name="fp32-non-contiguous", zero={"contiguous_gradients": False, "reduce_bucket_size": 40}),
     dict(name="fp32-overlap-comm", zero={"overlap_comm": True, "reduce_bucket_size": 64}),
-    dict(name="fp32-learnt-order", reversed_registration=True),  # one bucket, in an order to learn
+    # One bucket, in an order to learn (per_step: the arrival-order accumulator at one rank too).
+    dict(name="fp32-learnt-order", reversed_registration=True, params={"moment_reduction": "per_step"}),
+    dict(name="fp32-round-robin", zero={"round_robin_gradients": True, "reduce_bucket_size": 64}),
     dict(name="bf16-one-bucket", precision="bf16"),
     dict(name="bf16-small-buckets", precision="bf16", zero={"reduce_bucket_size": 40}),
     dict(name="fp32-gas1", gas=1, params={"moment_reduction": "per_step"}),

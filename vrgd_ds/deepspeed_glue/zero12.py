@@ -35,7 +35,7 @@ from torch import Tensor
 from ..comm import owners_of, pairwise_reduce_scatter, reduce_squares_to_owners
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
-from .ipg_buckets import BucketSamples
+from .ipg_buckets import BucketSamples, PartitionSamples
 from .source import DeepSpeedMomentSource, wrap_method
 
 __all__ = ["ZeroMomentSource", "zero_source"]
@@ -87,8 +87,6 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             self.sample_path = "ipg"
         elif self.use_bucket_samples and (strategy == "per_step" or self.world_size == 1):
             self.sample_path = "held"
-        if self.sample_path != "hooks":
-            self.buckets = self._bucket_samples(zero_opt, m, by_param_id=self.sample_path == "ipg")
         for i, tensors in enumerate(zero_opt.round_robin_bit16_groups):
             group = zero_opt.real_dp_process_group[i]
             padded = zero_opt.bit16_groups_flat[i].numel()
@@ -128,6 +126,8 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                         self.samples.hook(p, self.tied.wrap(p, self._make_sink(i, p, offset, part_size, group)))
                     )
                 )
+        if self.sample_path != "hooks":
+            self.buckets = self._bucket_samples(zero_opt, m, by_param_id=self.sample_path == "ipg")
         if self.sample_path == "ipg":
             wrap_method(zero_opt, "reduce_ipg_grads", before=self._add_buckets)
         elif self.sample_path == "held" and hasattr(zero_opt, "reduce_ipg_grads"):
@@ -162,6 +162,16 @@ class ZeroMomentSource(DeepSpeedMomentSource):
                 key_of[key] = id(p)
                 entries.append((key, p.numel(), int(offset)))
             groups.append((entries, zero_opt.bit16_groups_flat[i].numel()))
+        if self.world_size == 1 and self.strategy != "per_step":
+            # The partition is the whole flat group: add into it in place, no second copy of N.
+            dst = {}
+            for i, (entries, _) in enumerate(groups):
+                part = self.partitions[i]
+                for key, n, offset in entries:
+                    dst[key] = (part[0, offset : offset + n], part[1, offset : offset + n] if moments == 2 else None)
+            buckets = PartitionSamples(dst, key_of, self.held_bucket_elements if moments == 2 else 0)
+            self._hook_counts = buckets.counts
+            return buckets
         device = zero_opt.bit16_groups_flat[0].device
         staging = 0 if by_param_id or moments == 1 else self.held_bucket_elements
         buckets = BucketSamples(groups, self.world_size, moments, device, key_of, staging)
@@ -264,7 +274,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             work.wait()
         self._pending = []
         self._add_held()  # tied weights' samples completed by _deliver_samples
-        if self.buckets is not None:
+        if self.buckets is not None and not self.buckets.in_place:
             for i, partition in enumerate(self.partitions):
                 group = self.zero_opt.real_dp_process_group[i]
                 if self.world_size == 1:
@@ -312,7 +322,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         # Buckets: one accumulator, zeroed per step; the partition is overwritten by the gather.
         # per_step: ``full`` is overwritten by each step's first samples (see the hook) and the
         # partition by the reduction; per_micro_step adds into the partition.
-        if self.buckets is not None:
+        if self.buckets is not None and not self.buckets.in_place:
             return [self.buckets.acc]
         return [] if self.strategy == "per_step" else self.partitions
 
@@ -327,8 +337,10 @@ class ZeroMomentSource(DeepSpeedMomentSource):
         out = {f"{what} partition (fp32, per group)": sum(p.numel() for p in self.partitions) * 4}
         if self.offload:
             out[f"{what} host copy (fp32, offload_optimizer)"] = sum(h.numel() for h in self.host) * 4
-        if self.buckets is not None:
+        if self.buckets is not None and not self.buckets.in_place:
             out[f"{what} arrival-order accumulator (fp32, full size)"] = self.buckets.extra_bytes()
+        elif self.buckets is not None and self.buckets.extra_bytes():
+            out["fp32 staging of 16-bit samples"] = self.buckets.extra_bytes()
         elif self.strategy == "per_step":
             out[f"{what} local accumulator (fp32, full size)"] = sum(f.numel() for f in self.full) * 4
         return out
