@@ -1390,6 +1390,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--layers", default=None, help="--host-proxy: comma list of layer counts (default: 24,48)")
     parser.add_argument(
+        "--moment-reduction",
+        choices=("per_step", "per_micro_step"),
+        default=None,
+        help="--host-proxy: VR's moment_reduction (default: auto, per_micro_step at one rank)",
+    )
+    parser.add_argument(
         "--wrappers",
         default=None,
         help="--host-proxy: comma list of wrapper kinds (stage0,zero1,zero2,zero3,bf16_optimizer; default: all)",
@@ -1544,7 +1550,8 @@ def host_proxy_main(args, argv) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     version = benchlib.code_version()
     start = time.time()
-    rows = host_proxy.run(layers, wrappers, rounds, say=lambda text: print(text, flush=True))
+    options = {"moment_reduction": args.moment_reduction} if args.moment_reduction else None
+    rows = host_proxy.run(layers, wrappers, rounds, say=lambda text: print(text, flush=True), options=options)
     meta = benchlib.run_meta(
         "host proxy (see scripts/host_proxy.py), one CPU rank",
         time.time() - start,

@@ -58,6 +58,8 @@ WRAPPERS = {  # label: (ZeRO stage, extra DeepSpeed config)
 GAS = 16
 MICRO_BATCH = 2
 SEQ = 16
+#: Extra optimizer params (``--moment-reduction``), set by bench_overhead before the run.
+OPTIONS: dict = {}
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item")
 
 
@@ -173,7 +175,7 @@ def engine_for(layers: int, wrapper: str, vr: bool):
         "train_batch_size": MICRO_BATCH * GAS,
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": GAS,
-        "optimizer": {"type": "VRLamb", "params": {"lr": 1e-3, "weight_decay": 0.01, "vr": vr}},
+        "optimizer": {"type": "VRLamb", "params": {"lr": 1e-3, "weight_decay": 0.01, "vr": vr, **OPTIONS}},
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": True},
         "gradient_clipping": 1.0,
@@ -270,8 +272,9 @@ def one_step(engine, data, counter: OpCounter | None) -> dict:
     return out
 
 
-def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> dict:
+def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int, options: dict | None = None) -> dict:
     """Rank body: both engines (VR, vr=false) of one (layers, wrapper), counted, then timed."""
+    OPTIONS.update(options or {})
     data = batches(GAS)
     CLOCK.install()
     engines = {"vr": engine_for(layers, wrapper, True), "base": engine_for(layers, wrapper, False)}
@@ -324,14 +327,14 @@ def measure(rank: int, world: int, layers: int, wrapper: str, rounds: int) -> di
     return result
 
 
-def run(layer_counts=(24, 48), wrappers=tuple(WRAPPERS), rounds: int = 3, say=print) -> list[dict]:
+def run(layer_counts=(24, 48), wrappers=tuple(WRAPPERS), rounds: int = 3, say=print, options=None) -> list[dict]:
     from vrgd_ds.multiproc import run_ranks
 
     rows = []
     for layers in layer_counts:
         for wrapper in wrappers:
             t0 = time.time()
-            (row,) = run_ranks(measure, 1, layers, wrapper, rounds, init="deepspeed", timeout=1800)
+            (row,) = run_ranks(measure, 1, layers, wrapper, rounds, options, init="deepspeed", timeout=1800)
             say(
                 f"[{time.time() - t0:6.0f} s] {layers} layers {wrapper}: VR ops/micro-batch "
                 f"{row['vr']['ops_per_micro_batch']} (base {row['base']['ops_per_micro_batch']}), step ops "
