@@ -23,7 +23,7 @@ from .host import read
 from .gsnr import gsnr_from_moments
 from .samples import MicroBatchSamples
 
-__all__ = ["GradientMomentCollector", "k_too_small_message"]
+__all__ = ["GradientMomentCollector", "finite_flag", "k_too_small_message"]
 
 
 def k_too_small_message(k: int) -> str:
@@ -32,6 +32,19 @@ def k_too_small_message(k: int) -> str:
         f"variance, got k={k}. Use gradient accumulation >= 2 (run backward on >= 2 micro-batches "
         f"before step()) or >= 2 data-parallel ranks, or pass vr=False for the plain base optimizer."
     )
+
+
+def finite_flag(grads) -> Tensor | None:
+    """On the device: no NaN/inf in any of ``grads`` (sparse ones by their values) — one foreach
+    max-norm pass per (device, dtype), no host read; None for no gradients."""
+    grads = [g._values() if g.is_sparse else g for g in grads if g is not None]
+    if not grads:
+        return None
+    by_kind: dict = {}
+    for grad in grads:
+        by_kind.setdefault((grad.device, grad.dtype), []).append(grad)
+    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_kind.values()]
+    return torch.stack([f.to(flags[0].device) for f in flags]).all()
 
 
 def _numel(p: Tensor) -> int:
@@ -133,10 +146,10 @@ class GradientMomentCollector:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         # The step's one read: k and whether the moments and the gradients are all finite
         # (all_finite; the gradients are final when step() runs, and the same on every rank).
-        grads = [p.grad for p in self.params if p.grad is not None]
         flag = torch.isfinite(buf).all()
-        if grads:
-            flag = flag & torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all().to(buf.device)
+        grads_ok = finite_flag(p.grad for p in self.params)
+        if grads_ok is not None:
+            flag = flag & grads_ok.to(buf.device)
         k, finite = read(torch.stack([buf[-1], flag.to(buf.dtype)])).tolist()
         self._finalized_k, self._finite = int(round(k)), bool(finite)
         return self._finalized_k

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import required
 
-from .collect import GradientMomentCollector, k_too_small_message
+from .collect import GradientMomentCollector, finite_flag, k_too_small_message
 from .gsnr import normalize_and_clip, update_gsnr_momentum
 from .moments import MomentSource
 from .host import read
@@ -150,19 +150,8 @@ def advance_step_counts(state: dict, layout: SegmentLayout, absent: Tensor | Non
 def _grads_finite(param_groups) -> bool:
     """No NaN/inf in any ``.grad``: one foreach pass (a tensor's max-norm is non-finite exactly
     when it holds a NaN or inf) and one host read, whatever the number of tensors."""
-    grads = [
-        p.grad._values() if p.grad.is_sparse else p.grad
-        for g in param_groups
-        for p in g["params"]
-        if p.grad is not None
-    ]
-    if not grads:
-        return True
-    by_device: dict = {}
-    for grad in grads:
-        by_device.setdefault((grad.device, grad.dtype), []).append(grad)
-    flags = [torch.stack(torch._foreach_norm(ts, float("inf"))).isfinite().all() for ts in by_device.values()]
-    return bool(read(torch.stack([f.to(flags[0].device) for f in flags]).all()))
+    flag = finite_flag(p.grad for g in param_groups for p in g["params"])
+    return True if flag is None else bool(read(flag))
 
 
 def _check_impl_flags(flags: dict) -> None:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..collect import finite_flag
 from ..host import read
 from ..optimizer import VROptimizer
 from ..segments import SegmentLayout
@@ -136,12 +137,9 @@ class Stage0MomentSource(DeepSpeedMomentSource):
 
     def _finite_flag(self) -> Tensor:
         """On the device: every moment and every reduced gradient finite (one foreach pass)."""
-        grads = [p.grad for p in self.inner_params if p.grad is not None]
         flag = torch.isfinite(self.buffer).all()
-        if grads:
-            norms = torch.stack(torch._foreach_norm(grads, float("inf")))
-            flag = flag & norms.isfinite().all().to(flag.device)
-        return flag
+        grads_ok = finite_flag(p.grad for p in self.inner_params)
+        return flag if grads_ok is None else flag & grads_ok.to(flag.device)
 
     def tensor_sample_counts(self, inner: Tensor, layout: SegmentLayout) -> Tensor | None:
         """Gradient samples of ``inner``'s parameter over all ranks (the buffer is reduced), or
