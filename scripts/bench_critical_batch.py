@@ -250,16 +250,24 @@ def train_run(cfg: RunConfig, s: Settings, task) -> dict:
 
 
 class RunCache:
-    """Finished runs in a JSONL file, reused on restart (the key is the config and the settings)."""
+    """Finished runs in a JSONL file, reused on restart (the key is the config and the settings
+    that shape a run: the grid's and the seeds' settings only choose which runs are made)."""
+
+    PLAN_ONLY = ("lr_mults", "grid_extensions", "seeds")
 
     def __init__(self, path: Path, settings: Settings):
         self.path, self.settings = path, json.dumps(dataclasses.asdict(settings), sort_keys=True)
+        own = self._shaping(self.settings)
         self.runs = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("settings") == self.settings:
+                if self._shaping(row.get("settings", "{}")) == own:
                     self.runs[row["key"]] = row["result"]
+
+    @classmethod
+    def _shaping(cls, settings: str) -> dict:
+        return {k: v for k, v in json.loads(settings).items() if k not in cls.PLAN_ONLY}
 
     def run(self, cfg: RunConfig, s: Settings, task, log) -> dict:
         key = cfg.key()
@@ -523,7 +531,19 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = data["results"]["curves_seed0"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    task = data.get("task")
+    fig, axes = plt.subplots(1, 4 if task else 3, figsize=(20 if task else 15, 4.2))
+    if task:  # the shared warm start, from initialization past the unigram plateau
+        warm, ax = task["warm_start"], axes[0]
+        ax.plot(warm["step"], warm["loss"], color="tab:blue", label="held-out loss")
+        ax.axhline(task["plateau_loss"], color="grey", ls="--", lw=0.8, label="unigram plateau")
+        ax.set(xlabel="warm-start step (batch 64)", ylabel="held-out MLM loss", title="shared warm start (LAMB)")
+        twin = ax.twinx()
+        twin.plot(warm["step"], warm["b_simple_ema"], color="tab:green", label="B_simple EMA")
+        twin.set_ylabel("B_simple (sequences)")
+        ax.legend(fontsize=7, loc="upper center")
+        twin.legend(fontsize=7, loc="upper right")
+        axes = axes[1:]
     styles = {"small": "-", "large": "--", "critical": "-.", "critical-linear": ":"}
     colors = {"LAMB": "tab:blue", "VR-LAMB": "tab:orange"}
     for name, c in curves.items():
@@ -548,7 +568,7 @@ def plot(data: dict, path: Path) -> None:
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80 if task else 110)
 
 
 def main(argv=None) -> int:
@@ -566,6 +586,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="bert: tokenizer and sequences (default: OUT/cache)")
     p.add_argument("--warm-steps", type=int, default=BERT_WARM_STEPS, help="bert: the shared warm start's steps")
     p.add_argument("--examples", type=int, default=None, help="bert: examples per run (default: the settings')")
+    p.add_argument(
+        "--grid-extensions", type=int, default=None, help="LR points added past the grid's edge where the best sits"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.task == "bert":
@@ -574,6 +597,8 @@ def main(argv=None) -> int:
             s = dataclasses.replace(s, examples=args.examples)
     else:
         s = QUICK if args.quick else Settings()
+    if args.grid_extensions is not None:
+        s = dataclasses.replace(s, grid_extensions=args.grid_extensions)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.json or args.out / "results.json"
     report_path = args.report or args.out / "report.md"
