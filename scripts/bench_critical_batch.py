@@ -440,8 +440,12 @@ def summarize(s: Settings, res: dict) -> dict:
             "lr": r["trace"]["lr"][::stride],
             "changes": r["changes"],
         }
+    every_run = {json.dumps(r["config"], sort_keys=True): r for t in tuned.values() for r in t["grid"]}
+    every_run.update({json.dumps(r["config"], sort_keys=True): r for runs in seeds.values() for r in runs})
     return {
         "targets": targets,
+        "runs": len(every_run),
+        "run_seconds": sum(r["seconds"] for r in every_run.values()),  # reused runs count their own time
         "large": res["large"],
         "b_simple_end_small": res["b_simple_end_small"],
         "budget_examples": budget,
@@ -512,11 +516,11 @@ def report(data: dict) -> str:
                 "arm",
                 "loss at ½ budget",
                 "loss at budget",
-                "test acc %",
+                "held-out acc %",
                 "steps",
                 "last batch",
                 "B_simple (EMA) at end",
-                "LR grid (seed 0): final loss",
+                "LR grid (seed 0): lowest held-out loss",
             ],
             rows,
         )  # fmt: skip
