@@ -566,8 +566,9 @@ def plot(data: dict, path: Path) -> None:
     axes[1].set(xlabel="optimizer steps", xscale="log", ylabel="held-out loss", title="loss vs steps (seed 0)")
     axes[2].set(xlabel="examples (k)", ylabel="examples", yscale="log", title="batch and B_simple (LAMB)")
     lo = min(min(c["evals"]["loss"]) for c in curves.values())
+    hi = task["warm_start"]["loss"][-1] + 0.05 if task else lo + 0.35  # bert: the whole continuation
     for ax in axes[:2]:
-        ax.set_ylim(lo - 0.01, lo + 0.35)
+        ax.set_ylim(lo - 0.01, hi)
         ax.legend(fontsize=7)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
