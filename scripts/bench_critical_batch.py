@@ -34,6 +34,12 @@ dS_min = 1/(1 + B_s/b) of progress, so an arm at batch B(B_s) needs Σ dS_min·(
         --plot docs/results_critical_batch.png > runs/critical.log 2>&1 &
     # smoke run (< 1 min; synthetic idx files): not evidence
     python scripts/bench_critical_batch.py --quick --data DIR --out /tmp/crit_quick
+    # the tiny-BERT arm (docs/results_critical_batch.md, its own section; ~85 min of one core;
+    # scripts/critical_batch_bert.py says what differs; corpus: scripts/prepare_corpus.py)
+    OMP_NUM_THREADS=1 nohup nice -n 15 python scripts/bench_critical_batch.py --task bert --grid-extensions 2 \\
+        --large 256 --out runs/critical_bert --json docs/results_critical_batch_bert.json \\
+        --report runs/critical_bert/report.md --plot docs/results_critical_batch_bert.png \\
+        > runs/critical_bert.log 2>&1 &
 """
 
 from __future__ import annotations
