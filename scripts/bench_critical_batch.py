@@ -34,6 +34,12 @@ dS_min = 1/(1 + B_s/b) of progress, so an arm at batch B(B_s) needs Σ dS_min·(
         --plot docs/results_critical_batch.png > runs/critical.log 2>&1 &
     # smoke run (< 1 min; synthetic idx files): not evidence
     python scripts/bench_critical_batch.py --quick --data DIR --out /tmp/crit_quick
+    # the tiny-BERT arm (docs/results_critical_batch.md, its own section; ~85 min of one core;
+    # scripts/critical_batch_bert.py says what differs; corpus: scripts/prepare_corpus.py)
+    OMP_NUM_THREADS=1 nohup nice -n 15 python scripts/bench_critical_batch.py --task bert --grid-extensions 2 \\
+        --large 256 --out runs/critical_bert --json docs/results_critical_batch_bert.json \\
+        --report runs/critical_bert/report.md --plot docs/results_critical_batch_bert.png \\
+        > runs/critical_bert.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -83,12 +89,30 @@ class Settings:
     lr_rule: str = "mccandlish"
     train_subset: int | None = None
     test_subset: int | None = None
+    lr_256: float = LR_256  # the LR grid's centre at batch 256, scaled by √(B/256)
+    arms: tuple[str, ...] = ARMS
+    examples: int | None = None  # the budget in examples (None: epochs × the training set)
 
 
 QUICK = Settings(
     micro=4, small=16, large=64, max_batch=128, epochs=2.0, eval_every=128, lr_mults=(1.0,), seeds=(0,),
     interval=5, warmup_steps=5, train_subset=1024, test_subset=256,
 )  # fmt: skip
+
+
+# The tiny-BERT arm (``--task bert``, scripts/critical_batch_bert.py), scaled to ≈ 1 h of one core
+# (calibrated: ≈ 400 sequences/s in plain PyTorch, 1 thread):
+# one seed, 2 LRs per arm (×½, 1 around 0.01 at batch 128, √B-scaled), no critical-linear arm;
+# the schedule's warm-up and interval in steps shrunk with the run's length (768 steps at 128).
+BERT = Settings(
+    micro=16, small=128, max_batch=4096, examples=98304, eval_every=4096, lr_256=0.01 * math.sqrt(2),
+    lr_mults=(0.5, 1.0), grid_extensions=0, seeds=(0,), interval=25, warmup_steps=50,
+    arms=("small", "large", "critical"),
+)  # fmt: skip
+BERT_QUICK = dataclasses.replace(
+    BERT, micro=2, small=16, large=64, max_batch=128, examples=512, eval_every=128, interval=4, warmup_steps=4
+)
+BERT_WARM_STEPS = 150  # batch 64: past the unigram plateau (the warm start's trace says where)
 
 
 @dataclass(frozen=True)
@@ -103,8 +127,30 @@ class RunConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
-def base_lr(batch: int) -> float:
-    return LR_256 * math.sqrt(batch / 256)
+def base_lr(batch: int, lr_256: float = LR_256) -> float:
+    return lr_256 * math.sqrt(batch / 256)
+
+
+class FashionTask:
+    """bench_quality's MLP on Fashion-MNIST: what :func:`train_run` needs of a task."""
+
+    name = "fashion-mnist"
+    clip = None  # no gradient clipping
+    optimizer_kwargs: dict = {}
+
+    def __init__(self, data, hidden: int):
+        self.x_train, self.y_train, self.x_eval, self.y_eval = data
+        self.n_train, self.hidden = len(self.x_train), hidden
+
+    def new_model(self):
+        """(model, optimizer state to start from or None)."""
+        return bench_quality.make_mlp(self.x_train.shape[1], self.hidden), None
+
+    def loss(self, model, idx, gen):
+        return F.cross_entropy(model(self.x_train[idx]), self.y_train[idx])
+
+    def held_out(self, model) -> tuple[float, float]:
+        return held_out(model, self.x_eval, self.y_eval)
 
 
 @torch.no_grad()
@@ -117,15 +163,26 @@ def held_out(model, x, y, chunk: int = 8192) -> tuple[float, float]:
     return loss / len(x), 100.0 * correct / len(x)
 
 
-def train_run(cfg: RunConfig, s: Settings, data) -> dict:
+def budget_examples(s: Settings, task) -> int:
+    return s.examples if s.examples is not None else int(s.epochs * task.n_train)
+
+
+def build_optimizer(model, lr: float, vr: bool, micro: int, task):
+    """LAMB (``vr=False``: plain LAMB, noise statistics recorded) or VR-LAMB (γ = 0.1)."""
+    spec = bench_quality.OPTIMIZER_NAMES["LAMB"]
+    return spec.build(
+        model, lr, vr, gamma=0.1, stats_interval=0, gradient_stats=True, micro_batch_size=micro, **task.optimizer_kwargs
+    )
+
+
+def train_run(cfg: RunConfig, s: Settings, task) -> dict:
     """One run; the per-step batch and b_simple_ema, and the held-out loss every s.eval_every examples."""
-    x_train, y_train, x_eval, y_eval = data
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    model = bench_quality.make_mlp(x_train.shape[1], s.hidden)
-    spec = bench_quality.OPTIMIZER_NAMES["LAMB"]
-    vr = OPTIMIZERS[cfg.optimizer]
-    opt = spec.build(model, cfg.lr, vr, gamma=0.1, stats_interval=0, gradient_stats=True, micro_batch_size=s.micro)
+    model, state = task.new_model()
+    opt = build_optimizer(model, cfg.lr, OPTIMIZERS[cfg.optimizer], s.micro, task)
+    if state is not None:  # a warm start's moments and noise statistics (its LR is overwritten every step)
+        opt.load_state_dict(state)
     critical = cfg.arm.startswith("critical")
     schedule = CriticalBatch(
         s.micro,
@@ -138,8 +195,8 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
         scale=s.scale,
         lr_rule=("linear" if cfg.arm == "critical-linear" else s.lr_rule) if critical else "none",
     )
-    n = len(x_train)
-    budget = int(s.epochs * n)
+    n = task.n_train
+    budget = budget_examples(s, task)
     warmup = max(1, int(s.warmup_share * budget))
     order = torch.empty(0, dtype=torch.int64)
     examples, steps, next_eval, diverged = 0, 0, 0, False
@@ -148,7 +205,7 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
     t0 = time.perf_counter()
     while examples < budget and not diverged:
         if examples >= next_eval:
-            loss, acc = held_out(model, x_eval, y_eval)
+            loss, acc = task.held_out(model)
             for key, v in zip(evals, (examples, steps, loss, acc)):
                 evals[key].append(v)
             next_eval += s.eval_every
@@ -162,13 +219,15 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
         k = batch // s.micro
         for m in range(k):
             mb = idx[m * s.micro : (m + 1) * s.micro]
-            loss = F.cross_entropy(model(x_train[mb]), y_train[mb])
+            loss = task.loss(model, mb, gen)
             if not torch.isfinite(loss):
                 diverged = True
                 break
             (loss / k).backward()
         if diverged:
             break
+        if task.clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), task.clip)
         opt.step()
         opt.zero_grad()
         steps += 1
@@ -179,7 +238,7 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
         trace["lr"].append(lr)
         schedule.update(stats)
     if not diverged:
-        loss, acc = held_out(model, x_eval, y_eval)
+        loss, acc = task.held_out(model)
         for key, v in zip(evals, (examples, steps, loss, acc)):
             evals[key].append(v)
     return {
@@ -197,21 +256,29 @@ def train_run(cfg: RunConfig, s: Settings, data) -> dict:
 
 
 class RunCache:
-    """Finished runs in a JSONL file, reused on restart (the key is the config and the settings)."""
+    """Finished runs in a JSONL file, reused on restart (the key is the config and the settings
+    that shape a run: the grid's and the seeds' settings only choose which runs are made)."""
+
+    PLAN_ONLY = ("lr_mults", "grid_extensions", "seeds")
 
     def __init__(self, path: Path, settings: Settings):
         self.path, self.settings = path, json.dumps(dataclasses.asdict(settings), sort_keys=True)
+        own = self._shaping(self.settings)
         self.runs = {}
         if path.exists():
             for line in path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("settings") == self.settings:
+                if self._shaping(row.get("settings", "{}")) == own:
                     self.runs[row["key"]] = row["result"]
 
-    def run(self, cfg: RunConfig, s: Settings, data, log) -> dict:
+    @classmethod
+    def _shaping(cls, settings: str) -> dict:
+        return {k: v for k, v in json.loads(settings).items() if k not in cls.PLAN_ONLY}
+
+    def run(self, cfg: RunConfig, s: Settings, task, log) -> dict:
         key = cfg.key()
         if key not in self.runs:
-            result = train_run(cfg, s, data)
+            result = train_run(cfg, s, task)
             self.runs[key] = result
             with self.path.open("a") as f:
                 f.write(json.dumps({"key": key, "settings": self.settings, "result": result}) + "\n")
@@ -277,10 +344,11 @@ def predict(small: dict, target: float, arm_batch) -> dict | None:
 
 
 def run_all(s: Settings, data, cache: RunCache, log, large_override: int | None) -> dict:
+    """``data``: the task (FashionTask, or critical_batch_bert.BertTask)."""
     tuned: dict[tuple[str, str], dict] = {}
 
     def tune(opt: str, arm: str, batch: int):
-        center = base_lr(batch if not arm.startswith("critical") else s.small)
+        center = base_lr(batch if not arm.startswith("critical") else s.small, s.lr_256)
         mults = list(s.lr_mults)
         runs = {m: cache.run(RunConfig(opt, arm, batch, center * m, s.seeds[0]), s, data, log) for m in mults}
         for _ in range(s.grid_extensions):  # the best at an edge of the grid: one more point beyond it
@@ -302,20 +370,26 @@ def run_all(s: Settings, data, cache: RunCache, log, large_override: int | None)
     large = large_override or s.large or power_of_two(measured_end, s.micro * 2)
     log(f"B_simple at the end of the small-batch LAMB run: {measured_end:.0f} -> large batch {large}")
     for opt in OPTIMIZERS:
-        tune(opt, "large", large)
-        tune(opt, "critical", s.small)
-        tune(opt, "critical-linear", s.small)
+        for arm in s.arms:
+            if arm != "small":
+                tune(opt, arm, large if arm == "large" else s.small)
     seeds = {}
     for (opt, arm), t in tuned.items():
         seeds[(opt, arm)] = [
             cache.run(RunConfig(opt, arm, t["batch"], t["lr"], seed), s, data, log) for seed in s.seeds
         ]
-    return {"tuned": tuned, "seeds": seeds, "large": large, "b_simple_end_small": measured_end}
+    return {
+        "tuned": tuned,
+        "seeds": seeds,
+        "large": large,
+        "b_simple_end_small": measured_end,
+        "budget": budget_examples(s, data),
+    }
 
 
 def summarize(s: Settings, res: dict) -> dict:
     seeds, tuned = res["seeds"], res["tuned"]
-    budget = int(s.epochs * 60000) if s.train_subset is None else int(s.epochs * s.train_subset)
+    budget = res["budget"]
     # targets: the loss every tuned arm reaches (hardest), the small arm's loss at a quarter of
     # the budget (easy), and halfway between
     finals = [statistics.fmean(min(r["evals"]["loss"]) for r in runs) for runs in seeds.values()]
@@ -372,8 +446,12 @@ def summarize(s: Settings, res: dict) -> dict:
             "lr": r["trace"]["lr"][::stride],
             "changes": r["changes"],
         }
+    every_run = {json.dumps(r["config"], sort_keys=True): r for t in tuned.values() for r in t["grid"]}
+    every_run.update({json.dumps(r["config"], sort_keys=True): r for runs in seeds.values() for r in runs})
     return {
         "targets": targets,
+        "runs": len(every_run),
+        "run_seconds": sum(r["seconds"] for r in every_run.values()),  # reused runs count their own time
         "large": res["large"],
         "b_simple_end_small": res["b_simple_end_small"],
         "budget_examples": budget,
@@ -436,7 +514,7 @@ def report(data: dict) -> str:
         ]
         for c in data["results"]["cells"]
     ]
-    out.append("### Equal examples\n")
+    out.append(f"### Equal examples ({data['results']['budget_examples']} each)\n")
     out.append(
         benchlib.markdown_table(
             [
@@ -444,11 +522,11 @@ def report(data: dict) -> str:
                 "arm",
                 "loss at ½ budget",
                 "loss at budget",
-                "test acc %",
+                "held-out acc %",
                 "steps",
                 "last batch",
                 "B_simple (EMA) at end",
-                "LR grid (seed 0): final loss",
+                "LR grid (seed 0): lowest held-out loss",
             ],
             rows,
         )  # fmt: skip
@@ -463,7 +541,19 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     curves = data["results"]["curves_seed0"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    task = data.get("task")
+    fig, axes = plt.subplots(1, 4 if task else 3, figsize=(20 if task else 15, 4.2))
+    if task:  # the shared warm start, from initialization past the unigram plateau
+        warm, ax = task["warm_start"], axes[0]
+        ax.plot(warm["step"], warm["loss"], color="tab:blue", label="held-out loss")
+        ax.axhline(task["plateau_loss"], color="grey", ls="--", lw=0.8, label="unigram plateau")
+        ax.set(xlabel="warm-start step (batch 64)", ylabel="held-out MLM loss", title="shared warm start (LAMB)")
+        twin = ax.twinx()
+        twin.plot(warm["step"], warm["b_simple_ema"], color="tab:green", label="B_simple EMA")
+        twin.set_ylabel("B_simple (sequences)")
+        ax.legend(fontsize=7, loc="upper center")
+        twin.legend(fontsize=7, loc="upper right")
+        axes = axes[1:]
     styles = {"small": "-", "large": "--", "critical": "-.", "critical-linear": ":"}
     colors = {"LAMB": "tab:blue", "VR-LAMB": "tab:orange"}
     for name, c in curves.items():
@@ -482,13 +572,14 @@ def plot(data: dict, path: Path) -> None:
     axes[1].set(xlabel="optimizer steps", xscale="log", ylabel="held-out loss", title="loss vs steps (seed 0)")
     axes[2].set(xlabel="examples (k)", ylabel="examples", yscale="log", title="batch and B_simple (LAMB)")
     lo = min(min(c["evals"]["loss"]) for c in curves.values())
+    hi = task["warm_start"]["loss"][-1] + 0.05 if task else lo + 0.35  # bert: the whole continuation
     for ax in axes[:2]:
-        ax.set_ylim(lo - 0.01, lo + 0.35)
+        ax.set_ylim(lo - 0.01, hi)
         ax.legend(fontsize=7)
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80 if task else 110)
 
 
 def main(argv=None) -> int:
@@ -501,9 +592,24 @@ def main(argv=None) -> int:
     p.add_argument("--large", type=int, default=None, help="the fixed large batch (default: measured)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="a smoke run on a subset; not evidence")
+    p.add_argument("--task", choices=("fashion-mnist", "bert"), default="fashion-mnist")
+    p.add_argument("--corpus", type=Path, default=None, help="bert: train/ and eval/ .txt (scripts/prepare_corpus.py)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="bert: tokenizer and sequences (default: OUT/cache)")
+    p.add_argument("--warm-steps", type=int, default=BERT_WARM_STEPS, help="bert: the shared warm start's steps")
+    p.add_argument("--examples", type=int, default=None, help="bert: examples per run (default: the settings')")
+    p.add_argument(
+        "--grid-extensions", type=int, default=None, help="LR points added past the grid's edge where the best sits"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    s = QUICK if args.quick else Settings()
+    if args.task == "bert":
+        s = BERT_QUICK if args.quick else BERT
+        if args.examples:
+            s = dataclasses.replace(s, examples=args.examples)
+    else:
+        s = QUICK if args.quick else Settings()
+    if args.grid_extensions is not None:
+        s = dataclasses.replace(s, grid_extensions=args.grid_extensions)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.json or args.out / "results.json"
     report_path = args.report or args.out / "report.md"
@@ -514,16 +620,47 @@ def main(argv=None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.0f} s] {msg}", flush=True)
 
-    data = bench_quality.load_fashion_mnist(args.data)
-    if s.train_subset:
-        n, m = s.train_subset, s.test_subset
-        data = (data[0][:n], data[1][:n], data[2][:m], data[3][:m])
-    cache = RunCache(args.out / "runs.jsonl", s)
-    res = run_all(s, data, cache, log, args.large)
+    extra = {}
+    if args.task == "bert":
+        import critical_batch_bert
+
+        task = critical_batch_bert.BertTask(
+            args.corpus or critical_batch_bert.DEFAULT_CORPUS,
+            args.cache_dir or args.out / "cache",
+            seq_len=64 if not args.quick else 16,
+            eval_samples=512 if not args.quick else 32,
+            vocab_limit=120 if args.quick else None,
+        )
+        warm_steps = args.warm_steps if not args.quick else 4
+        trace = task.warm_start(warm_steps, args.out / f"warm{warm_steps}.pt", build_optimizer, log)
+        log(f"unigram plateau: held-out loss {task.plateau_loss:.4f}, accuracy {100 * task.unigram_accuracy:.2f} %")
+        extra = {
+            "task": {
+                "name": "bert",
+                "n_train": task.n_train,
+                "seq_len": task.seq_len,
+                "eval_samples": len(task.eval_inputs),
+                "vocab_size": task.vocab_size,
+                "plateau_loss": task.plateau_loss,
+                "unigram_accuracy": 100 * task.unigram_accuracy,
+                "warm_start": {"steps": warm_steps, "batch": 64, "micro": 8, "lr": 0.01, **trace},
+            }
+        }
+    else:
+        data = bench_quality.load_fashion_mnist(args.data)
+        if s.train_subset:
+            n, m = s.train_subset, s.test_subset
+            data = (data[0][:n], data[1][:n], data[2][:m], data[3][:m])
+        task = FashionTask(data, s.hidden)
+    # a BERT run depends on its warm start too
+    runs_file = "runs.jsonl" if args.task != "bert" else f"runs_warm{extra['task']['warm_start']['steps']}.jsonl"
+    cache = RunCache(args.out / runs_file, s)
+    res = run_all(s, task, cache, log, args.large)
     payload = {
         "meta": benchlib.run_meta(bench_quality.machine_description(), time.perf_counter() - t0, argv, code=code),
         "settings": dataclasses.asdict(s),
         "results": summarize(s, res),
+        **extra,
     }
     benchlib.write_json(json_path, payload)
     benchlib.write_text(report_path, report(payload))
