@@ -7,8 +7,9 @@ What the inner optimizer gets: per param group one flat fp32 tensor, this rank's
 :class:`ZeroMomentSource` reduces the hooks' g² onto exactly that partition, by one of two
 strategies (README "The two ZeRO moment-reduction strategies"):
 
-* ``per_step``: one full-size fp32 buffer per rank, overwritten by each tensor's first sample of
-  the step, and one reduce-scatter per optimizer step (``reduce_scatter_tensor``; on gloo,
+* ``per_step``: one full-size fp32 accumulator per rank, in the order gradients arrive
+  (:class:`~vrgd_ds.deepspeed_glue.ipg_buckets.BucketSamples`), gathered once per step into the
+  partitions' layout and reduce-scattered (``reduce_scatter_tensor``; on gloo,
   :func:`vrgd_ds.comm.pairwise_reduce_scatter`: each rank sends every other rank exactly the
   elements that rank owns, the reduce-scatter minimum 4·N·(w−1)/w bytes);
 * ``per_micro_step``: partition-sized buffers only; the g² of each tensor is reduced to its owning
@@ -16,7 +17,14 @@ strategies (README "The two ZeRO moment-reduction strategies"):
   per owner; on gloo, whose reduce sends ~2.2× a reduce's share, non-blocking sends to the owner,
   which receives from every other rank).
   Needs every rank to produce gradients for the same tensors in the same order, as ZeRO-2's own
-  bucketing does.
+  bucketing does. With one data-parallel rank the samples are added into the partition in place
+  (:class:`~vrgd_ds.deepspeed_glue.ipg_buckets.PartitionSamples`).
+
+Where the samples come from (``sample_path``): ``"ipg"`` — ZeRO-2's own gradient bucket, read
+just before DeepSpeed reduces it (no hooks: 2 operators per bucket); ``"held"`` — hooks that
+hold each micro-batch's gradient, added a bucket at a time (ZeRO-1, BF16_Optimizer, and ZeRO-2
+where its bucket does not hold the gradient's own values); ``"hooks"`` — tensor by tensor
+(``per_micro_step`` at w > 1, which sends each tensor's squares to its owners as it arrives).
 
 :func:`zero_source` wires it: r is formed from the reduced partition just before DeepSpeed
 unscales and clips it (a wrapped ``unscale_and_clip_grads``, stage_1_and_2.py:3193, called from
