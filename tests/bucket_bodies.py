@@ -108,3 +108,28 @@ def run(rank: int, world: int, case: dict, use_buckets: bool, steps: int = 3) ->
 def compare(rank: int, world: int, case: dict) -> dict:
     """Both paths in one process, one after the other (the same data and initial weights)."""
     return {"buckets": run(rank, world, case, True), "hooks": run(rank, world, case, False)}
+
+
+def coalesce_refused(rank: int, world: int) -> str:
+    """ZeRO-2 with VR takes its samples from DeepSpeed's buckets: coalesce_grad_reduction (a bucket
+    holding the sum of several micro-batches) is refused, with the fix named."""
+    import deepspeed
+
+    import vrgd_ds  # noqa: F401  (registers the optimizer types)
+
+    model = DeepNet()
+    cfg = {
+        "train_batch_size": MICRO_BATCH * 4 * world,
+        "train_micro_batch_size_per_gpu": MICRO_BATCH,
+        "gradient_accumulation_steps": 4,
+        "optimizer": {"type": "VRLamb", "params": {"lr": 1e-2}},
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    try:
+        with engine.coalesce_grad_reduction():
+            pass
+    except ValueError as err:
+        return str(err)
+    return ""

@@ -122,3 +122,10 @@ def test_gather_maps_arrival_order_onto_partitions():
     assert torch.equal(out[0, 0], flat_sq[:4]) and torch.equal(out[1, 1], flat_s[4:])
     bs.end_step()
     assert bs.layout.order == [0, 1]
+
+
+def test_coalesce_grad_reduction_is_refused_at_zero2():
+    from .bucket_bodies import coalesce_refused
+
+    (message,) = run_ranks(coalesce_refused, 1, timeout=120, init="deepspeed")
+    assert "coalesce_grad_reduction" in message and "engine.backward per micro-batch" in message
