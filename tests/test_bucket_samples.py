@@ -129,3 +129,36 @@ def test_coalesce_grad_reduction_is_refused_at_zero2():
 
     (message,) = run_ranks(coalesce_refused, 1, timeout=120, init="deepspeed")
     assert "coalesce_grad_reduction" in message and "engine.backward per micro-batch" in message
+
+
+def test_plain_collector_adds_held_samples_bit_identical_to_per_tensor_sums():
+    """Plain PyTorch (and DDP): the hooks hold each micro-batch's gradient and the held ones are
+    added by one foreach call per moment; Σg and Σg² equal per-tensor fp32 sums bit for bit, also
+    across several held buckets."""
+    from vrgd_ds import VRLamb
+    from vrgd_ds.collect import GradientMomentCollector
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(9, 9) for _ in range(6)])
+    params = list(model.parameters())
+    xs = [torch.randn(3, 9) + 1.0 for _ in range(4)]
+    expected_s = [torch.zeros(p.numel()) for p in params]
+    expected_q = [torch.zeros(p.numel()) for p in params]
+    for x in xs:
+        for s, q, g in zip(expected_s, expected_q, torch.autograd.grad(model(x).pow(2).mean() / 4, params)):
+            s.add_(g.reshape(-1))
+            q.addcmul_(g.reshape(-1), g.reshape(-1))
+    for bucket in (1 << 24, 100):  # one bucket; several (each flushed before it would overflow)
+        opt = VRLamb(model.parameters(), lr=1e-3)
+        source = opt.moment_source
+        assert isinstance(source, GradientMomentCollector)
+        source.held_bucket_elements = bucket
+        for x in xs:
+            (model(x).pow(2).mean() / 4).backward()
+        assert source.finalize() == 4
+        n, buf = source.numel, source._buffer
+        for p, s, q in zip(params, expected_s, expected_q):
+            offset, numel = source._offsets[id(p)]
+            assert torch.equal(buf[offset : offset + numel], s)
+            assert torch.equal(buf[n + offset : n + offset + numel], q)
+        opt.zero_grad()

@@ -75,6 +75,8 @@ class GradientMomentCollector:
     all_finite_covers_grads = True
     # Each step() is a whole optimizer step: the optimizer finishes its statistics inside it.
     ends_step_in_step = True
+    #: Elements of held samples added at once (one foreach call per moment).
+    held_bucket_elements = 1 << 24
 
     def __init__(self, params: Iterable[Tensor], process_group=None, names: dict[int, str] | None = None):
         self.params = [p for p in params if p.requires_grad]
@@ -90,6 +92,10 @@ class GradientMomentCollector:
         self._finalized_k: int | None = None
         # One sample per micro-batch (one outermost backward pass), see samples.py.
         self.samples = MicroBatchSamples(names)
+        # Samples held and added a bucket at a time (_add_held), at the latest when a pass ends.
+        self._held: list[tuple[int, Tensor]] = []
+        self._held_elements = 0
+        self.samples.after_end.append(self._add_held)
         self._handles = [p.register_hook(self.samples.hook(p, self._make_sink(i))) for i, p in enumerate(self.params)]
 
     def watch(self, params) -> None:
@@ -108,17 +114,41 @@ class GradientMomentCollector:
     def _make_sink(self, index: int):
         p = self.params[index]
 
+        key = id(p)
+
         def add_sample(grad: Tensor) -> None:
             if self._finalized_k is not None:
                 self.reset()
-            buf = self._ensure_buffer(grad.device)
-            offset, numel = self._offsets[id(p)]
-            g = _sample(grad.detach()).reshape(-1).float()
-            buf[offset : offset + numel].add_(g)
-            buf[self.numel + offset : self.numel + offset + numel].addcmul_(g, g)
+            numel = self._offsets[key][1]
+            if self._held and self._held_elements + numel > self.held_bucket_elements:
+                self._add_held()
+            # Held as autograd's own tensor (not a detached alias): while it is referenced
+            # autograd copies it into an empty .grad instead of making it the .grad, so nothing —
+            # DDP writing reduced values back, a user's in-place edit — can change it before it
+            # is added (at the latest when this backward pass ends: _add_held).
+            self._held.append((key, grad))
+            self._held_elements += numel
             self._samples_per_param[index] += 1
+            if self._held_elements >= self.held_bucket_elements:
+                self._add_held()
 
         return add_sample
+
+    def _add_held(self) -> None:
+        """The held samples into [Σg | Σg²]: one foreach call per moment for all of them (16-bit
+        samples computed in fp32 by the in-place ops, as casting first would)."""
+        if not self._held:
+            return
+        held, self._held, self._held_elements = self._held, [], 0
+        buf = self._ensure_buffer(held[0][1].device)
+        sums, squares, grads = [], [], []
+        for key, grad in held:
+            offset, numel = self._offsets[key]
+            sums.append(buf[offset : offset + numel])
+            squares.append(buf[self.numel + offset : self.numel + offset + numel])
+            grads.append(_sample(grad.detach()).reshape(-1))
+        torch._foreach_add_(sums, grads)
+        torch._foreach_addcmul_(squares, grads, grads)
 
     def _ensure_buffer(self, device) -> Tensor:
         if self._buffer is None:
@@ -136,6 +166,7 @@ class GradientMomentCollector:
         if self._finalized_k is not None:
             return self._finalized_k
         self.samples.end_micro_batch()
+        self._add_held()
         device = self.params[0].device if self.params else torch.device("cpu")
         buf = self._ensure_buffer(device)
         # A parameter unused in some micro-batches counts zeros for them: k is the number of
@@ -193,6 +224,7 @@ class GradientMomentCollector:
     def reset(self) -> None:
         """Forget this step's samples (after step(), zero_grad(), or a skipped step)."""
         self.samples.discard()
+        self._held, self._held_elements = [], 0
         if self._buffer is not None:
             self._buffer.zero_()
         self._samples_per_param = [0] * len(self.params)
