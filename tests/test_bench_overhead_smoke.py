@@ -23,18 +23,18 @@ SCRIPT = ROOT / "scripts" / "bench_overhead.py"
 TIMES = [prefix + t for prefix in ("", "cpu_") for t in ("total", "fwd_bwd", "opt")]
 
 
+def _run_script(*args: str) -> None:
+    """scripts/bench_overhead.py with ``args``, from the repository root; fails with its stderr."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], check=False, capture_output=True, text=True, timeout=280, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
 @pytest.mark.timeout(300)
 def test_quick_run_counts_bytes_and_has_finite_numbers(tmp_path):
     report, raw = tmp_path / "overhead.md", tmp_path / "overhead.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--report", str(report), "--json", str(raw)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_script("--quick", "--report", str(report), "--json", str(raw))
     assert report.read_text().strip()
     result = json.loads(raw.read_text())
     meta = result["meta"]
@@ -75,16 +75,7 @@ def test_quick_tensor_parallel_run(tmp_path):
     whole one (loss, every gradient), the model's own all-reduces are counted apart from VR's, and
     VR's state per rank is what its buffers' design says for a data-parallel group of one."""
     raw = tmp_path / "tp.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--tensor-parallel", "2", "--precisions", "fp32"]
-        + ["--accumulations", "4", "--json", str(raw)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_script("--quick", "--tensor-parallel", "2", "--precisions", "fp32", "--accumulations", "4", "--json", str(raw))
     result = json.loads(raw.read_text())
     config, summary = result["config"], result["summary"]
     assert config["tensor_parallel"] == 2 and config["world"] == 2 and config["stage"] == 2
@@ -223,15 +214,7 @@ def test_host_proxy_quick_meets_the_per_bucket_targets(tmp_path):
     """--host-proxy --quick (2 and 4 layers, ZeRO-2 and ZeRO-1, one round): counts are exact, so the
     issue's per-bucket and per-step targets are checked here, not timings."""
     raw = tmp_path / "proxy.json"
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--host-proxy", "--quick", "--wrappers", "zero2,zero1,zero3", "--json", str(raw)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run_script("--host-proxy", "--quick", "--wrappers", "zero2,zero1,zero3", "--json", str(raw))
     rows = json.loads(raw.read_text())["rows"]
     assert {(r["layers"], r["wrapper"]) for r in rows} == {(n, w) for n in (2, 4) for w in ("zero2", "zero1", "zero3")}
     for r in rows:

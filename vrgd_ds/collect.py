@@ -67,6 +67,8 @@ class GradientMomentCollector:
         process_group: sum moments and counts over this group at :meth:`finalize`. ``None``:
             the default group if ``torch.distributed`` is initialized with > 1 rank, else none.
         names: ``{id(param): name}`` for error messages.
+        check_finite: check moments and gradients for NaN/inf in :meth:`finalize` (default True;
+            the optimizer passes its ``vr``).
     """
 
     # The moments are complete after finalize(), so a non-finite check is the same on every rank.
@@ -78,8 +80,17 @@ class GradientMomentCollector:
     #: Elements of held samples added at once (one foreach call per moment).
     held_bucket_elements = 1 << 24
 
-    def __init__(self, params: Iterable[Tensor], process_group=None, names: dict[int, str] | None = None):
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        process_group=None,
+        names: dict[int, str] | None = None,
+        check_finite: bool = True,
+    ):
         self.params = [p for p in params if p.requires_grad]
+        # Whether finalize() checks moments and gradients for NaN/inf (a pass over every
+        # gradient): only VR's step skips on it; gradient statistics alone need no check.
+        self.check_finite = check_finite
         self.process_group = process_group
         self._offsets = {}
         offset = 0
@@ -177,8 +188,8 @@ class GradientMomentCollector:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
         # The step's one read: k and whether the moments and the gradients are all finite
         # (all_finite; the gradients are final when step() runs, and the same on every rank).
-        flag = torch.isfinite(buf).all()
-        grads_ok = finite_flag(p.grad for p in self.params)
+        flag = torch.isfinite(buf).all() if self.check_finite else torch.ones((), dtype=torch.bool, device=buf.device)
+        grads_ok = finite_flag(p.grad for p in self.params) if self.check_finite else None
         if grads_ok is not None:
             flag = flag & grads_ok.to(buf.device)
         k, finite = read(torch.stack([buf[-1], flag.to(buf.dtype)])).tolist()

@@ -261,7 +261,9 @@ class VROptimizer(Optimizer):
         self._last_stats: dict[str, dict[str, float]] = {}
         #: Where the step's gradient samples come from (the MomentSource protocol, vrgd_ds/moments.py).
         self.moment_source: MomentSource | None = (
-            GradientMomentCollector([p for g in self.param_groups for p in g["params"]], process_group, self._names)
+            GradientMomentCollector(
+                [p for g in self.param_groups for p in g["params"]], process_group, self._names, check_finite=vr
+            )
             if vr or self.gradient_stats
             else None
         )
@@ -473,7 +475,7 @@ class VROptimizer(Optimizer):
         #: Set when the original was attached to a DeepSpeed engine: a copy cannot collect its samples.
         self._attached_elsewhere = attached_elsewhere
         self.moment_source = (
-            GradientMomentCollector(params, None, self._names)
+            GradientMomentCollector(params, None, self._names, check_finite=self.vr)
             if (self.vr or self.gradient_stats) and not attached_elsewhere
             else None
         )

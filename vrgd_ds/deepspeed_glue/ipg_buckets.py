@@ -36,6 +36,14 @@ from torch import Tensor
 __all__ = ["ArrivalLayout", "BucketSamples", "PartitionSamples"]
 
 
+def _count_samples(counts: Counter, local_samples: int, keys: list[int], tensor_key_of: dict[int, int]) -> int:
+    """One sample more for each tensor of a bucket (C-level walks, no Python per tensor); returns
+    the step's micro-batches so far (the most samples any tensor got)."""
+    ids = list(map(tensor_key_of.__getitem__, keys))
+    counts.update(ids)
+    return max(local_samples, max(map(counts.__getitem__, ids)))
+
+
 class ArrivalLayout:
     """Offsets of tensors packed in the order their gradients arrive.
 
@@ -136,9 +144,7 @@ class BucketSamples:
         if not keys:
             return
         self._sequence.extend(keys)
-        ids = list(map(self.tensor_key_of.__getitem__, keys))
-        self.counts.update(ids)
-        self.local_samples = max(self.local_samples, max(map(self.counts.__getitem__, ids)))
+        self.local_samples = _count_samples(self.counts, self.local_samples, keys, self.tensor_key_of)
         run = self.layout.run(keys)
         if run is None:  # relearn the layout when the step ends
             self._fallbacks += 1
@@ -260,9 +266,7 @@ class PartitionSamples:
     def add(self, keys: list[int], flat: Tensor | None = None, grads: list[Tensor] | None = None) -> None:
         if not keys:
             return
-        ids = list(map(self.tensor_key_of.__getitem__, keys))
-        self.counts.update(ids)
-        self.local_samples = max(self.local_samples, max(map(self.counts.__getitem__, ids)))
+        self.local_samples = _count_samples(self.counts, self.local_samples, keys, self.tensor_key_of)
         if grads is None:
             grads = list(flat.split([self.numel[k] for k in keys]))
         grads = [g.reshape(-1) for g in grads]

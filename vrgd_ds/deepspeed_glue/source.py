@@ -223,18 +223,21 @@ class DeepSpeedMomentSource:
     def _add_held(self) -> None:
         if not self._held:
             return
-        if self.local_samples == 0:  # the scale the samples of this step carry
-            self._sample_loss_scale = float(self.loss_scale_fn())
-            self._sample_gas = int(self.gas_fn())
+        self._note_sample_scale()
         keys, grads = zip(*self._held)
         self._held, self._held_elements = [], 0
         self.buckets.add(list(keys), grads=list(grads))
         self.local_samples = self.buckets.local_samples
 
-    def _count(self, p: Tensor) -> None:
-        if self.local_samples == 0:  # the scale the samples of this step carry
+    def _note_sample_scale(self) -> None:
+        """At a step's first sample: the loss scale and 1/gas its samples carry (DeepSpeed may
+        change the loss scale in step(), and engine.set_train_batch_size the accumulation steps)."""
+        if self.local_samples == 0:
             self._sample_loss_scale = float(self.loss_scale_fn())
             self._sample_gas = int(self.gas_fn())
+
+    def _count(self, p: Tensor) -> None:
+        self._note_sample_scale()
         c = self._hook_counts.get(id(p), 0) + 1
         self._hook_counts[id(p)] = c
         if c > self.local_samples:

@@ -160,7 +160,9 @@ class Stage0MomentSource(DeepSpeedMomentSource):
             if self.world_size > 1:
                 dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=self.group)
             # The step's one read: the sample counts and the finite check (all_finite).
-            host = read(torch.cat([self.counts, self._finite_flag().view(1).to(self.counts.dtype)]))
+            # (The finite check is a pass over every gradient: only VR's step skips on it.)
+            flag = self._finite_flag() if self.optimizer.vr else torch.ones((), device=self.counts.device)
+            host = read(torch.cat([self.counts, flag.view(1).to(self.counts.dtype)]))
             self._host_counts = host[:-1].tolist()
             self._host_finite = bool(host[-1])
             self._reduced = True

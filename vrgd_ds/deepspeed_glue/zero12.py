@@ -195,9 +195,7 @@ class ZeroMomentSource(DeepSpeedMomentSource):
             bucket = zo.ipg_buckets.get(dtype)
             if bucket is None or not bucket.params:
                 continue
-            if self.local_samples == 0:  # the scale the samples of this step carry
-                self._sample_loss_scale = float(self.loss_scale_fn())
-                self._sample_gas = int(self.gas_fn())
+            self._note_sample_scale()
             flat, grads = None, None
             if not zo.contiguous_gradients:
                 grads = list(bucket.grads)

@@ -181,9 +181,7 @@ class Zero3MomentSource(DeepSpeedMomentSource):
         whenever it is full), each run of new or consecutive slots added by :meth:`_add_chunk`."""
         if not self._held:
             return
-        if self.local_samples == 0:  # the scale the samples of this step carry
-            self._sample_loss_scale = float(self.loss_scale_fn())
-            self._sample_gas = int(self.gas_fn())
+        self._note_sample_scale()
         held, self._held, self._held_elements = self._held, [], 0
         chunk = []
         for key, grad in held:
